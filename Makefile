@@ -1,0 +1,46 @@
+# spark-slurm: two set-up commands, `make demo` and `make test`, each installing
+# what it needs (system packages as root, the venv, pip packages).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: all venv system-deps proto lint typecheck test test-fast bench demo clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+proto: venv
+	$(PY) proto/generate.py
+
+lint: venv proto
+	$(VENV)/bin/ruff check spark_slurm tests benchmarks proto
+
+typecheck: venv proto
+	$(VENV)/bin/mypy
+
+test: system-deps venv proto lint typecheck
+	$(VENV)/bin/pytest
+
+test-fast: venv proto
+	$(VENV)/bin/pytest -m "not slurm and not slow" -x -q
+
+bench: system-deps venv proto
+	$(PY) -m benchmarks
+
+demo: system-deps venv proto
+	$(VENV)/bin/sparkctl demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache spark_slurm/karman/_proto

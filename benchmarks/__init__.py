@@ -1,0 +1,1 @@
+"""spark-slurm performance suite: figures beside same-run baselines, never timed tests."""
