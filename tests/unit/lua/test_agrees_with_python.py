@@ -1,0 +1,58 @@
+"""job_submit.lua and Policy.evaluate decide every admission request the same way."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+from spark_slurm.policy import Policy, PowerRequest
+from tests.unit.lua.conftest import LuaPlugin
+
+LAYERED = Path(__file__).resolve().parents[2] / "data" / "policy" / "layered.yaml"
+
+
+def _cases() -> list[dict[str, Any]]:
+    cases = []
+    grid = itertools.product(
+        [None, "physics", "bio", "chem", "other"], [None, "gpu", "debug", "gpu,debug"],
+        [None, "low", "night"], [None, "training", "inference"], [1, 3, 4],
+        [None, 1, 300, 700, 1000, 1799, 2000, 2001, 99999])
+    for i, (account, partition, qos, cls, gpus, watts) in enumerate(grid):
+        if i % 3:  # a third of the grid keeps the Lua run short; every value still appears
+            continue
+        tres = f"gres:gpu:{gpus}" + (f",gres:gpupower:{watts}" if watts else "")
+        cases.append({"account": account, "partition": partition, "qos": qos,
+                      "comment": f"spark:class={cls}" if cls else None,
+                      "tres_per_node": tres, "_gpus": gpus, "_watts": watts, "_class": cls})
+    return cases
+
+
+def test_lua_and_python_name_the_same_rule_and_grant(plugin: LuaPlugin) -> None:
+    text = LAYERED.read_text()
+    plugin.install(text)
+    policy = Policy.from_text(text)
+    cases = _cases()
+    outcomes = plugin.run([{"job_desc": {k: v for k, v in c.items() if not k.startswith("_")}}
+                           for c in cases])
+    denials = iter(plugin.spool_lines())
+    mismatches = []
+    for case, out in zip(cases, outcomes, strict=True):
+        g, w = case["_gpus"], case["_watts"]
+        want = policy.evaluate(PowerRequest(
+            op="admission", gpus=g, requested_mw_per_gpu=None if w is None else w * 1000 // g,
+            account=case["account"], partition=case["partition"], qos=case["qos"],
+            workload_class=case["_class"]))
+        if out.rc == -1:
+            got = ("deny", next(denials)["rule"], None)
+        else:
+            tok = out.token
+            action = "allow" if tok["watts"] == str(w or tok["watts"]) else "clamp"
+            got = (action, tok["rule"], int(tok["watts"]) * 1000 // g)
+        expected = (want.action, want.rule, want.granted_mw)
+        if w is None and expected[0] == "clamp":
+            expected = ("allow", *expected[1:])  # an injected default is never "asked"
+        if got != expected:
+            mismatches.append((case, got, expected))
+    assert mismatches == []
+    assert len(cases) > 300
