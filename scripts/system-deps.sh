@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages spark-slurm's tests and demo run for real:
-# Slurm (slurmctld, slurmd), munge, Lua 5.1 (job_submit.lua checks), sqlite3 and
+# Slurm (slurmctld, slurmd), munge, Lua 5.1/5.3/5.4 (job_submit.lua checks), sqlite3 and
 # openssl (contrib/verify-ledger.sh), PostgreSQL (the Karman TimescaleDB sink path).
 # Idempotent and quiet when everything is already there.
 set -euo pipefail
@@ -8,6 +8,9 @@ need=()
 command -v slurmctld >/dev/null 2>&1 || need+=(slurm-wlm)
 command -v munged >/dev/null 2>&1 || need+=(munge)
 command -v lua5.1 >/dev/null 2>&1 || need+=(lua5.1)
+# job_submit.lua must stay valid on the Lua of newer Slurm builds too.
+command -v lua5.3 >/dev/null 2>&1 || need+=(lua5.3)
+command -v lua5.4 >/dev/null 2>&1 || need+=(lua5.4)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
