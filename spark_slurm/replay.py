@@ -1,0 +1,225 @@
+"""`sparkctl replay`: GPU power state at any instant, and decisions re-evaluated,
+from the ledger alone.
+
+State is a fold over the records that move a limit (cap, restore, throttle,
+release, drift, reconcile) up to the instant asked for; each GPU's limit comes
+with the job holding it and the record behind it. `--recheck` takes every
+recorded policy decision, finds the policy snapshot PER in force on that node
+(matched by hash), rebuilds the request from what the record holds and asks
+the policy again: a decision that does not reproduce is reported.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spark_slurm.errors import ConfigError, InputError
+from spark_slurm.headdb import HeadDb, StoredRecord, is_head_db
+from spark_slurm.merge import load_node_ledger
+
+STATE_KINDS = ("cap", "restore", "throttle", "release", "drift", "reconcile")
+DECISION_KINDS = ("cap", "reject", "policy")
+
+
+@dataclass
+class GpuState:
+    """One GPU's governed limit at the instant, and why."""
+
+    node: str
+    gpu: int
+    limit_mw: int | None
+    job_id: str | None
+    seq: int
+    kind: str
+    hash: str
+    time_ns: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "gpu": self.gpu, "limit_mw": self.limit_mw,
+                "job_id": self.job_id,
+                "per": {"seq": self.seq, "kind": self.kind, "hash": self.hash,
+                        "time_ns": self.time_ns}}
+
+
+@dataclass
+class Recheck:
+    """One recorded decision and whether the recorded policy still gives it."""
+
+    node: str
+    seq: int
+    kind: str
+    recorded: dict[str, Any]
+    replayed: dict[str, Any] | None
+    ok: bool
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "seq": self.seq, "kind": self.kind, "ok": self.ok,
+                "recorded": self.recorded, "replayed": self.replayed, "reason": self.reason}
+
+
+@dataclass
+class ReplayReport:
+    at_ns: int
+    gpus: list[GpuState]
+    rechecks: list[Recheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rechecks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at_ns": self.at_ns, "gpus": [g.to_json() for g in self.gpus],
+                "recheck": None if not self.rechecks else {
+                    "checked": len(self.rechecks),
+                    "mismatches": [r.to_json() for r in self.rechecks if not r.ok]},
+                "ok": self.ok}
+
+
+def parse_time(text: str) -> int:
+    """ISO-8601 (naive means UTC), Unix seconds (may be fractional) or Unix ns."""
+    value = text.strip()
+    if value.isdigit():
+        number = int(value)
+        return number if number > 10**14 else number * 1_000_000_000
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return int(seconds * 1_000_000_000)
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(f"--at {text!r}: not ISO-8601, Unix seconds or Unix ns") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+
+
+def _set(states: dict[tuple[str, int], GpuState], rec: StoredRecord, gpu: Any,
+         limit: Any, job: str | None) -> None:
+    if not isinstance(gpu, int):
+        return
+    states[(rec.node, gpu)] = GpuState(rec.node, gpu, limit if isinstance(limit, int) else None,
+                                       job, rec.seq, rec.kind, rec.hash, rec.time_ns)
+
+
+def fold(records: Iterator[StoredRecord]) -> list[GpuState]:
+    """Apply limit-moving records in chain order; returns each GPU's last state."""
+    states: dict[tuple[str, int], GpuState] = {}
+    for rec in records:
+        body = rec.body
+        if rec.kind in ("cap", "restore", "reconcile"):
+            for g in body.get("gpus") or []:
+                if not isinstance(g, dict) or "error" in g:
+                    continue
+                limit = g.get("readback_mw", g.get("intended_mw"))
+                job = rec.job_id if rec.kind == "cap" else None
+                if rec.kind == "reconcile":
+                    held = states.get((rec.node, g.get("index", -1)))
+                    job = g.get("job_id") or (held.job_id if held else None)
+                _set(states, rec, g.get("index"), limit, job)
+        elif rec.kind in ("throttle", "release", "drift"):
+            gpu = body.get("gpu")
+            held = states.get((rec.node, gpu)) if isinstance(gpu, int) else None
+            if rec.kind == "drift":
+                limit = body.get("readback_mw", body.get("expected_mw")) \
+                    if body.get("action") == "reconcile" else body.get("observed_mw")
+            else:
+                limit = body.get("to_mw")
+            _set(states, rec, gpu, limit, held.job_id if held else None)
+    return sorted(states.values(), key=lambda s: (s.node, s.gpu))
+
+
+def _request_from(rec: StoredRecord, body: dict[str, Any], current: int | None) -> Any:
+    from spark_slurm.policy import PowerRequest  # noqa: PLC0415 (only --recheck needs it)
+
+    ctx = body.get("context") if isinstance(body.get("context"), dict) else {}
+    assert isinstance(ctx, dict)
+    dec = body.get("decision") if isinstance(body.get("decision"), dict) else {}
+    assert isinstance(dec, dict)
+    entries = [g for g in body.get("gpus") or [] if isinstance(g, dict)]
+    gpus = len(ctx.get("gpus") or []) or len(entries)
+    requested = None if dec.get("injected") else dec.get("requested_mw")
+    if body.get("op") == "prolog" and isinstance(ctx.get("node_mw"), int) and gpus:
+        requested = ctx["node_mw"] // gpus
+    mins = [g["before"]["min_mw"] for g in entries
+            if isinstance(g.get("before"), dict) and isinstance(g["before"].get("min_mw"), int)]
+    maxs = [g["before"]["max_mw"] for g in entries
+            if isinstance(g.get("before"), dict) and isinstance(g["before"].get("max_mw"), int)]
+    role = (body.get("requester") or {}).get("role", "scheduler")
+    return PowerRequest(
+        op=str(body.get("op", "prolog")), gpus=gpus, requested_mw_per_gpu=requested,
+        account=ctx.get("account"), partition=ctx.get("partition"), qos=ctx.get("qos"),
+        workload_class=ctx.get("class", ctx.get("workload_class")), role=str(role),
+        current_mw=current if body.get("op") == "cap" else None,
+        hw_min_mw=max(mins) if mins else None, hw_max_mw=min(maxs) if maxs else None)
+
+
+def recheck(db: HeadDb, node: str | None = None) -> list[Recheck]:
+    """Re-evaluate every recorded decision against the policy snapshot it names."""
+    from spark_slurm.policy import Policy  # noqa: PLC0415 (only --recheck needs it)
+
+    policies: dict[tuple[str, str], Any] = {}
+    granted: dict[tuple[str, str], int] = {}
+    out: list[Recheck] = []
+    for rec in db.records_of_kind(DECISION_KINDS, node):
+        body = rec.body
+        if rec.kind == "policy":
+            try:
+                policies[(rec.node, str(body.get("sha256")))] = Policy.from_text(
+                    str(body.get("text", "")), f"{rec.node} seq {rec.seq}")
+            except ConfigError as exc:
+                policies[(rec.node, str(body.get("sha256")))] = exc.message
+            continue
+        dec = body.get("decision")
+        if not isinstance(dec, dict) or (rec.kind == "reject" and "context" not in body):
+            continue
+        recorded = {k: dec.get(k) for k in ("action", "granted_mw", "rule")}
+        policy = policies.get((rec.node, str(dec.get("policy_sha256"))))
+        job_key = (rec.node, str(rec.job_id))
+        if policy is None:
+            out.append(Recheck(rec.node, rec.seq, rec.kind, recorded, None, False,
+                               f"no policy snapshot with sha256 {dec.get('policy_sha256')} "
+                               "precedes this record"))
+            continue
+        if isinstance(policy, str):
+            out.append(Recheck(rec.node, rec.seq, rec.kind, recorded, None, False,
+                               f"recorded policy does not load: {policy}"))
+            continue
+        got = policy.evaluate(_request_from(rec, body, granted.get(job_key)))
+        replayed = {"action": got.action, "granted_mw": got.granted_mw, "rule": got.rule}
+        same = replayed == recorded
+        out.append(Recheck(rec.node, rec.seq, rec.kind, recorded, replayed, same,
+                           "" if same else "decision does not reproduce"))
+        if rec.kind == "cap" and isinstance(dec.get("granted_mw"), int):
+            granted[job_key] = dec["granted_mw"]
+    return out
+
+
+@contextmanager
+def _open(db: Path) -> Iterator[HeadDb]:
+    if is_head_db(db):
+        with HeadDb.open(db) as head:
+            yield head
+    else:
+        with load_node_ledger(db) as (head, _findings):
+            yield head
+
+
+def replay(db: Path, at_ns: int, node: str | None = None,
+           with_recheck: bool = False) -> ReplayReport:
+    """The library entry point behind `sparkctl replay`."""
+    with _open(db) as head:
+        if node is not None and head.node(node) is None:
+            raise InputError(f"node {node!r}: no records in {db}")
+        report = ReplayReport(at_ns, fold(head.records_until(node, at_ns, STATE_KINDS)))
+        if with_recheck:
+            report.rechecks = recheck(head, node)
+    return report

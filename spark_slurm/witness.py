@@ -1,0 +1,229 @@
+"""`sparkctl witness`: the head node checks and cosigns each node's latest checkpoint.
+
+Every 15 minutes a timer hands the witness a node's newest signed checkpoint and
+a consistency proof from the checkpoint it last witnessed for that origin. The
+witness verifies the node's signature, refuses anything smaller than or not
+consistent with what it already holds, then stores the new checkpoint and adds
+its own Ed25519 signature line to the note (a signed-note cosignature). State
+changes are made under an exclusive lock with write-temp-then-rename, so two
+concurrent adds serialise and neither can roll the other back. A node that
+rewrites its history can therefore only hide what it wrote since its last
+witnessed checkpoint: at most one timer period (15 minutes), not a whole night.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from spark_slurm.errors import CheckpointInvalid, InputError, WitnessError
+from spark_slurm.head.keyring import KeyRing
+from spark_slurm.ledger.checkpoint import (
+    SIG_PREFIX,
+    Checkpoint,
+    note_key_hash,
+    parse_checkpoint,
+    signatures,
+    verify_checkpoint,
+)
+from spark_slurm.ledger.keys import load_signing_key
+from spark_slurm.ledger.merkle import consistency_proof, verify_consistency
+from spark_slurm.ledger.schema import open_existing
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+KEY_FILE = "witness.key"
+PUB_FILE = "witness.pub"
+NAME_FILE = "witness.name"
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessResult:
+    """What the witness did with one checkpoint."""
+
+    origin: str
+    size: int
+    previous_size: int | None
+    status: str  # "accepted" | "unchanged"
+    text: str  # the cosigned checkpoint note
+
+
+def _safe(origin: str) -> str:
+    return origin.replace("/", "_")
+
+
+def node_of(origin: str) -> str:
+    """The node an origin `spark/<cluster>/<node>` names."""
+    return origin.rsplit("/", 1)[-1]
+
+
+@contextmanager
+def _locked(state: Path) -> Iterator[None]:
+    state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def witness_key(state: Path) -> tuple[str, Ed25519PrivateKey]:
+    """The witness's name and key, created on first use (key file mode 0600)."""
+    key_path = state / KEY_FILE
+    name_path = state / NAME_FILE
+    with _locked(state):
+        if not key_path.exists():
+            key = Ed25519PrivateKey.generate()
+            pem = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+            _write_atomic(key_path, pem, 0o600)
+            pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+            _write_atomic(state / PUB_FILE, pub)
+            name = f"witness/{socket.gethostname().split('.')[0]}"
+            _write_atomic(name_path, (name + "\n").encode())
+    name = name_path.read_text().strip() if name_path.exists() else "witness"
+    return name, load_signing_key(key_path)
+
+
+def read_proof(path: Path) -> list[bytes]:
+    """A consistency proof file: one hash per line, hex or base64."""
+    try:
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read proof: {exc}") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        try:
+            raw = bytes.fromhex(line) if len(line) == 64 else base64.b64decode(line, validate=True)
+        except (ValueError, binascii.Error):
+            raise InputError(f"{path}:{i}: not a hex or base64 hash") from None
+        if len(raw) != 32:
+            raise InputError(f"{path}:{i}: a proof hash is 32 bytes, got {len(raw)}")
+        out.append(raw)
+    return out
+
+
+def proof_from_ledger(ledger: Path, old_size: int, new_size: int) -> list[bytes]:
+    """Compute the consistency proof between two sizes from a node ledger snapshot."""
+    from spark_slurm.ledger.merkle import leaf_hash  # noqa: PLC0415 (only this path needs it)
+
+    conn, _ = open_existing(ledger)
+    try:
+        rows = conn.execute("SELECT body FROM per WHERE seq < ? ORDER BY seq",
+                            (new_size,)).fetchall()
+    finally:
+        conn.close()
+    if len(rows) < new_size:
+        raise WitnessError(f"{ledger}: holds {len(rows)} records, checkpoint claims {new_size}")
+    return consistency_proof([leaf_hash(bytes(r[0])) for r in rows], old_size)
+
+
+def latest(state: Path, origin: str) -> Checkpoint | None:
+    """The checkpoint last witnessed for an origin."""
+    path = state / "checkpoints" / f"{_safe(origin)}.txt"
+    if not path.exists():
+        return None
+    return parse_checkpoint(path.read_text(encoding="utf-8"))
+
+
+def witnessed(state: Path) -> list[Checkpoint]:
+    """Every origin's latest witnessed checkpoint (what merge checks nodes against)."""
+    folder = state / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return [parse_checkpoint(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.txt"))]
+
+
+def cosign(cp: Checkpoint, name: str, key: Ed25519PrivateKey) -> str:
+    """The note with the witness's signature line added (once)."""
+    key_hash = note_key_hash(name, key.public_key())
+    if any(n == name and h == key_hash for n, h, _ in signatures(cp.text)):
+        return cp.text
+    sig = key.sign(cp.body.encode())
+    return cp.text + f"{SIG_PREFIX}{name} {base64.b64encode(key_hash + sig).decode()}\n"
+
+
+def witness_checkpoint(state: Path, text: str, keys: KeyRing, proof: list[bytes] | None = None,
+                       ledger: Path | None = None) -> WitnessResult:
+    """Verify a node checkpoint against the last witnessed one, persist it, cosign it."""
+    cp = parse_checkpoint(text)
+    node = node_of(cp.origin)
+    public: Ed25519PublicKey | None = keys.public(node)
+    if public is None:
+        raise WitnessError(f"UNKNOWN_KEY: no public key for node {node!r} in {keys.directory}")
+    try:
+        verify_checkpoint(cp, public, cp.origin)
+    except CheckpointInvalid as exc:
+        raise WitnessError(f"{node}: {exc.message}") from None
+    name, key = witness_key(state)
+    folder = state / "checkpoints"
+    with _locked(state):
+        folder.mkdir(exist_ok=True)
+        old = latest(state, cp.origin)
+        if old is not None:
+            if cp.size < old.size:
+                raise WitnessError(f"ROLLBACK: {cp.origin} checkpoint size {cp.size} is smaller "
+                                   f"than the witnessed size {old.size}")
+            if cp.size == old.size:
+                if cp.root != old.root:
+                    raise WitnessError(f"FORK: {cp.origin} size {cp.size} has a different root "
+                                       "than the witnessed checkpoint")
+                return WitnessResult(cp.origin, cp.size, old.size, "unchanged", old.text)
+            if proof is None and ledger is not None:
+                proof = proof_from_ledger(ledger, old.size, cp.size)
+            if proof is None:
+                raise WitnessError(f"{cp.origin}: a consistency proof from size {old.size} "
+                                   "is needed (--proof or --ledger)")
+            if not verify_consistency(old.size, cp.size, old.root, cp.root, proof):
+                raise WitnessError(f"FORK: {cp.origin} size {cp.size} is not consistent with "
+                                   f"the witnessed size {old.size}")
+        signed = cosign(cp, name, key)
+        _write_atomic(folder / f"{_safe(cp.origin)}.txt", signed.encode())
+        return WitnessResult(cp.origin, cp.size, old.size if old else None, "accepted", signed)
+
+
+def witness_file(state: Path, checkpoint: Path, keys_dir: Path | None = None,
+                 proof: Path | None = None, ledger: Path | None = None) -> WitnessResult:
+    """The CLI entry point: read files, then `witness_checkpoint`."""
+    try:
+        text = checkpoint.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{checkpoint}: cannot read checkpoint: {exc}") from None
+    keys = KeyRing.load(keys_dir if keys_dir is not None else state / "keys")
+    try:
+        return witness_checkpoint(state, text, keys, read_proof(proof) if proof else None,
+                                  ledger)
+    except OSError as exc:
+        raise InputError(f"{state}: cannot use witness state: {exc.strerror or exc}") from None
