@@ -1,0 +1,1 @@
+"""sparkd, the node daemon: socket API, validation pipeline, automations, metrics."""

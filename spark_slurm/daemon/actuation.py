@@ -1,0 +1,149 @@
+"""Path 1 and the apply step: telemetry before, set the limit, read back what is enforced.
+
+Slurm indices (device minor numbers) are what PERs and requests name; the backend
+has its own indices, so every call goes through the minor→index map built once at
+start. Every failure becomes data in the per-GPU entry, never an exception, so a
+PER always says exactly what happened to each GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from spark_slurm.errors import GpuError
+from spark_slurm.gpu.backend import DeviceInfo, GpuBackend, Sample
+
+T = TypeVar("T")
+
+
+class SampleSource(Protocol):
+    def latest(self, index: int) -> Any: ...
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True, slots=True)
+class Energy:
+    """Energy used between two readings, robust to a counter reset (driver reload)."""
+
+    energy_mj: int
+    reset: bool
+
+
+def energy_between(start_mj: int, start_epoch: int, end: Sample) -> Energy:
+    """Counter delta; after a reset only the energy since the reset is known (a lower bound)."""
+    if end.energy_epoch != start_epoch or end.energy_mj < start_mj:
+        return Energy(end.energy_mj, True)
+    return Energy(end.energy_mj - start_mj, False)
+
+
+class Actuator:
+    """The daemon's only path to GPU limits; knows devices by Slurm index."""
+
+    def __init__(self, gpu: GpuBackend, sampler: SampleSource | None = None,
+                 max_sample_age_ns: int = 500_000_000, parallel: int = 8) -> None:
+        self.gpu = gpu
+        self.sampler = sampler
+        self.max_sample_age_ns = max_sample_age_ns
+        self.devices: dict[int, DeviceInfo] = {d.minor: d for d in gpu.devices()}
+        self._bounds: dict[int, tuple[int, int]] = {}
+        # Driver calls block on I/O (ioctl, or the sim's files): a job's GPUs go in parallel.
+        self._parallel = max(1, parallel)
+        self._pool = ThreadPoolExecutor(max_workers=self._parallel,
+                                        thread_name_prefix="gpu-call")
+
+    def each(self, minors: list[int], fn: Callable[[int], T]) -> list[T]:
+        """`fn` applied to every GPU at once, results in the order given."""
+        if len(minors) <= 1 or self._parallel == 1:
+            return [fn(m) for m in minors]
+        return list(self._pool.map(fn, minors))
+
+    def index(self, minor: int) -> int:
+        return self.devices[minor].index
+
+    def known(self, minor: int) -> bool:
+        return minor in self.devices
+
+    def sample(self, minor: int) -> Sample:
+        """A fresh sample: the sampler's latest when recent, else a direct read."""
+        if self.sampler is not None:
+            latest = self.sampler.latest(self.index(minor))
+            if isinstance(latest, Sample):
+                return latest
+        return self.gpu.sample(self.index(minor))
+
+    def before(self, minor: int) -> tuple[dict[str, Any], int | None, str | None]:
+        """Path 1 before a change: telemetry dict, the enforced limit, and any error."""
+        idx = self.index(minor)
+        try:
+            limits = self.gpu.limits(idx)
+            s = self.sample(minor)
+        except GpuError as exc:
+            return {}, None, error_text(exc)
+        return ({"time_ns": s.time_ns, "power_mw": s.power_mw, "energy_mj": s.energy_mj,
+                 "energy_epoch": s.energy_epoch, "temp_mc": s.temp_mc, "util_pct": s.util_pct,
+                 "limit_mw": limits.requested_mw, "enforced_mw": limits.enforced_mw,
+                 "reasons": s.reasons, "min_mw": limits.min_mw, "max_mw": limits.max_mw,
+                 "default_mw": limits.default_mw},
+                limits.enforced_mw, None)
+
+    def apply(self, minor: int, mw: int) -> dict[str, Any]:
+        """Set, then read back the enforced limit; the entry records both and `ok`."""
+        idx = self.index(minor)
+        entry: dict[str, Any] = {"index": minor, "uuid": self.devices[minor].uuid,
+                                 "intended_mw": mw}
+        try:
+            self.gpu.set_power_limit(idx, mw)
+        except GpuError as exc:
+            entry["error"] = error_text(exc)
+        try:
+            entry["readback_mw"] = self.gpu.limits(idx).enforced_mw
+        except GpuError as exc:
+            entry.setdefault("error", error_text(exc))
+        entry["ok"] = "error" not in entry and entry.get("readback_mw") == mw
+        return entry
+
+    def hw_range(self, minors: list[int]) -> tuple[int, int]:
+        """The tightest hardware range over the GPUs (min of maxes, max of mins)."""
+        lows, highs = [], []
+        for minor in minors:
+            bounds = self._bounds.get(minor)
+            if bounds is None:  # constraints are fixed per device: read once
+                try:
+                    limits = self.gpu.limits(self.index(minor))
+                except GpuError:
+                    continue
+                bounds = self._bounds[minor] = (limits.min_mw, limits.max_mw)
+            lows.append(bounds[0])
+            highs.append(bounds[1])
+        if not lows:
+            return 0, 0
+        return max(lows), min(highs)
+
+    def mig_targets(self, minors: list[int]) -> tuple[list[int], str | None]:
+        """Map requested GPUs to limit-bearing devices; refuse a shared MIG parent."""
+        targets: list[int] = []
+        for minor in minors:
+            dev = self.devices[minor]
+            if dev.mig_parent is None:
+                if minor not in targets:
+                    targets.append(minor)
+                continue
+            siblings = [m for m, d in self.devices.items() if d.mig_parent == dev.mig_parent]
+            outside = [m for m in siblings if m not in minors]
+            if outside:
+                return [], (f"GPU {minor} is a MIG slice of {dev.mig_parent}, whose power limit "
+                            f"is shared with slices {outside} outside this job; a MIG power "
+                            "request never changes a shared parent GPU")
+            parents = [m for m, d in self.devices.items() if d.uuid == dev.mig_parent]
+            if not parents:
+                return [], (f"GPU {minor} is a MIG slice whose parent {dev.mig_parent} is not "
+                            "visible to the daemon")
+            if parents[0] not in targets:
+                targets.append(parents[0])
+        return targets, None

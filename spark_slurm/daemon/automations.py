@@ -1,0 +1,283 @@
+"""The daemon's own power actions: drift detection, thermal guard, driver-fault handling.
+
+One monitor thread looks at every GPU each period (≤ 1 s). A decision to act is
+re-checked under the actuation lock, so a prolog that is changing a limit at that
+moment is never mistaken for drift. Each action is a PER naming
+`automation:<what>` as its authority.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from spark_slurm.daemon.actuation import Actuator, error_text
+from spark_slurm.daemon.contracts import PolicyLike, ReceiptLike
+from spark_slurm.daemon.pipeline import Pipeline
+from spark_slurm.daemon.state import Throttle
+from spark_slurm.errors import GpuError
+from spark_slurm.gpu.backend import Sample
+
+log = logging.getLogger("sparkd.automations")
+
+Counter = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class _Seen:
+    """The last good reading of a GPU, to judge what happened across a gap."""
+
+    time_ns: int
+    energy_mj: int
+    energy_epoch: int
+
+
+@dataclass(slots=True)
+class _Fault:
+    since_ns: int
+    future: Future[ReceiptLike]
+    last: _Seen | None
+    expected_mw: int | None
+
+
+class Monitor:
+    """Periodic checks of every GPU; acts through the pipeline's actuator and lock."""
+
+    def __init__(self, pipeline: Pipeline, policy: Callable[[], PolicyLike], *,
+                 period_s: float = 0.5, count: Counter | None = None,
+                 on_sample: Callable[[int, Sample], None] | None = None) -> None:
+        self.pipeline = pipeline
+        self.actuator: Actuator = pipeline.actuator
+        self.state = pipeline.state
+        self.policy = policy
+        self.period_s = period_s
+        self.count = count or (lambda _name: None)
+        self.on_sample = on_sample
+        self._seen: dict[int, _Seen] = {}
+        self._faults: dict[int, _Fault] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
+
+    def start(self) -> None:
+        """Take a first reading of every GPU (the baseline for reset detection), then run."""
+        for minor in sorted(self.actuator.devices):
+            try:
+                sample = self.actuator.gpu.sample(self.actuator.index(minor))
+            except GpuError:
+                continue
+            self._seen[minor] = _Seen(sample.time_ns, sample.energy_mj, sample.energy_epoch)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("monitor tick failed")
+
+    def _body(self, gpu: int, authority: str, **extra: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"v": 1, "node": self.pipeline.node, "gpu": gpu,
+                                "source": "automation", "authority": authority,
+                                "requester": {"uid": 0, "user": "sparkd", "role": "automation"}}
+        owner = self.state.owner_of(gpu)
+        if owner is not None:
+            body["job_id"] = owner
+        body.update(extra)
+        return body
+
+    def tick(self) -> None:
+        """One pass over every GPU (public so tests can step the monitor)."""
+        for minor in sorted(self.actuator.devices):
+            try:
+                sample = self.actuator.gpu.sample(self.actuator.index(minor))
+            except GpuError as exc:
+                self._fault(minor, exc)
+                continue
+            if self.on_sample is not None:
+                self.on_sample(minor, sample)
+            recovered = self._recover(minor, sample)
+            self._thermal(minor, sample)
+            self._drift(minor, sample, recovered)
+            self._seen[minor] = _Seen(sample.time_ns, sample.energy_mj, sample.energy_epoch)
+
+    # -- driver faults -------------------------------------------------------
+    def _fault(self, minor: int, exc: GpuError) -> None:
+        if minor in self._faults:
+            return
+        expected = self.state.governed.get(minor)
+        body = self._body(minor, "automation:fault", error=error_text(exc))
+        if expected is not None:
+            body["expected_mw"] = expected
+        last = self._seen.get(minor)
+        if last is not None:
+            body["last_seen_ns"] = last.time_ns
+        with self.pipeline.lock:
+            future = self.pipeline.writer.submit("fault", body)
+            self.state.faults[minor] = future
+        self._faults[minor] = _Fault(last.time_ns if last else 0, future, last, expected)
+        self.count("fault")
+        log.warning("GPU %s: fault recorded: %s", minor, exc)
+
+    def _recover(self, minor: int, sample: Sample) -> bool:
+        fault = self._faults.pop(minor, None)
+        if fault is None:
+            return False
+        ref = fault.future.result(timeout=60)
+        expected = fault.expected_mw
+        body = self._body(minor, "automation:fault", ref={"seq": ref.seq, "hash": ref.hash},
+                          enforced_mw=sample.enforced_mw,
+                          outage_ns=max(0, sample.time_ns - fault.since_ns))
+        held = expected is not None and sample.enforced_mw == expected
+        last = fault.last
+        if last is not None:
+            reset = sample.energy_epoch != last.energy_epoch or sample.energy_mj < last.energy_mj
+            body["energy_reset"] = reset
+            span = sample.time_ns - last.time_ns
+            if not reset and span > 0:
+                # Energy used over the outage proves the average power stayed under the ceiling.
+                avg = (sample.energy_mj - last.energy_mj) * 1_000_000_000 // span
+                body["outage_avg_power_mw"] = avg
+                held = held and (expected is None or avg <= expected)
+            held = held and not reset
+        if expected is not None:
+            body["expected_mw"] = expected
+        body["held"] = held
+        with self.pipeline.lock:
+            self.pipeline.writer.submit("recovery", body)
+            self.state.faults.pop(minor, None)
+        self.count("recovery")
+        log.info("GPU %s: recovered, ceiling held=%s", minor, held)
+        return True
+
+    # -- thermal guard -------------------------------------------------------
+    def _follow(self, kind: str, future: Future[ReceiptLike], minor: int,
+                changed_ns: int) -> None:
+        """Schedule the facility follow-up (path 3) once the action's PER is durable."""
+        follow = self.pipeline.follow_up
+        if follow is None:
+            return
+        job = self.state.owner_of(minor)
+
+        def done(f: Future[ReceiptLike]) -> None:
+            if f.exception() is None:
+                follow(kind, f.result(), [minor], changed_ns, job)
+
+        future.add_done_callback(done)
+
+    def _thermal(self, minor: int, sample: Sample) -> None:
+        settings = getattr(self.policy().settings, "thermal", None)
+        if settings is None or not getattr(settings, "enabled", True):
+            return
+        threshold = int(settings.threshold_c) * 1000
+        release = int(settings.release_c) * 1000
+        with self.pipeline.lock:
+            throttle = self.state.throttled.get(minor)
+            governed = self.state.governed.get(minor)
+            if throttle is None and sample.temp_mc >= threshold and governed is not None:
+                if settings.throttle_watts:
+                    to = int(settings.throttle_watts) * 1000
+                else:
+                    to = int(governed * float(settings.throttle_fraction or 0.7))
+                low, _ = self.actuator.hw_range([minor])
+                to = max(to, low)
+                if to >= governed:
+                    return
+                changed_ns = time.time_ns()
+                entry = self.actuator.apply(minor, to)
+                body = self._body(minor, "automation:thermal", temp_mc=sample.temp_mc,
+                                  threshold_mc=threshold, from_mw=governed, to_mw=to,
+                                  readback_mw=entry.get("readback_mw"), ok=entry["ok"],
+                                  paths={"telemetry": "ok", "policy": "allow",
+                                         "facility": "pending", "ledger": "committed"})
+                if "error" in entry:
+                    body["error"] = entry["error"]
+                future = self.pipeline.writer.submit("throttle", body)
+                self._follow("throttle", future, minor, changed_ns)
+                if "error" not in entry:
+                    self.state.governed[minor] = to
+                    self.state.throttled[minor] = Throttle(governed, to, future)
+                self.count("throttle")
+                log.warning("GPU %s: %s m°C ≥ %s, throttled %s → %s mW", minor,
+                            sample.temp_mc, threshold, governed, to)
+            elif throttle is not None and sample.temp_mc <= release:
+                ref = throttle.ref.result(timeout=60)
+                changed_ns = time.time_ns()
+                entry = self.actuator.apply(minor, throttle.base_mw)
+                body = self._body(minor, "automation:thermal", temp_mc=sample.temp_mc,
+                                  threshold_mc=release, from_mw=throttle.to_mw,
+                                  to_mw=throttle.base_mw, readback_mw=entry.get("readback_mw"),
+                                  ok=entry["ok"], ref={"seq": ref.seq, "hash": ref.hash},
+                                  paths={"telemetry": "ok", "policy": "allow",
+                                         "facility": "pending", "ledger": "committed"})
+                if "error" in entry:
+                    body["error"] = entry["error"]
+                self._follow("release", self.pipeline.writer.submit("release", body), minor,
+                             changed_ns)
+                if "error" not in entry:
+                    self.state.governed[minor] = throttle.base_mw
+                    del self.state.throttled[minor]
+                self.count("release")
+                log.info("GPU %s: %s m°C ≤ %s, released to %s mW", minor, sample.temp_mc,
+                         release, throttle.base_mw)
+
+    # -- drift ---------------------------------------------------------------
+    def _drift(self, minor: int, sample: Sample, recovered: bool) -> None:
+        governed = self.state.governed.get(minor)
+        if governed is None or sample.enforced_mw == governed:
+            self.state.reported.pop(minor, None)
+            return
+        if self.state.reported.get(minor) == sample.enforced_mw:
+            return  # already recorded this observation
+        with self.pipeline.lock:
+            governed = self.state.governed.get(minor)
+            try:  # re-read under the lock: a prolog may have just moved it
+                limits = self.actuator.gpu.limits(self.actuator.index(minor))
+                sample = self.actuator.gpu.sample(self.actuator.index(minor))
+            except GpuError:
+                return
+            observed = limits.enforced_mw
+            if governed is None or observed == governed:
+                return
+            last = self._seen.get(minor)
+            reset = last is not None and (sample.energy_epoch != last.energy_epoch
+                                          or sample.energy_mj < last.energy_mj)
+            if reset and observed == limits.default_mw:
+                cause = "driver-reload"
+            elif recovered:
+                cause = "gpu-lost"
+            else:
+                cause = "out-of-band"
+            action = str(getattr(self.policy().settings, "drift", "reconcile"))
+            body = self._body(minor, "automation:drift", expected_mw=governed,
+                              observed_mw=observed, cause=cause, action=action,
+                              requested_mw=limits.requested_mw, energy_reset=reset,
+                              energy_mj=sample.energy_mj, energy_epoch=sample.energy_epoch)
+            if last is not None:
+                body["last_seen"] = {"time_ns": last.time_ns, "energy_mj": last.energy_mj,
+                                     "energy_epoch": last.energy_epoch}
+            if action == "reconcile":
+                entry = self.actuator.apply(minor, governed)
+                body["readback_mw"] = entry.get("readback_mw")
+                body["ok"] = entry["ok"]
+                if "error" in entry:
+                    body["error"] = entry["error"]
+                if not entry["ok"]:
+                    self.state.reported[minor] = int(entry.get("readback_mw") or observed)
+            else:
+                self.state.governed[minor] = observed
+                throttle = self.state.throttled.pop(minor, None)
+                if throttle is not None:
+                    body["throttle_cleared"] = True
+            self.pipeline.writer.submit("drift", body)
+        self.count("drift")
+        log.warning("GPU %s: drift %s → %s mW (%s), %s", minor, governed, observed, cause,
+                    action)

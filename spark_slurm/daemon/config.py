@@ -1,0 +1,233 @@
+"""sparkd's configuration file: one YAML mapping, checked fully before anything starts.
+
+A daemon that guesses at a half-valid config could govern GPUs wrongly, so every
+problem is a `ConfigError` naming the file, line and column, and `sparkd` refuses
+to start (exit 2).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spark_slurm.errors import ConfigError
+
+_KNOWN = {
+    "node", "cluster", "socket", "state_dir", "ledger", "keys", "gpu", "policy", "karman",
+    "metrics", "job_context", "slurm_user", "journal_path", "spool_path", "sampler",
+    "automations", "max_request_bytes",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """Everything sparkd needs to run; paths are absolute after loading."""
+
+    node: str
+    state_dir: Path
+    ledger_path: Path
+    policy_path: Path
+    socket_path: Path
+    socket_mode: int = 0o666
+    cluster: str = "spark"
+    hmac_key: Path | None = None
+    signing_key: Path | None = None
+    gpu_backend: str = "sim"
+    gpu_state_dir: Path | None = None
+    karman_endpoint: str | None = None
+    karman_topic: str = "cycle-aligned"
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 0
+    job_context_source: str = "static"
+    job_context_options: dict[str, Any] = field(default_factory=dict)
+    slurm_user: str | None = None
+    journal_path: Path = Path("/var/lib/spark/journal.jsonl")
+    spool_path: Path | None = None
+    sampler_hz: float = 10.0
+    sampler_seconds: float = 60.0
+    monitor_period_s: float = 0.5
+    maintain_period_s: float = 5.0
+    max_request_bytes: int = 65536
+
+
+def _marks(text: str) -> dict[str, tuple[int, int]]:
+    """Line/column (1-based) of each top-level key and nested `a.b` key."""
+    out: dict[str, tuple[int, int]] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return out
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key, value in node.value:
+            name = f"{prefix}{key.value}"
+            out[name] = (value.start_mark.line + 1, value.start_mark.column + 1)
+            walk(value, name + ".")
+
+    if root is not None:
+        walk(root, "")
+    return out
+
+
+class _Reader:
+    """Typed access to the parsed mapping that raises errors with a location."""
+
+    def __init__(self, path: Path, data: dict[str, Any], marks: dict[str, tuple[int, int]]):
+        self.path = path
+        self.data = data
+        self.marks = marks
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        line, column = self.marks.get(key, (None, None))
+        return ConfigError(f"{key}: {message}", str(self.path), line, column)
+
+    def get(self, key: str) -> Any:
+        node: Any = self.data
+        for part in key.split("."):
+            if not isinstance(node, dict):
+                return None
+            node = node.get(part)
+        return node
+
+    def text(self, key: str, default: str | None = None) -> str | None:
+        value = self.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float, low: float, high: float) -> float:
+        value = self.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, f"expected a number, got {value!r}")
+        if not low <= value <= high:
+            raise self.fail(key, f"{value} is outside {low}..{high}")
+        return float(value)
+
+    def path_(self, key: str, default: Path | None = None) -> Path | None:
+        value = self.text(key)
+        if value is None:
+            return default
+        p = Path(value)
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+    def section(self, key: str) -> dict[str, Any]:
+        value = self.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        return value
+
+
+def _mode(reader: _Reader) -> int:
+    value = reader.get("socket.mode")
+    if value is None:
+        return 0o666
+    if isinstance(value, bool):
+        raise reader.fail("socket.mode", f"expected an octal mode like \"0660\", got {value!r}")
+    if isinstance(value, int):
+        mode = value
+    elif isinstance(value, str):
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            raise reader.fail("socket.mode", f"{value!r} is not an octal mode") from None
+    else:
+        raise reader.fail("socket.mode", f"expected an octal mode, got {value!r}")
+    if not 0 <= mode <= 0o777:
+        raise reader.fail("socket.mode", f"{oct(mode)} is not a permission mode")
+    return mode
+
+
+def parse_config(text: str, path: Path) -> DaemonConfig:
+    """Check and convert the YAML text of a sparkd config; relative paths follow the file."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        column = mark.column + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"not valid YAML: {problem}", str(path), line, column) from None
+    if not isinstance(data, dict):
+        raise ConfigError("expected a YAML mapping at the top level", str(path), 1, 1)
+    reader = _Reader(path, data, _marks(text))
+    for key in data:
+        if key not in _KNOWN:
+            raise reader.fail(str(key), f"unknown key (known: {', '.join(sorted(_KNOWN))})")
+    for key in ("socket", "keys", "gpu", "karman", "metrics", "job_context", "sampler",
+                "automations"):
+        reader.section(key)
+
+    state_dir = reader.path_("state_dir", Path("/var/lib/spark"))
+    assert state_dir is not None
+    node = reader.text("node") or os.uname().nodename.split(".")[0]
+    backend = reader.text("gpu.backend", "sim") or "sim"
+    if backend not in ("sim", "nvml"):
+        raise reader.fail("gpu.backend", f"unknown backend {backend!r} (sim or nvml)")
+    gpu_state = reader.path_("gpu.state_dir")
+    if backend == "sim" and gpu_state is None:
+        raise reader.fail("gpu", "the sim backend needs gpu.state_dir "
+                          "(made by `sparkctl sim init`)")
+    policy = reader.path_("policy")
+    if policy is None:
+        raise ConfigError("policy: missing (path of the site policy YAML)", str(path), 1, 1)
+    source_section = reader.section("job_context")
+    source = reader.text("job_context.source", "static") or "static"
+    if source not in ("static", "scontrol", "pyslurm", "auto"):
+        raise reader.fail("job_context.source", f"unknown source {source!r} "
+                          "(static, scontrol, pyslurm or auto)")
+    options = {k: v for k, v in source_section.items() if k != "source"}
+    if isinstance(options.get("path"), str) and not Path(options["path"]).is_absolute():
+        options["path"] = str((path.parent / options["path"]).resolve())
+    port = reader.number("metrics.port", 0, 0, 65535)
+    if port != int(port):
+        raise reader.fail("metrics.port", f"{port} is not a port number")
+    return DaemonConfig(
+        node=node,
+        cluster=reader.text("cluster", "spark") or "spark",
+        state_dir=state_dir,
+        ledger_path=reader.path_("ledger", state_dir / "ledger.db") or state_dir / "ledger.db",
+        policy_path=policy,
+        socket_path=reader.path_("socket.path", Path("/run/spark/sparkd.sock"))
+        or Path("/run/spark/sparkd.sock"),
+        socket_mode=_mode(reader),
+        hmac_key=reader.path_("keys.hmac"),
+        signing_key=reader.path_("keys.signing"),
+        gpu_backend=backend,
+        gpu_state_dir=gpu_state,
+        karman_endpoint=reader.text("karman.endpoint"),
+        karman_topic=reader.text("karman.topic", "cycle-aligned") or "cycle-aligned",
+        metrics_address=reader.text("metrics.address", "127.0.0.1") or "127.0.0.1",
+        metrics_port=int(port),
+        job_context_source=source,
+        job_context_options=options,
+        slurm_user=reader.text("slurm_user"),
+        journal_path=reader.path_("journal_path", state_dir / "journal.jsonl")
+        or state_dir / "journal.jsonl",
+        spool_path=reader.path_("spool_path"),
+        sampler_hz=reader.number("sampler.rate_hz", 10.0, 0.5, 100.0),
+        sampler_seconds=reader.number("sampler.seconds", 60.0, 5.0, 3600.0),
+        monitor_period_s=reader.number("automations.period_s", 0.5, 0.05, 1.0),
+        maintain_period_s=reader.number("automations.maintain_period_s", 5.0, 0.5, 3600.0),
+        max_request_bytes=int(reader.number("max_request_bytes", 65536, 256, 1 << 24)),
+    )
+
+
+def load_config(path: Path) -> DaemonConfig:
+    """Read and check a sparkd config file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", str(path)) from None
+    return parse_config(text, path)

@@ -1,0 +1,278 @@
+"""`sparkd`: wires the parts together, reconciles, serves, and shuts down cleanly.
+
+Start order matters: the policy must load (or the daemon refuses to start), the
+ledger opens, GPUs are reconciled against it, the journal and spool are
+ingested, and only then does the socket appear. SIGTERM/SIGINT stop in reverse;
+SIGHUP reloads the policy and keeps the last good one when the new file is bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from spark_slurm.daemon.actuation import Actuator
+from spark_slurm.daemon.automations import Monitor
+from spark_slurm.daemon.config import DaemonConfig, load_config
+from spark_slurm.daemon.contracts import PolicyLike, ReceiptLike
+from spark_slurm.daemon.facility import FacilityFollower
+from spark_slurm.daemon.ingest import Ingestor
+from spark_slurm.daemon.metrics import DaemonMetrics
+from spark_slurm.daemon.peers import Authority, uid_of
+from spark_slurm.daemon.pipeline import Pipeline
+from spark_slurm.daemon.server import SocketServer
+from spark_slurm.daemon.service import Service, pid_rss_kib
+from spark_slurm.daemon.startup import reconcile_at_start, record_policy
+from spark_slurm.daemon.state import IntentStore, NodeState
+from spark_slurm.daemon.writer import LedgerWriter
+from spark_slurm.errors import EXIT_OK, EXIT_USAGE, ConfigError, SparkError
+from spark_slurm.gpu import TelemetrySampler, open_backend
+from spark_slurm.karman import KarmanSubscriber
+from spark_slurm.ledger import Ledger
+from spark_slurm.ledger.keys import load_hmac_key, load_signing_key
+from spark_slurm.policy import Policy
+from spark_slurm.slurm.context import open_context_source
+
+log = logging.getLogger("sparkd")
+
+
+class Daemon:
+    """One running sparkd; `start()` then `wait()`, or `stop()` from another thread."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self._stop = threading.Event()
+        self._policy_lock = threading.Lock()
+        self.started_ns = time.time_ns()
+        self.head: ReceiptLike | None = None
+        self.metrics_port = 0
+        self._policy: PolicyLike
+        self.writer: LedgerWriter
+        self._parts: list[Any] = []
+
+    # -- policy ----------------------------------------------------------------
+    def policy(self) -> PolicyLike:
+        return self._policy
+
+    def _load_policy(self) -> PolicyLike:
+        return Policy.load(self.config.policy_path)
+
+    def reload_policy(self) -> bool:
+        """SIGHUP: swap in the new policy, or keep the last good one and say why."""
+        try:
+            new = self._load_policy()
+        except SparkError as exc:
+            log.error("policy reload refused, keeping %s: %s", self._policy.sha256[:16], exc)
+            return False
+        with self._policy_lock:
+            if new.sha256 != self._policy.sha256:
+                self.writer.commit("policy", {"v": 1, "sha256": new.sha256, "text": new.text,
+                                              "path": str(self.config.policy_path)})
+            self._policy = new
+        log.info("policy reloaded: %s", new.sha256[:16])
+        return True
+
+    def authority(self) -> Authority:
+        slurm_uid = uid_of(self.config.slurm_user) if self.config.slurm_user else None
+        group = getattr(self._policy.settings, "admin_group", None)
+        return Authority(slurm_uid=slurm_uid, admin_group=group)
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        self._policy = self._load_policy()  # a bad policy stops us before anything runs
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        hmac_key = load_hmac_key(cfg.hmac_key) if cfg.hmac_key else None
+        signing = load_signing_key(cfg.signing_key) if cfg.signing_key else None
+        self.ledger = Ledger.open(cfg.ledger_path, hmac_key, signing, node=cfg.node,
+                                  cluster=cfg.cluster)
+        self._parts.append(self.ledger)
+        self.gpu = open_backend(cfg.gpu_backend, state_dir=cfg.gpu_state_dir)
+        self.sampler = TelemetrySampler(self.gpu, rate_hz=cfg.sampler_hz,
+                                        seconds=cfg.sampler_seconds)
+        self.source = None
+        if cfg.job_context_source:
+            self.source = open_context_source(cfg.job_context_source,
+                                              **cfg.job_context_options)
+        self.stream = None
+        if cfg.karman_endpoint:
+            self.stream = KarmanSubscriber(cfg.karman_endpoint, cfg.karman_topic)
+        self.metrics = DaemonMetrics(cfg.node, self.stream.stats if self.stream else None)
+        record_policy(self.ledger, self._policy, str(cfg.policy_path))
+        self.state = NodeState()
+        # NVML calls are ctypes calls that drop the GIL, so a job's GPUs go in parallel;
+        # the sim's calls are Python work under the GIL, where threads only add overhead.
+        self.actuator = Actuator(self.gpu, self.sampler,
+                                 parallel=1 if cfg.gpu_backend == "sim" else 8)
+        intents = IntentStore(cfg.state_dir)
+        self.startup = reconcile_at_start(node=cfg.node, ledger=self.ledger,
+                                          actuator=self.actuator, intents=intents,
+                                          state=self.state, source=self.source)
+        self.head = self.ledger.head()
+        self.writer = LedgerWriter(self.ledger, maintain_period_s=cfg.maintain_period_s,
+                                   on_commit=self._committed)
+        self.writer.start()
+        self.sampler.start()
+        if self.stream is not None:
+            self.stream.start()
+        self.facility = FacilityFollower(
+            node=cfg.node, writer=self.writer, policy=self.policy, stream=self.stream,
+            telemetry=self.sampler, index_of=self.actuator.index,
+            count=lambda verdict: None)
+        self.facility.start()
+        self.pipeline = Pipeline(
+            node=cfg.node, actuator=self.actuator, writer=self.writer, policy=self.policy,
+            state=self.state, intents=intents, authority=self.authority,
+            context_source=self.source, follow_up=self.facility.schedule)
+        self.service = Service(self.pipeline, status=self.status, ingest=self.ingest,
+                               observe=self.metrics.observe_latency)
+        self.ingestor = Ingestor(node=cfg.node, ledger=self.ledger, writer=self.writer,
+                                 handle=self.service.handle, state_dir=cfg.state_dir,
+                                 journal_path=cfg.journal_path, spool_path=cfg.spool_path)
+        self.ingest()
+        self.monitor = Monitor(self.pipeline, self.policy, period_s=cfg.monitor_period_s,
+                               count=self.metrics.count, on_sample=self._sampled)
+        self.monitor.start()
+        self.server = SocketServer(cfg.socket_path, self.service, mode=cfg.socket_mode,
+                                   max_request_bytes=cfg.max_request_bytes)
+        self.server.start()
+        self.metrics_port = self.metrics.serve(cfg.metrics_address, cfg.metrics_port)
+        log.info("sparkd ready on %s (node %s, %d GPUs, ledger head %s, metrics port %s)",
+                 cfg.socket_path, cfg.node, len(self.actuator.devices),
+                 self.head.seq if self.head else None, self.metrics_port or "off")
+
+    def _committed(self, kind: str, body: Any, receipt: ReceiptLike) -> None:
+        self.head = receipt
+        self.metrics.observe_commit(kind, body, receipt.seq)
+
+    def _sampled(self, gpu: int, sample: Any) -> None:
+        self.metrics.observe_sample(gpu, sample, self.state.governed.get(gpu))
+        if gpu == min(self.actuator.devices):
+            self.metrics.refresh_karman()
+            self.metrics.jobs.labels(self.config.node).set(len(self.state.jobs))
+
+    def ingest(self) -> dict[str, Any]:
+        with self._policy_lock:
+            counts = self.ingestor.run()
+        return {"ingested": counts}
+
+    def status(self) -> dict[str, Any]:
+        gpus = []
+        for minor in sorted(self.actuator.devices):
+            row: dict[str, Any] = {"index": minor, "uuid": self.actuator.devices[minor].uuid,
+                                   "governed_mw": self.state.governed.get(minor),
+                                   "job": self.state.owner_of(minor),
+                                   "throttled": minor in self.state.throttled,
+                                   "fault": minor in self.state.faults}
+            latest = self.sampler.latest(self.actuator.index(minor))
+            if latest is not None:
+                row.update(power_mw=latest.power_mw, enforced_mw=latest.enforced_mw,
+                           temp_mc=latest.temp_mc)
+            gpus.append(row)
+        jobs = [{"job_id": j.job_id, "user": j.user, "uid": j.uid, "gpus": j.gpus,
+                 "granted_mw": j.granted_mw} for j in self.state.jobs.values()]
+        head = self.ledger.head()  # includes records the ledger writes itself (seals)
+        out: dict[str, Any] = {
+            "node": self.config.node, "pid": os.getpid(), "healthy": True,
+            "uptime_s": (time.time_ns() - self.started_ns) // 1_000_000_000,
+            "rss_kib": pid_rss_kib(),
+            "policy": {"sha256": self._policy.sha256, "path": str(self.config.policy_path)},
+            "ledger": {"path": str(self.config.ledger_path),
+                       "seq": head.seq if head else None, "hash": head.hash if head else None},
+            "gpus": gpus, "jobs": jobs, "facility_pending": self.facility.pending(),
+            "metrics_port": self.metrics_port,
+            "writer": {"commits": self.writer.batches, "pers": self.writer.committed},
+            "startup": {"orphans": self.startup.orphans, "kept": self.startup.kept,
+                        "reconciled": self.startup.reconciled}}
+        if self.stream is not None:
+            out["karman"] = {k: v for k, v in self.stream.stats().items()
+                             if isinstance(v, (int, str))}
+        return out
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait(self) -> None:
+        while not self._stop.wait(0.5):
+            pass
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        started = getattr(self, "server", None) is not None
+        if started:
+            log.info("sparkd stopping")
+        for part in ("server", "monitor"):
+            obj = getattr(self, part, None)
+            if obj is not None:
+                obj.stop()
+        if getattr(self, "facility", None) is not None:
+            self.facility.stop()
+        if getattr(self, "writer", None) is not None:
+            self.writer.stop()
+        for part in ("sampler", "stream"):
+            obj = getattr(self, part, None)
+            if obj is not None:
+                obj.stop()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        if getattr(self, "pipeline", None) is not None:
+            self.pipeline.intents.close()
+        if getattr(self, "ledger", None) is not None:
+            self.ledger.close()
+        if getattr(self, "gpu", None) is not None:
+            self.gpu.close()
+        if started:
+            log.info("sparkd stopped")
+
+
+def run_daemon(config_path: Path) -> int:
+    """Load the config, run until signalled; the library entry of `sparkd`."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="sparkd[%(process)d] %(levelname)s %(name)s: %(message)s")
+    config = load_config(config_path)
+    daemon = Daemon(config)
+    hup = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    signal.signal(signal.SIGHUP, lambda *_: hup.set())
+    try:
+        daemon.start()
+    except BaseException:
+        daemon.shutdown()
+        raise
+    while not daemon._stop.wait(0.2):
+        if hup.is_set():
+            hup.clear()
+            daemon.reload_policy()
+    daemon.shutdown()
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script `sparkd --config FILE`."""
+    parser = argparse.ArgumentParser(prog="sparkd", description="spark-slurm node daemon")
+    parser.add_argument("--config", default="/etc/spark/sparkd.yaml", type=Path,
+                        help="sparkd.yaml (default /etc/spark/sparkd.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        return run_daemon(args.config)
+    except ConfigError as exc:
+        print(f"sparkd: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except SparkError as exc:
+        print(f"sparkd: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"sparkd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

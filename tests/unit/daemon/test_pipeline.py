@@ -1,0 +1,131 @@
+"""The pipeline with an in-test GPU fake: MIG parents, set failures, authority for `cap`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spark_slurm.daemon.actuation import Actuator
+from spark_slurm.daemon.context import class_from_comment, parse_token
+from spark_slurm.daemon.peers import Authority, Peer
+from spark_slurm.daemon.pipeline import Origin, Pipeline, Refusal
+from spark_slurm.daemon.requests import request_from
+from spark_slurm.daemon.state import IntentStore, NodeState
+from spark_slurm.daemon.writer import LedgerWriter
+from spark_slurm.errors import GpuNoPermission
+from spark_slurm.gpu.backend import DeviceInfo, PowerLimits, Sample
+from spark_slurm.ledger import Ledger
+from spark_slurm.policy import Policy
+
+POLICY = """\
+version: 1
+gpu: {default_watts: 500, min_watts: 200, max_watts: 700}
+permissions: {owner_may: lower, admin_group: no-such-group-here}
+"""
+
+
+class FakeGpus:
+    """GPU 0 is a whole GPU whose slices 1 and 2 are MIG devices; GPU 3 refuses sets."""
+
+    def __init__(self) -> None:
+        self.limit = {0: 700_000, 1: 700_000, 2: 700_000, 3: 700_000}
+        self.sets: list[tuple[int, int]] = []
+
+    def devices(self) -> list[DeviceInfo]:
+        return [DeviceInfo(0, 0, "0:0", "GPU-P", "fake"),
+                DeviceInfo(1, 1, "0:1", "MIG-1", "fake", mig_parent="GPU-P"),
+                DeviceInfo(2, 2, "0:2", "MIG-2", "fake", mig_parent="GPU-P"),
+                DeviceInfo(3, 3, "0:3", "GPU-3", "fake")]
+
+    def limits(self, index: int) -> PowerLimits:
+        return PowerLimits(100_000, 700_000, 700_000, self.limit[index], self.limit[index])
+
+    def sample(self, index: int) -> Sample:
+        return Sample(1, 50_000, 1_000, 30_000, 0, 0, self.limit[index])
+
+    def set_power_limit(self, index: int, mw: int) -> None:
+        if index == 3:
+            raise GpuNoPermission("not allowed", index)
+        self.sets.append((index, mw))
+        self.limit[index] = mw
+
+    def persistence_mode(self, index: int) -> bool | None:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Pipeline, FakeGpus, Ledger]]:
+    gpus = FakeGpus()
+    ledger = Ledger.open(tmp_path / "l.db", node="n1")
+    writer = LedgerWriter(ledger)
+    writer.start()
+    policy = Policy.from_text(POLICY)
+    pipeline = Pipeline(node="n1", actuator=Actuator(gpus), writer=writer,
+                        policy=lambda: policy, state=NodeState(), intents=IntentStore(tmp_path),
+                        authority=Authority, context_source=None)
+    yield pipeline, gpus, ledger
+    writer.stop()
+    ledger.close()
+
+
+ROOT = Peer(0, 0, 1)
+
+
+def _prolog(pipeline: Pipeline, job: str, gpus: list[int], watts: int) -> dict[str, object]:
+    req = request_from({"op": "prolog", "job_id": job, "uid": 1000, "user": "alice",
+                        "gpus": gpus, "watts": watts})
+    return pipeline.prolog(req, ROOT, Origin())
+
+
+def test_a_mig_slice_never_changes_a_shared_parent(setup: tuple[Pipeline, FakeGpus, Ledger]
+                                                   ) -> None:
+    pipeline, gpus, _ = setup
+    with pytest.raises(Refusal) as err:
+        _prolog(pipeline, "1", [1], 400)
+    assert err.value.code == "denied"
+    assert "shared with slices [2]" in err.value.reason
+    assert gpus.sets == []
+    reply = _prolog(pipeline, "2", [1, 2], 800)  # the job holds every slice: the parent moves
+    assert reply["ok"] and gpus.sets == [(0, 400_000)]
+
+
+def test_a_failed_set_is_recorded_per_gpu_and_not_governed(
+        setup: tuple[Pipeline, FakeGpus, Ledger]) -> None:
+    pipeline, _, ledger = setup
+    reply = _prolog(pipeline, "3", [3], 400)
+    entries = reply["gpus"]
+    assert isinstance(entries, list)
+    (entry,) = entries
+    assert entry["ok"] is False and "GpuNoPermission" in entry["error"]
+    assert 3 not in pipeline.state.governed
+    (cap,) = [r for r in ledger.records(kinds=["cap"])]
+    assert cap.body["gpus"][0]["readback_mw"] == 700_000
+
+
+def test_cap_authority_owner_other_and_unknown_job(setup: tuple[Pipeline, FakeGpus, Ledger]
+                                                   ) -> None:
+    pipeline, gpus, _ = setup
+    _prolog(pipeline, "4", [1, 2], 1000)  # 500 W on the parent
+    cap = request_from({"op": "cap", "job_id": "4", "watts_per_gpu": 300})
+    reply = pipeline.cap(cap, Peer(1000, 1000, 5), Origin())
+    assert reply["decision"]["action"] == "allow" and gpus.limit[0] == 300_000
+    with pytest.raises(Refusal) as err:
+        pipeline.cap(cap, Peer(1001, 1001, 5), Origin())
+    assert err.value.code == "forbidden"
+    with pytest.raises(Refusal) as err:
+        pipeline.cap(request_from({"op": "cap", "job_id": "5", "watts": 300}), ROOT, Origin())
+    assert err.value.code == "not-found"
+
+
+def test_admission_token_and_class_parsing() -> None:
+    token = parse_token("note spark:v=1,watts=1600,gpus=4,wpg=400,class=training,rule=r1,"
+                        "policy=abcd,injected=0")
+    assert token == {"v": 1, "watts": 1600, "gpus": 4, "wpg": 400, "class": "training",
+                     "rule": "r1", "policy": "abcd", "injected": 0}
+    assert parse_token("nothing here") is None and parse_token(None) is None
+    assert class_from_comment("spark:class=inference") == "inference"
