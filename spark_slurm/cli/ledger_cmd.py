@@ -1,0 +1,102 @@
+"""`sparkctl verify` and `sparkctl ledger ...`: thin wrappers over spark_slurm.ledger."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+import click
+
+from spark_slurm.cli.output import echo_json, echo_table
+from spark_slurm.errors import CheckFailed, LedgerError
+from spark_slurm.ledger.keys import keygen as make_keys
+from spark_slurm.ledger.reader import latest_checkpoint, read_records
+from spark_slurm.ledger.snapshot import snapshot as take
+from spark_slurm.ledger.verify import verify_files
+
+
+@click.command("verify")
+@click.argument("ledgers", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--key", "key_file", type=click.Path(dir_okay=False),
+              help="HMAC key file (K[0], hmac.key) to check every record's MAC.")
+@click.option("--pubkey", "pubkey_file", type=click.Path(dir_okay=False),
+              help="Node public key (node.pub) the ledger must be signed with.")
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False),
+              help="A kept checkpoint file; detects truncation and forks. Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report per ledger.")
+def verify(ledgers: tuple[str, ...], key_file: str | None, pubkey_file: str | None,
+           checkpoints: tuple[str, ...], as_json: bool) -> None:
+    """Verify ledger files: chain, hashes, MACs, signed checkpoints.
+
+    Exit 0 when every ledger verifies, 1 when one fails (the first bad seq and
+    why are printed), 2 when an input cannot be used (missing, not a ledger,
+    unknown schema version, wrong key).
+    """
+    reports = verify_files(list(ledgers), key_file, pubkey_file, list(checkpoints))
+    if as_json:
+        echo_json([dataclasses.asdict(r) for r in reports])
+    else:
+        for report in reports:
+            if report.ok:
+                click.echo(report.summary())
+    failed = [r.summary() for r in reports if not r.ok]
+    if failed:
+        raise CheckFailed("; ".join(failed))
+
+
+@click.group("ledger")
+def ledger() -> None:
+    """Inspect, copy and key the per-node Power Event Record ledger."""
+
+
+def _time(ns: int) -> str:
+    stamp = datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@ledger.command("show")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--job", "job_id", help="Only records of this Slurm job id.")
+@click.option("--kind", "kinds", multiple=True, help="Only records of this kind. Repeatable.")
+@click.option("--since", type=click.IntRange(min=0), help="Only records with seq >= SEQ.")
+@click.option("--json", "as_json", is_flag=True, help="Print records as JSON.")
+def show(path: str, job_id: str | None, kinds: tuple[str, ...], since: int | None,
+         as_json: bool) -> None:
+    """List the records of a ledger (read-only; safe on a live ledger)."""
+    records = list(read_records(path, job_id=job_id, since=since, kinds=kinds or None))
+    if as_json:
+        echo_json([{"seq": r.seq, "time_ns": r.time_ns, "kind": r.kind, "job_id": r.job_id,
+                    "body": r.body, "prev_hash": r.prev_hash, "hash": r.hash, "mac": r.mac,
+                    "key_id": r.key_id} for r in records])
+        return
+    echo_table(["seq", "time (UTC)", "kind", "job", "hash"],
+               [[r.seq, _time(r.time_ns), r.kind, r.job_id or "-", r.hash[:16]]
+                for r in records])
+
+
+@ledger.command("snapshot")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("dest", type=click.Path(dir_okay=False))
+def snapshot(path: str, dest: str) -> None:
+    """Copy a live ledger to DEST with SQLite's online backup (never overwrites)."""
+    snap = take(path, dest)
+    click.echo(f"{snap.dest}: {snap.count} records, head {snap.head}")
+
+
+@ledger.command("checkpoint")
+@click.argument("path", type=click.Path(dir_okay=False))
+def checkpoint(path: str) -> None:
+    """Print the newest signed checkpoint kept in a ledger (to keep elsewhere)."""
+    cp = latest_checkpoint(path)
+    if cp is None:
+        raise LedgerError(f"{path}: ledger holds no checkpoint yet")
+    click.echo(cp.text, nl=False)
+
+
+@ledger.command("keygen")
+@click.argument("directory", type=click.Path(file_okay=False))
+def keygen(directory: str) -> None:
+    """Write hmac.key (K[0]), node.key and node.pub into DIRECTORY (never overwrites)."""
+    files = make_keys(directory)
+    for path in (files.hmac_key, files.signing_key, files.public_key):
+        click.echo(str(path))

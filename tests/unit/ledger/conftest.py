@@ -1,0 +1,88 @@
+"""Fixtures for ledger tests: real key files, real SQLite ledgers, a manual clock."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from spark_slurm.clock import ManualClock
+from spark_slurm.ledger import Checkpoint, Ledger
+from spark_slurm.ledger.keys import keygen, load_hmac_key, load_public_key, load_signing_key
+
+SCRIPT = Path(__file__).resolve().parents[3] / "contrib" / "verify-ledger.sh"
+
+
+@dataclass
+class Keys:
+    dir: Path
+    hmac: bytes
+    signing: Ed25519PrivateKey
+    public: Ed25519PublicKey
+
+
+@dataclass
+class Built:
+    """A ledger written by the library, closed, plus what an auditor would keep."""
+
+    path: Path
+    keys: Keys
+    clock: ManualClock
+    kept: list[Checkpoint]
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    files = keygen(tmp_path / "keys")
+    return Keys(tmp_path / "keys", load_hmac_key(files.hmac_key),
+                load_signing_key(files.signing_key), load_public_key(files.public_key))
+
+
+def write_records(led: Ledger, clock: ManualClock, n: int, *, step_s: float = 7,
+                  start: int = 0) -> None:
+    for i in range(start, start + n):
+        body = {"v": 1, "node": led.node, "job_id": str(100 + i % 4), "power_mw": 1000 * i,
+                "decision": {"action": "allow", "granted_mw": 400_000}}
+        led.append("cap" if i % 3 else "restore", body)
+        clock.advance(step_s)
+
+
+@pytest.fixture
+def build(tmp_path: Path, keys: Keys) -> Callable[..., Built]:
+    """build(n=..., name=...) -> a closed ledger with HMAC epochs of 60 s, a key
+    rotation half way, and one checkpoint kept by the auditor near the end."""
+
+    def make(n: int = 40, name: str = "node.db", rotate: bool = True,
+             hmac: bool = True) -> Built:
+        clock = ManualClock()
+        path = tmp_path / name
+        kept: list[Checkpoint] = []
+        led = Ledger.open(path, keys.hmac if hmac else None, keys.signing, node="n1",
+                          cluster="c1", clock=clock, epoch_seconds=60)
+        write_records(led, clock, n // 2)
+        if rotate:
+            led.rotate_signing_key(Ed25519PrivateKey.generate())
+        led.maintain()
+        write_records(led, clock, n - n // 2, start=n // 2)
+        kept.append(led.checkpoint())
+        led.close()
+        return Built(path, keys, clock, kept)
+
+    return make
+
+
+def shell_verify(path: Path, *args: str) -> tuple[int, str]:
+    """Run contrib/verify-ledger.sh; returns (exit code, stdout + stderr)."""
+    out = subprocess.run(["bash", str(SCRIPT), *args, str(path)], capture_output=True,
+                         text=True, timeout=240, check=False)
+    return out.returncode, out.stdout + out.stderr
+
+
+needs_shell_tools = pytest.mark.skipif(
+    any(shutil.which(t) is None for t in ("sqlite3", "sha256sum", "openssl")),
+    reason="contrib/verify-ledger.sh needs sqlite3, sha256sum and openssl")
