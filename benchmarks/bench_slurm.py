@@ -25,10 +25,10 @@ import yaml
 
 from benchmarks import harness
 from spark_slurm import hook
+from spark_slurm.demo.cluster import ClusterSpec, SlurmCluster
+from spark_slurm.demo.stack import render_wrapper
 from spark_slurm.ledger.reader import read_records
 from tests.conftest import slurm_unavailable_reason
-from tests.integration.slurm.cluster import ClusterSpec, SlurmCluster
-from tests.integration.slurm.stack import render_wrapper
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

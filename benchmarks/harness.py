@@ -114,9 +114,10 @@ def render_report() -> str:
             for f in sec["figures"]:
                 fig = Figure(**f)
                 met = {True: "yes", False: "**no**", None: "–"}[fig.met]
+                base, target = fig.baseline_name or "–", fig.target or "–"
                 lines.append(
-                    f"| {fig.name} | {_fmt(fig.value)} {fig.unit} | {fig.baseline_name or '–'} | "
-                    f"{_fmt(fig.baseline_value)} | {_fmt(fig.ratio)} | {fig.target or '–'} | {met} |"
+                    f"| {fig.name} | {_fmt(fig.value)} {fig.unit} | {base} | "
+                    f"{_fmt(fig.baseline_value)} | {_fmt(fig.ratio)} | {target} | {met} |"
                 )
             for note in sec.get("notes", []):
                 lines += ["", note]

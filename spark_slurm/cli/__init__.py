@@ -48,9 +48,11 @@ class LazyGroup(click.Group):
     """Imports a command's module only when that command is used."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return _available()
+        return sorted(set(_available()) | set(self.commands))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
         target = COMMANDS.get(cmd_name)
         if target is None or cmd_name not in _available():
             return None

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from spark_slurm.demo.cluster import SlurmCluster
 from tests.conftest import slurm_unavailable_reason
-from tests.integration.slurm.cluster import SlurmCluster
 from tests.integration.slurm.stack import SparkStack
 
 

@@ -23,26 +23,16 @@ from typing import Any
 import yaml
 
 from spark_slurm import hook
+from spark_slurm.demo.cluster import ClusterSpec, SlurmCluster
+from spark_slurm.demo.stack import render_wrapper
+from spark_slurm.errors import SparkError
 from spark_slurm.ledger.reader import read_records
 from spark_slurm.ledger.records import Record
-from tests.integration.slurm.cluster import ClusterError, ClusterSpec, SlurmCluster
 
 REPO = Path(__file__).resolve().parents[3]
 VENV_BIN = Path(sys.executable).parent
-PKGDIR = Path(hook.__file__).resolve().parents[1]   # the directory holding spark_slurm/
 GPU_TYPE = "b200"
 NODE_BUDGET_W = 4000   # below 8 x 700 W, so power (not GPU count) can be the limit
-
-
-def render_wrapper(template: Path, out: Path, hook_config: Path) -> Path:
-    """A slurm/ wrapper with its install placeholders filled for this checkout."""
-    text = template.read_text()
-    text = (text.replace("@PYTHON@", sys.executable)
-            .replace("@PKGDIR@", str(PKGDIR))
-            .replace("@HOOK_CONFIG@", str(hook_config)))
-    out.write_text(text)
-    out.chmod(0o755)
-    return out
 
 
 @dataclass
@@ -104,7 +94,7 @@ class SparkStack:
         res = subprocess.run([str(VENV_BIN / "sparkctl"), *args], capture_output=True,
                              text=True, timeout=60, check=False)
         if res.returncode != 0:
-            raise ClusterError(f"sparkctl {' '.join(args)} failed: {res.stderr.strip()}")
+            raise SparkError(f"sparkctl {' '.join(args)} failed: {res.stderr.strip()}")
         return res.stdout
 
     # -------------------------------------------------------------- lifecycle
@@ -129,11 +119,11 @@ class SparkStack:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.daemon.poll() is not None:
-                raise ClusterError(f"sparkd exited {self.daemon.returncode}: {self.log_tail()}")
+                raise SparkError(f"sparkd exited {self.daemon.returncode}: {self.log_tail()}")
             if hook.check_status(cfg, out=_Null()) == 0:
                 return
             time.sleep(0.2)
-        raise ClusterError(f"sparkd did not answer within {timeout}s: {self.log_tail()}")
+        raise SparkError(f"sparkd did not answer within {timeout}s: {self.log_tail()}")
 
     def stop_daemon(self) -> None:
         if self.daemon is not None and self.daemon.poll() is None:
@@ -176,7 +166,7 @@ class SparkStack:
             if len(found) >= count:
                 return found
             time.sleep(0.2)
-        raise ClusterError(f"job {job_id}: {len(found)} {kind} PER(s) after {timeout}s; "
+        raise SparkError(f"job {job_id}: {len(found)} {kind} PER(s) after {timeout}s; "
                            f"have {self.kinds(job_id)}\n{self.log_tail()}\n"
                            f"{self.cluster.log_tails()}")
 
@@ -193,12 +183,12 @@ class SparkStack:
             if all(seen.get(i) == w for i, w in expect.items()):
                 return seen
             time.sleep(0.2)
-        raise ClusterError(f"sim limits {seen}, expected {expect}\n{self.log_tail()}")
+        raise SparkError(f"sim limits {seen}, expected {expect}\n{self.log_tail()}")
 
     def wait_running(self, job_id: str, timeout: float = 60) -> None:
         state = self.cluster.wait_job(job_id, ("RUNNING",), timeout)
         if state != "RUNNING":
-            raise ClusterError(f"job {job_id} is {state}, not RUNNING:\n"
+            raise SparkError(f"job {job_id} is {state}, not RUNNING:\n"
                                f"{self.cluster.log_tails()}\n{self.log_tail()}")
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.slurm.cluster import ClusterError, SlurmCluster
+from spark_slurm.demo.cluster import SlurmCluster
+from spark_slurm.errors import SparkError
 
 pytestmark = pytest.mark.slurm
 
@@ -34,5 +35,5 @@ def test_stop_is_safe_on_a_cluster_that_never_started(tmp_path: Path) -> None:
 
 
 def test_unknown_job_is_a_clear_error(slurm_cluster: SlurmCluster) -> None:
-    with pytest.raises(ClusterError, match="Invalid job id"):
+    with pytest.raises(SparkError, match="Invalid job id"):
         slurm_cluster.job_state("999999")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from spark_slurm.demo.cluster import SlurmCluster
 from spark_slurm.errors import JobNotFound
 from spark_slurm.slurm import SubprocessRunner, open_context_source
-from tests.integration.slurm.cluster import SlurmCluster
 
 pytestmark = pytest.mark.slurm
 

@@ -6,7 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from tests.integration.slurm.cluster import ClusterSpec, SlurmCluster
+from spark_slurm.demo.cluster import ClusterSpec, SlurmCluster
 
 SLURM_DIR = Path(__file__).parents[3] / "slurm"
 

@@ -1,26 +1,33 @@
-"""A throwaway single-node Slurm cluster in a temporary directory, for real tests.
+"""A throwaway single-node Slurm cluster in one directory: munged, slurmctld, slurmd.
 
-Starts munged (own key and socket), slurmctld and slurmd in the foreground as
-child processes, with every path (state, spool, logs, pids) inside one
-directory and random free ports, so several clusters can live on one machine.
-GPUs are plain files named /dev/nvidiaN inside the directory; `gpupower` is a
-count-only GRES in watts per node. Everything is torn down by `stop()`, which
-is safe to call after a failed start.
+Every path (state, spool, logs, pids, the munge key and socket) lives under the
+directory and the ports are picked free, so several clusters can share a
+machine. GPUs are plain files named nvidiaN under `dev/` (gres.conf needs a
+File= for a gpu GRES); `gpupower` is a count-only GRES in watts per node. The
+daemons run in the foreground under a `ServiceGroup`, so a failed start or a
+failed scenario never leaves one behind. Every Slurm client command goes
+through the injected `Runner`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spark_slurm.demo.services import ServiceGroup, wait_for
+from spark_slurm.errors import ServiceError, SlurmCommandFailed
+from spark_slurm.slurm.runner import Runner, RunResult, SubprocessRunner
+
 START_TIMEOUT_S = 60.0
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                          "BOOT_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "DEADLINE"})
 
 
 def free_port() -> int:
@@ -30,8 +37,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class ClusterError(RuntimeError):
-    """The throwaway cluster did not come up; the message carries the log tails."""
+def slurm_env(conf: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment Slurm clients need for this cluster, without inherited job vars."""
+    env = dict(os.environ if base is None else base)
+    for var in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SQUEUE_"))]:
+        del env[var]
+    env["SLURM_CONF"] = str(conf)
+    return env
 
 
 @dataclass
@@ -56,9 +68,10 @@ class SlurmCluster:
 
     root: Path
     spec: ClusterSpec = field(default_factory=ClusterSpec)
-    node: str = field(default_factory=socket.gethostname)
+    node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     name: str = ""
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    services: ServiceGroup | None = None
+    runner: Runner | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -69,20 +82,22 @@ class SlurmCluster:
         self.log_dir = self.root / "log"
         self.munge_socket = self.root / "munge" / "munge.socket"
         self.out_dir = self.root / "out"
-        self.env = dict(os.environ)
-        self.env["SLURM_CONF"] = str(self.conf)
-        for var in [k for k in self.env if k.startswith(("SLURM_", "SBATCH_", "SQUEUE_"))]:
-            if var != "SLURM_CONF":
-                del self.env[var]
+        self.env = slurm_env(self.conf)
+        if self.services is None:
+            self.services = ServiceGroup(self.log_dir / "console", env=self.env)
+        if self.runner is None:
+            self.runner = SubprocessRunner(self.env, timeout_s=30.0)
+        self.ctld_port = 0
+        self.slurmd_port = 0
 
     # ----------------------------------------------------------------- config
     def gpu_devices(self) -> list[Path]:
         return [self.dev_dir / f"nvidia{i}" for i in range(self.spec.gpus)]
 
-    def slurm_conf_text(self) -> str:
-        """The slurm.conf; the Lua plugin is on when the spec names its files."""
+    def slurm_conf_text(self, job_submit: bool | None = None) -> str:
+        """The slurm.conf; `job_submit` overrides whether the Lua plugin is on."""
         spec, r = self.spec, self.root
-        use_lua = bool(spec.job_submit_files)
+        use_lua = bool(spec.job_submit_files) if job_submit is None else job_submit
         lines = [
             f"ClusterName={self.name}",
             f"SlurmctldHost={self.node}(127.0.0.1)",
@@ -129,28 +144,21 @@ class SlurmCluster:
         if use_lua:
             lines.append("JobSubmitPlugins=lua")
         lines += list(spec.extra_conf)
+        typed = f"{spec.gpu_type}:" if spec.gpu_type else ""
         lines.append(
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={spec.cpus} RealMemory=1000 "
-            f"Gres=gpu:{self._typed()}{spec.gpus},gpupower:{spec.gpupower_w} State=UNKNOWN"
-        )
+            f"Gres=gpu:{typed}{spec.gpus},gpupower:{spec.gpupower_w} State=UNKNOWN")
         for i, part in enumerate(spec.partitions):
             default = "YES" if i == 0 else "NO"
-            lines.append(
-                f"PartitionName={part} Nodes={self.node} Default={default} "
-                "MaxTime=INFINITE State=UP OverSubscribe=NO"
-            )
+            lines.append(f"PartitionName={part} Nodes={self.node} Default={default} "
+                         "MaxTime=INFINITE State=UP OverSubscribe=NO")
         return "\n".join(lines) + "\n"
-
-    def _typed(self) -> str:
-        return f"{self.spec.gpu_type}:" if self.spec.gpu_type else ""
 
     def gres_conf_text(self) -> str:
         last = self.spec.gpus - 1
         typed = f"Type={self.spec.gpu_type} " if self.spec.gpu_type else ""
-        return (
-            f"Name=gpu {typed}File={self.dev_dir}/nvidia[0-{last}]\n"
-            f"Name=gpupower Count={self.spec.gpupower_w} Flags=CountOnly\n"
-        )
+        return (f"Name=gpu {typed}File={self.dev_dir}/nvidia[0-{last}]\n"
+                f"Name=gpupower Count={self.spec.gpupower_w} Flags=CountOnly\n")
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> SlurmCluster:
@@ -163,23 +171,26 @@ class SlurmCluster:
         for src in self.spec.job_submit_files:
             shutil.copy(src, self.conf_dir / Path(src).name)
         (self.conf_dir / "gres.conf").write_text(self.gres_conf_text())
-        for attempt in range(3):   # a free port can be taken by someone else before we bind
+        group = self._group()
+        for attempt in range(3):  # a free port can be taken by someone else before we bind
             self.ctld_port = free_port()
             self.slurmd_port = free_port()
             self.conf.write_text(self.slurm_conf_text())
             try:
-                if "munged" not in self.procs:
+                if not any(s.name == "munged" for s in group.services):
                     self._start_munge()
-                self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
-                self._wait(lambda: self._run_ok(["scontrol", "ping"]), "slurmctld to answer")
-                self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
+                group.start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)],
+                            ready=lambda: self.run(["scontrol", "ping"], check=False)
+                            .returncode == 0, timeout_s=START_TIMEOUT_S)
+                group.start("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
                 self.wait_node_idle()
                 return self
-            except ClusterError:
+            except ServiceError:
                 if attempt == 2 or not self._lost_a_port():
                     self.stop()
                     raise
-                self._stop_slurm()
+                group.stop("slurmd")
+                group.stop("slurmctld")
             except BaseException:
                 self.stop()
                 raise
@@ -189,49 +200,26 @@ class SlurmCluster:
         text = self.log_tails(lines=40)
         return "Address already in use" in text or "Unable to bind" in text
 
-    def _stop_slurm(self) -> None:
-        for name in ("slurmd", "slurmctld"):
-            proc = self.procs.pop(name, None)
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+    @property
+    def procs(self) -> dict[str, subprocess.Popen[bytes]]:
+        """The running Slurm daemons and munged by name (empty once stopped)."""
+        return {s.name: s.process for s in self._group().services
+                if s.name in ("munged", "slurmctld", "slurmd")}
+
+    def _group(self) -> ServiceGroup:
+        assert self.services is not None
+        return self.services
 
     def _start_munge(self) -> None:
-        key = self.root / "munge" / "munge.key"
+        m = self.root / "munge"
+        key = m / "munge.key"
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o600)
-        m = self.root / "munge"
-        self._spawn("munged", [
+        self._group().start("munged", [
             "munged", "-F", "-f", f"--socket={self.munge_socket}", f"--key-file={key}",
             f"--pid-file={m / 'munged.pid'}", f"--log-file={self.log_dir / 'munged.log'}",
             f"--seed-file={m / 'munged.seed'}", "--num-threads=4",
-        ])
-        self._wait(self.munge_socket.exists, "munged's socket")
-
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        out = (self.log_dir / f"{name}.stdout").open("wb")
-        self.procs[name] = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-            start_new_session=True,
-        )
-        out.close()
-
-    def _run_ok(self, argv: list[str]) -> bool:
-        res = subprocess.run(argv, env=self.env, capture_output=True, timeout=20, check=False)
-        return res.returncode == 0
-
-    def _wait(self, cond: Callable[[], bool], what: str,
-              timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise ClusterError(f"{name} exited ({proc.returncode}) waiting for "
-                                       f"{what}:\n{self.log_tails()}")
-            if cond():
-                return
-            time.sleep(0.2)
-        raise ClusterError(f"timed out waiting for {what}:\n{self.log_tails()}")
+        ], ready=self.munge_socket.exists, timeout_s=START_TIMEOUT_S)
 
     def node_state(self) -> str:
         res = self.run(["sinfo", "-h", "-n", self.node, "-o", "%T"], check=False)
@@ -243,6 +231,7 @@ class SlurmCluster:
 
         def idle() -> bool:
             nonlocal last_resume
+            self._check_alive()
             state = self.node_state()
             if state == "idle":
                 return True
@@ -252,43 +241,52 @@ class SlurmCluster:
                 last_resume = time.monotonic() + 2
             return False
 
-        self._wait(idle, "the node to be idle", timeout)
+        if not wait_for(idle, timeout, 0.2):
+            raise ServiceError("slurmd", f"node {self.node} not idle after {timeout:.0f}s "
+                               f"(state {self.node_state() or 'unknown'})",
+                               str(self.log_dir / "slurmd.log"), self.log_tails(3))
+
+    def _check_alive(self) -> None:
+        for service in self._group().services:
+            if service.name in ("munged", "slurmctld", "slurmd") and \
+                    service.process.poll() is not None:
+                raise ServiceError(service.name, f"exited with status "
+                                   f"{service.process.returncode}", str(service.log),
+                                   self.log_tails(3))
+
+    def drain_jobs(self, timeout: float = 15.0) -> None:
+        """Cancel every job and wait for the queue to empty (epilogs done)."""
+        self.run(["scancel", "-u", "root"], check=False)
+        wait_for(lambda: not self.run(["squeue", "-h", "-o", "%i"], check=False)
+                 .stdout.strip(), timeout, 0.3)
 
     def stop(self) -> None:
-        """Cancel jobs, stop every daemon this cluster started, and forget its files."""
-        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            self.run(["scancel", "-u", "root"], check=False)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                res = self.run(["squeue", "-h", "-o", "%i"], check=False)
-                if res.returncode != 0 or not res.stdout.strip():
-                    break
-                time.sleep(0.3)
+        """Cancel jobs and stop the daemons this cluster started (safe after a failed start)."""
+        group = self._group()
+        names = {s.name for s in group.services if s.process.poll() is None}
+        if "slurmctld" in names:
+            with contextlib.suppress(SlurmCommandFailed):
+                self.drain_jobs()
         for name in ("slurmd", "slurmctld", "munged"):
-            proc = self.procs.get(name)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        self.procs.clear()
+            group.stop(name)
+
+    def reconfigure(self, job_submit: bool) -> None:
+        """Rewrite slurm.conf with the Lua plugin on or off and tell slurmctld."""
+        self.conf.write_text(self.slurm_conf_text(job_submit=job_submit))
+        self.run(["scontrol", "reconfigure"])
+        self.wait_node_idle()
 
     # ---------------------------------------------------------------- clients
-    def run(self, argv: list[str], check: bool = True,
-            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def run(self, argv: Sequence[str], check: bool = True,
+            timeout: float = 30) -> RunResult:
         """Run a Slurm client command against this cluster."""
-        res = subprocess.run(argv, env=self.env, capture_output=True, text=True,
-                             timeout=timeout, check=False)
+        assert self.runner is not None
+        res = self.runner.run(list(argv), timeout_s=timeout)
         if check and res.returncode != 0:
-            raise ClusterError(f"{' '.join(argv)} failed ({res.returncode}): "
-                               f"{res.stderr.strip()}")
+            raise SlurmCommandFailed(list(argv), f"exited {res.returncode}", res.stderr)
         return res
 
-    def sbatch(self, args: Sequence[str], wrap: str = "true",
-               check: bool = True) -> subprocess.CompletedProcess[str]:
+    def sbatch(self, args: Sequence[str], wrap: str = "true", check: bool = True) -> RunResult:
         """Submit a job; `--parsable` output carries the id (see `job_id_of`)."""
         argv = ["sbatch", "--parsable", f"--output={self.out_dir}/%j.out", *args,
                 f"--wrap={wrap}"]
@@ -301,42 +299,47 @@ class SlurmCluster:
         argv = ["scontrol", "show", "job", "-o"] + (["-d"] if detail else []) + [job_id]
         return self.run(argv).stdout
 
-    def job_state(self, job_id: str) -> str:
-        out = self.show_job(job_id, detail=False)
-        for token in out.split():
-            if token.startswith("JobState="):
+    def job_field(self, job_id: str, key: str) -> str:
+        """One `Key=value` field of `scontrol show job` ('' when absent)."""
+        for token in self.show_job(job_id).split():
+            if token.startswith(key + "="):
                 return token.split("=", 1)[1]
-        raise ClusterError(f"no JobState for job {job_id} in: {out!r}")
+        return ""
+
+    def job_state(self, job_id: str) -> str:
+        state = self.job_field(job_id, "JobState")
+        if not state:
+            raise SlurmCommandFailed(["scontrol", "show", "job", job_id], "printed no JobState")
+        return state
 
     def wait_job(self, job_id: str, states: Sequence[str] = ("COMPLETED",),
                  timeout: float = 60) -> str:
         """Wait until the job reaches one of `states` (or any final state) and return it."""
-        final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL",
-                 "OUT_OF_MEMORY", "PREEMPTED", "DEADLINE"}
         deadline = time.monotonic() + timeout
         state = ""
         while time.monotonic() < deadline:
             state = self.job_state(job_id)
-            if state in states or state in final:
+            if state in states or state in FINAL_STATES:
                 return state
             time.sleep(0.2)
-        raise ClusterError(f"job {job_id} still {state} after {timeout:.0f}s:\n"
-                           f"{self.log_tails()}")
+        raise ServiceError("slurmctld", f"job {job_id} still {state} after {timeout:.0f}s",
+                           str(self.log_dir / "slurmctld.log"), self.log_tails(3))
 
     def log_tails(self, lines: int = 15) -> str:
         parts = []
-        for path in sorted(self.log_dir.glob("*")):
+        for path in sorted(p for p in self.log_dir.rglob("*") if p.is_file()):
             try:
                 text = path.read_text(errors="replace").splitlines()[-lines:]
             except OSError:
                 continue
-            parts.append(f"--- {path.name}\n" + "\n".join(text))
+            parts.append(f"--- {path.name}: " + " | ".join(text))
         return "\n".join(parts)
 
 
-def job_id_of(res: subprocess.CompletedProcess[str]) -> str:
+def job_id_of(res: RunResult) -> str:
     """The job id from `sbatch --parsable` output (`ID` or `ID;cluster`)."""
     first = res.stdout.strip().split(";")[0]
     if not first.isdigit():
-        raise ClusterError(f"sbatch printed no job id: {res.stdout!r} {res.stderr!r}")
+        raise SlurmCommandFailed(list(res.argv), f"printed no job id ({res.stdout.strip()!r})",
+                                 res.stderr)
     return first

@@ -1,0 +1,123 @@
+"""The demo's pieces that need no cluster: argument errors, wrappers, Prometheus config."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from spark_slurm.cli import cli, run
+from spark_slurm.demo.cluster import ClusterSpec, SlurmCluster, job_id_of
+from spark_slurm.demo.run import choose, prometheus_config
+from spark_slurm.demo.scenarios import SCENARIOS
+from spark_slurm.demo.stack import DemoStack, find_repo, render_wrapper
+from spark_slurm.errors import InputError, SlurmCommandFailed
+from spark_slurm.slurm.runner import RunResult
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_unknown_scenario_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["demo", "meltdown"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparkctl: unknown scenario 'meltdown'")
+    assert "thermal" in err and "dynamic" in err
+    assert "Traceback" not in err
+
+
+def test_scenarios_run_in_canonical_order_whatever_was_asked() -> None:
+    assert choose([]) == list(SCENARIOS)
+    assert choose(["dynamic", "thermal"]) == ["thermal", "dynamic"]
+    with pytest.raises(InputError):
+        choose(["thermal", "nope"])
+
+
+def test_stop_without_a_running_demo_says_so(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["demo", "--stop", str(tmp_path)]) == 2
+    assert "no running demo recorded" in capsys.readouterr().err
+
+
+def test_demo_help_names_the_scenarios_and_options() -> None:
+    out = CliRunner().invoke(cli, ["demo", "--help"]).output
+    for word in ("thermal", "deny", "driver-crash", "oob", "dynamic", "--keep", "--stop",
+                 "--workdir"):
+        assert word in out
+
+
+def test_wrappers_get_every_placeholder_filled(tmp_path: Path) -> None:
+    for name in ("prolog", "epilog"):
+        out = render_wrapper(REPO / "slurm" / name, tmp_path / name, tmp_path / "hook.json")
+        text = out.read_text()
+        assert "@" not in text.replace("@@", "")
+        assert str(tmp_path / "hook.json") in text
+        assert out.stat().st_mode & 0o111
+
+
+def test_a_wrapper_with_an_unknown_placeholder_is_refused(tmp_path: Path) -> None:
+    template = tmp_path / "prolog.in"
+    template.write_text("#!/bin/sh\nexec @PYTHON@ @SOMETHING_NEW@\n")
+    with pytest.raises(InputError, match="@SOMETHING_NEW@"):
+        render_wrapper(template, tmp_path / "prolog", tmp_path / "hook.json")
+
+
+def test_prometheus_config_points_at_the_demo_ports(tmp_path: Path) -> None:
+    stack = DemoStack(tmp_path, find_repo())
+    stack.metrics_port, stack.exporter_port = 41001, 41002
+    data = yaml.safe_load(prometheus_config(stack).read_text())
+    targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in data["scrape_configs"]}
+    assert targets == {"sparkd": ["127.0.0.1:41001"], "karman": ["127.0.0.1:41002"]}
+
+
+def test_find_repo_falls_back_to_this_checkout(tmp_path: Path) -> None:
+    assert find_repo(tmp_path) == REPO   # falls back to the checkout this package is in
+    assert (find_repo() / "contrib" / "verify-ledger.sh").is_file()
+
+
+def test_cluster_config_keeps_everything_under_its_directory(tmp_path: Path) -> None:
+    cluster = SlurmCluster(tmp_path, ClusterSpec(gpus=4, gpupower_w=3000, gpu_type="b200",
+                                                 prolog=tmp_path / "bin" / "prolog"))
+    cluster.ctld_port, cluster.slurmd_port = 40001, 40002
+    conf = cluster.slurm_conf_text()
+    assert "Gres=gpu:b200:4,gpupower:3000" in conf and "JobSubmitPlugins" not in conf
+    assert f"Prolog={tmp_path}/bin/prolog" in conf and "PrologFlags=Alloc" in conf
+    paths = [v for line in conf.splitlines() for v in [line.partition("=")[2]]
+             if v.startswith("/") and v != "/bin/true"]   # MailProg
+    assert paths and all(p.startswith(str(tmp_path)) for p in paths)
+    assert cluster.gres_conf_text() == (f"Name=gpu Type=b200 File={tmp_path}/dev/nvidia[0-3]\n"
+                                        "Name=gpupower Count=3000 Flags=CountOnly\n")
+    assert cluster.env["SLURM_CONF"] == str(tmp_path / "etc" / "slurm.conf")
+
+
+def test_stopping_a_cluster_that_never_started_is_safe(tmp_path: Path) -> None:
+    cluster = SlurmCluster(tmp_path)
+    cluster.stop()
+    assert cluster.procs == {}
+
+
+def test_sbatch_output_without_a_job_id_is_an_error() -> None:
+    with pytest.raises(SlurmCommandFailed, match="printed no job id"):
+        job_id_of(RunResult(("sbatch",), 0, "Submitted nothing\n", ""))
+    assert job_id_of(RunResult(("sbatch",), 0, "42;spk01\n", "")) == "42"
+
+
+def test_stop_ends_the_processes_a_kept_demo_recorded(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    proc = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        (tmp_path / "demo.json").write_text(json.dumps({
+            "slurm_conf": str(tmp_path / "none.conf"),
+            "services": [{"name": "sleeper", "pid": proc.pid}]}))
+        assert run(["demo", "--stop", str(tmp_path)]) == 0
+        assert f"stopped sleeper (pid {proc.pid})" in capsys.readouterr().out
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+        assert not (tmp_path / "demo.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
