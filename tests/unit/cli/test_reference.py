@@ -11,12 +11,12 @@ DOCS = Path(__file__).resolve().parents[3] / "docs" / "cli.md"
 
 
 def test_every_registered_command_is_importable() -> None:
-    listed = {path[1] for path, _ in walk(cli) if len(path) == 2}
+    listed = {path[1] for path, _, _ in walk(cli) if len(path) == 2}
     assert listed == set(COMMANDS), f"registered but missing: {set(COMMANDS) - listed}"
 
 
 def test_every_command_has_help_text() -> None:
-    undocumented = [" ".join(path) for path, cmd in walk(cli)
+    undocumented = [" ".join(path) for path, cmd, _ in walk(cli)
                     if len(path) > 1 and not (cmd.help or "").strip()]
     assert undocumented == []
 
