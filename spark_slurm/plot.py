@@ -70,7 +70,7 @@ def plot_job(report: AuditReport, path: Path) -> Path:
     data = series(report)
     nodes = sorted(data) or ["(no GPU data)"]
     t0 = min((e.time_ns for e in report.timeline), default=0)
-    fig, axes = plt.subplots(len(nodes), 1, figsize=(10, 3.2 * len(nodes) + 0.8),
+    fig, axes = plt.subplots(len(nodes), 1, figsize=(12, 3.2 * len(nodes) + 0.8),
                              squeeze=False, sharex=True)
     for ax, node in zip(axes[:, 0], nodes, strict=True):
         for gpu, lanes in sorted(data.get(node, {}).items()):
@@ -80,8 +80,9 @@ def plot_job(report: AuditReport, path: Path) -> Path:
                         where="post", label=f"gpu{gpu} cap")
             power = sorted(lanes["power"])
             if power:
+                # Power is known only where a PER sampled it: markers, no invented ramp.
                 ax.plot([(t - t0) / _NS for t, _ in power], [mw / 1000 for _, mw in power],
-                        marker="o", linestyle="--", label=f"gpu{gpu} power")
+                        marker="o", linestyle="none", label=f"gpu{gpu} power (at PER)")
         for e in report.timeline:
             if e.node == node and e.kind in ("throttle", "drift", "fault"):
                 ax.axvline((e.time_ns - t0) / _NS, color="red", alpha=0.3)
@@ -89,7 +90,8 @@ def plot_job(report: AuditReport, path: Path) -> Path:
         ax.set_ylabel("W")
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small", ncol=4, loc="upper right")
+            # Outside the axes, so the legend never hides a cap step or a sample.
+            ax.legend(fontsize="small", ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1, 0].set_xlabel("seconds since the job's first record")
     fig.tight_layout()
     try:
