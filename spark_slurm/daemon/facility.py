@@ -2,8 +2,11 @@
 
 After a change, once the post-change window has elapsed, the rack's mean power
 (Karman) after vs before is compared with the change the GPUs' own telemetry
-implies over the same windows. The first half of the after window is settling
-time (power follows a cap with a lag) and is left out of both means. Within
+implies over the same windows. The rack meter sees the whole node, so the
+expected change is summed over every GPU on the node, not only the acting
+job's: two actions close together must not flag each other. The first half
+of the after window is settling time (power follows a cap with a lag) and is
+left out of both means. Within
 tolerance the action is `correlated`, otherwise `flagged`; without a stream it
 is `unavailable` with the reason. The
 result is a `facility` PER whose `ref` links it to the action. It runs on its own
@@ -31,6 +34,9 @@ _S = 1_000_000_000
 
 
 class WindowSource(Protocol):
+    @property
+    def indices(self) -> tuple[int, ...]: ...
+
     def window(self, index: int, t0_ns: int, t1_ns: int) -> Any: ...
 
 
@@ -128,19 +134,27 @@ class FacilityFollower:
             except Exception:
                 log.exception("facility follow-up of seq %s failed", job.ref.seq)
 
-    def _gpu_delta(self, job: _Job, before: int, after: int) -> int | None:
+    def _gpu_delta(self, job: _Job, before: int, after: int) -> tuple[int, list[int]] | None:
+        """Node-wide GPU power change over the windows, and the GPUs it could not see.
+
+        The job's own GPUs must have telemetry (else None: unavailable); another
+        GPU without samples (e.g. its driver crashed) is left out and listed.
+        """
         if self.telemetry is None:
             return None
-        total = 0
-        for minor in job.gpus:
-            idx = self.index_of(minor)
+        own = {self.index_of(minor) for minor in job.gpus}
+        total, unseen = 0, []
+        for idx in self.telemetry.indices:
             pre = _mean_power(self.telemetry.window(idx, job.changed_ns - before, job.changed_ns))
             post = _mean_power(self.telemetry.window(idx, job.changed_ns + after // 2,
                                                      job.changed_ns + after))
             if pre is None or post is None:
-                return None
+                if idx in own:
+                    return None
+                unseen.append(idx)
+                continue
             total += post - pre
-        return total
+        return total, unseen
 
     def _correlate(self, job: _Job) -> None:
         before, after, tol_mw, tol_pct = self._windows()
@@ -153,7 +167,7 @@ class FacilityFollower:
             return
         pre = self.stream.window(job.changed_ns - before, job.changed_ns)
         post = self.stream.window(job.changed_ns + after // 2, job.changed_ns + after)
-        expected = self._gpu_delta(job, before, after)
+        node_delta = self._gpu_delta(job, before, after)
         extra: dict[str, Any] = {"window": {"before": _window_body(pre),
                                             "after": _window_body(post)},
                                  "window_ns": {"before": before, "after": after,
@@ -161,9 +175,12 @@ class FacilityFollower:
         if pre.samples == 0 or post.samples == 0:
             self._write(job, "unavailable", "no Karman frames in the window", extra)
             return
-        if expected is None:
+        if node_delta is None:
             self._write(job, "unavailable", "no GPU telemetry in the window", extra)
             return
+        expected, unseen = node_delta
+        if unseen:
+            extra["gpus_unsampled"] = unseen
         delta = int(post.mean_mw) - int(pre.mean_mw)
         tolerance = max(tol_mw, abs(expected) * tol_pct // 100)
         verdict = "correlated" if abs(delta - expected) <= tolerance else "flagged"

@@ -85,6 +85,11 @@ class TelemetrySampler:
             self._thread.join()
             self._thread = None
 
+    @property
+    def indices(self) -> tuple[int, ...]:
+        """The backend device indices this sampler watches."""
+        return tuple(self._indices)
+
     def _ring(self, index: int) -> deque[Sample]:
         ring = self._rings.get(index)
         if ring is None:

@@ -39,12 +39,23 @@ class Rack:
 
 @dataclass
 class Gpu:
+    """GPUs 0 and 1 move from before_mw to after_mw at the change; others as told."""
+
     change_ns: int
     before_mw: int
     after_mw: int
+    others: dict[int, tuple[int, int] | None] = field(default_factory=dict)
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        return (0, 1, *self.others)
 
     def window(self, index: int, t0: int, t1: int) -> list[Any]:
-        mw = self.before_mw if t1 <= self.change_ns else self.after_mw
+        before, after = (self.before_mw, self.after_mw) if index < 2 else (
+            self.others[index] or (0, 0))
+        if index >= 2 and self.others[index] is None:
+            return []  # this GPU's telemetry is failing
+        mw = before if t1 <= self.change_ns else after
         return [type("S", (), {"power_mw": mw})()]
 
 
@@ -64,7 +75,8 @@ class Pol:
         raise AssertionError("not used")
 
 
-def _run(tmp_path: Path, rack_delta_mw: int | None, enabled: bool = True) -> dict[str, Any]:
+def _run(tmp_path: Path, rack_delta_mw: int | None, enabled: bool = True,
+         others: dict[int, tuple[int, int] | None] | None = None) -> dict[str, Any]:
     ledger = Ledger.open(tmp_path / "l.db", node="n1")
     writer = LedgerWriter(ledger)
     writer.start()
@@ -74,7 +86,8 @@ def _run(tmp_path: Path, rack_delta_mw: int | None, enabled: bool = True) -> dic
         policy.settings.facility = FacilitySettings(enabled=False, before_s=0.05, after_s=0.05)
     stream = None if rack_delta_mw is None else Rack(now, 5_000_000, 5_000_000 + rack_delta_mw)
     follower = FacilityFollower(node="n1", writer=writer, policy=lambda: policy, stream=stream,
-                                telemetry=Gpu(now, 1_000_000, 400_000), index_of=lambda m: m)
+                                telemetry=Gpu(now, 1_000_000, 400_000, others or {}),
+                                index_of=lambda m: m)
     follower.start()
     follower.schedule("cap", Receipt(7, "ab" * 32), [0, 1], now, "42")
     deadline = time.monotonic() + 10
@@ -94,6 +107,21 @@ def test_rack_matching_the_gpus_is_correlated(tmp_path: Path) -> None:
     assert body["expected_delta_mw"] == -1_200_000 and body["delta_mw"] == -1_250_000
     assert body["tolerance_mw"] == 120_000
     assert body["ref"] == {"seq": 7, "hash": "ab" * 32} and body["job_id"] == "42"
+
+
+def test_another_jobs_change_in_the_same_window_is_expected_not_flagged(
+        tmp_path: Path) -> None:
+    # GPU 2 (another job) is raised by 500 W in the same window: the rack sees
+    # -1.2 kW + 0.5 kW, and so must the expectation.
+    body = _run(tmp_path, -700_000, others={2: (400_000, 900_000)})
+    assert body["expected_delta_mw"] == -700_000
+    assert body["verdict"] == "correlated"
+
+
+def test_a_gpu_outside_the_job_without_telemetry_is_named(tmp_path: Path) -> None:
+    body = _run(tmp_path, -1_200_000, others={3: None})
+    assert body["verdict"] == "correlated"
+    assert body["gpus_unsampled"] == [3]
 
 
 def test_rack_not_following_is_flagged(tmp_path: Path) -> None:
