@@ -13,7 +13,8 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import pairwise
+from operator import itemgetter, sub
+from typing import cast
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,38 +97,49 @@ class CycleRing:
             return None
         return self._times[(self._start - 1) % len(self._times)]
 
-    def _ordered_range(self, t0_ns: int, t1_ns: int) -> list[int]:
-        """Slot indices of cycles with t0 <= time <= t1, oldest first."""
+    def _runs(self, t0_ns: int, t1_ns: int) -> list[tuple[int, int]]:
+        """Slot ranges [a, b) of cycles with t0 <= time <= t1, oldest first."""
         n = len(self._times)
-        if n == 0:
-            return []
+        out: list[tuple[int, int]] = []
         # The buffer is two sorted runs: [start, n) then [0, start).
-        out: list[int] = []
         for lo, hi in ((self._start, n), (0, self._start)):
             if lo >= hi:
                 continue
             a = bisect_left(self._times, t0_ns, lo, hi)
             b = bisect_right(self._times, t1_ns, lo, hi)
-            out.extend(range(a, b))
+            if a < b:
+                out.append((a, b))
         return out
 
     def raw_between(self, t0_ns: int, t1_ns: int) -> list[tuple[int, bytes]]:
         """(time_ns, payload) of the cycles in [t0, t1], oldest first."""
-        return [(self._times[i], self._raw[i]) for i in self._ordered_range(t0_ns, t1_ns)]
+        return [(self._times[i], self._raw[i])
+                for a, b in self._runs(t0_ns, t1_ns) for i in range(a, b)]
 
     def window(self, t0_ns: int, t1_ns: int) -> FacilityWindow:
         """Mean, min and max of rack real power, sample count and gaps over [t0, t1]."""
-        idx = self._ordered_range(t0_ns, t1_ns)
-        if not idx:
+        runs = self._runs(t0_ns, t1_ns)
+        if not runs:
             return FacilityWindow(t0_ns, t1_ns, 0, 0, 0, 0, 0, 0)
-        summaries = [self._summary(i) for i in idx]
-        totals = [sm[0] for sm in summaries]
-        times = [self._times[i] for i in idx]
+        # Whole slices at C speed; only cycles never summarized are visited one by one.
+        times: list[int] = []
+        summaries: list[Summary | None] = []
+        for a, b in runs:
+            times += self._times[a:b]
+            if None in (chunk := self._summaries[a:b]):
+                chunk = [self._summary(i) for i in range(a, b)]
+            summaries += chunk
+        done = cast(list[Summary], summaries)
+        totals = list(map(_total, done))
+        layouts = list(map(_layout, done))
         # Mean of a stream's per-cycle sum = sum of its phases' means (linear), so each
         # layout's columns are summed at C speed instead of per cycle in Python.
         by_layout: dict[Layout, list[tuple[float, ...]]] = {}
-        for _total, layout, values in summaries:
-            by_layout.setdefault(layout, []).append(values)
+        if layouts.count(layouts[0]) == len(layouts):  # one frame shape: the usual case
+            by_layout[layouts[0]] = list(map(_values, done))
+        else:
+            for _total_mw, layout, values in done:
+                by_layout.setdefault(layout, []).append(values)
         stream_sum: dict[str, float] = {}
         stream_n: dict[str, int] = {}
         for layout, rows in by_layout.items():
@@ -148,17 +160,17 @@ class CycleRing:
         )
 
 
+_total, _layout, _values = itemgetter(0), itemgetter(1), itemgetter(2)
+
+
 def count_gaps(times: list[int]) -> int:
     """Cycles missing between sorted instants, judged against the median spacing."""
     if len(times) < 3:
         return 0
-    steps = sorted(b - a for a, b in pairwise(times))
+    steps = sorted(map(sub, times[1:], times[:-1]))
     period = steps[len(steps) // 2]
     if period <= 0:
         return 0
-    missing = 0
-    for a, b in pairwise(times):
-        dt = b - a
-        if dt > period * 3 // 2:
-            missing += max(1, round(dt / period) - 1)
-    return missing
+    # Steps are sorted, so the long ones are a tail found by bisection.
+    long_steps = steps[bisect_right(steps, period * 3 // 2):]
+    return sum(max(1, round(dt / period) - 1) for dt in long_steps)

@@ -86,3 +86,28 @@ def test_summaries_are_computed_lazily_once() -> None:
     bare.append(0, b"x")
     with pytest.raises(ValueError, match="summar"):
         bare.window(0, 1)
+
+
+def test_window_over_two_frame_shapes_groups_by_layout() -> None:
+    ring = CycleRing(16)
+    short = (("s1", "phase_a"), ("s2", "phase_a"))
+    rows = [(LAYOUT, (100.0, 200.0, 50.0)), (short, (110.0, 40.0)),
+            (LAYOUT, (120.0, 220.0, 60.0)), (short, (130.0, 45.0))]
+    for i, (layout, values) in enumerate(rows):
+        ring.append(i * P, b"", (round(sum(values) * 1000), layout, values))
+    win = ring.window(0, 3 * P)
+    totals = [round(sum(v) * 1000) for _, v in rows]
+    assert (win.samples, win.min_mw, win.max_mw) == (4, min(totals), max(totals))
+    assert win.mean_mw == round(sum(totals) / 4)
+    # s1: both layouts, 4 cycles; s2: both layouts, 4 cycles (phase_a only in `short`).
+    s1 = (100.0 + 200.0 + 120.0 + 220.0 + 110.0 + 130.0) * 1000 / 4
+    s2 = (50.0 + 60.0 + 40.0 + 45.0) * 1000 / 4
+    assert dict(win.stream_mean_mw) == {"s1": round(s1), "s2": round(s2)}
+    assert win.streams == 2
+
+
+def test_long_steps_counted_wherever_they_fall() -> None:
+    assert count_gaps([0, 10, 40, 50, 60, 70, 130]) == 2 + 5
+    assert count_gaps([0, 0, 0, 10]) == 0  # median step 0: no judgement
+    assert count_gaps([0, 10, 25, 35]) == 0  # a step of exactly 1.5 periods is no gap
+    assert count_gaps([0, 10, 26, 36]) == 1
