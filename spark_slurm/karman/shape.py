@@ -18,6 +18,7 @@ not learned; such frames keep going through the generic path.
 
 from __future__ import annotations
 
+import math
 import struct
 from array import array
 from collections.abc import Callable
@@ -165,8 +166,11 @@ class Shape:
             nanos -= 0x1_0000_0000
         seq = None if self.seq is None else self.seq(got)
         values = (self.values(got),) if self.single else self.values(got)
+        total = sum(values)
+        if not math.isfinite(total):  # any NaN/inf value makes the sum non-finite
+            raise ValueError("non-finite real power")
         return (self.sec(got) * 1_000_000_000 + nanos, seq,
-                (round(sum(values) * 1000), self.layout, values))
+                (round(total * 1000), self.layout, values))
 
     def matches(self, frame: bytes) -> bool:
         """True when the frame has this shape (only its free value bits differ)."""

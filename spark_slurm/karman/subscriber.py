@@ -14,6 +14,7 @@ of the per-frame time went; every other frame takes the generic upb path.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -84,7 +85,12 @@ class CycleDecoder:
             bits = int.from_bytes(frame, "little")
             for shape in shapes:
                 if bits & shape.mask == shape.bits:
-                    time_ns, seq, summary = shape.read(frame)
+                    try:
+                        time_ns, seq, summary = shape.read(frame)
+                    except ValueError:
+                        counts["bad_frames"] += 1
+                        self._warn("frame with a non-finite power value")
+                        return False
                     if time_ns < 0:
                         break  # odd time: let the generic path decide, as it always has
                     if shape.missing_b:
@@ -116,8 +122,15 @@ class CycleDecoder:
                 time_ns = ts.seconds * 1_000_000_000 + ts.nanos
                 if prov.HasField("generic_sequence_number"):
                     seq = prov.generic_sequence_number
+            power = two.phase_a.power_calculations.real_power_w
             if not two.HasField("phase_b"):
                 missing_b += 1
+            else:
+                power += two.phase_b.power_calculations.real_power_w
+            if not math.isfinite(power):  # NaN/inf would poison every window it falls in
+                counts["bad_frames"] += 1
+                self._warn("frame with a non-finite power value")
+                return False
         counts["missing_phase_b"] += missing_b
         if time_ns < 0:
             counts["bad_frames"] += 1

@@ -10,7 +10,7 @@ from spark_slurm.karman import shape as shape_mod
 from spark_slurm.karman import subscriber
 from spark_slurm.karman.rack import RackModel
 from spark_slurm.karman.ring import CycleRing
-from spark_slurm.karman.schema import encode_frame
+from spark_slurm.karman.schema import Cycle, PhaseReading, StreamReading, encode_frame
 from spark_slurm.karman.subscriber import CycleDecoder
 from tests.unit.karman import wire
 
@@ -140,3 +140,25 @@ def test_mutated_frames_get_identical_verdicts(data: st.DataObject) -> None:
         mutated = mutated[:cut]
     _feed_both(fast, slow, bytes(mutated))
     _feed_both(fast, slow, _BASE[3])
+
+
+def _frame_with_power(seq: int, phase_a_w: float, phase_b_w: float | None) -> bytes:
+    """A one-stream frame whose real power the test chooses (NaN and inf included)."""
+    b = None if phase_b_w is None else PhaseReading(real_power_w=phase_b_w)
+    stream = StreamReading("threephase/karman1", PhaseReading(real_power_w=phase_a_w), b)
+    return encode_frame("cycle-aligned", Cycle(NOW + seq * P, seq, (stream,)))
+
+
+def test_non_finite_power_is_a_bad_frame_on_both_paths_and_never_poisons_a_window() -> None:
+    nan, inf = float("nan"), float("inf")
+    for poison in ((nan, 100.0), (100.0, inf), (-inf, None)):
+        fast, slow = _pair()
+        # Enough good frames for the fast path to learn the shape first.
+        for seq in range(20):
+            _feed_both(fast, slow, _frame_with_power(seq, 100.0, 100.0 if poison[1] else None))
+        before = dict(fast.counts)
+        assert _feed_both(fast, slow, _frame_with_power(20, *poison)) is False
+        assert fast.counts["bad_frames"] == before["bad_frames"] + 1
+        window = fast.ring.window(0, 2**62)
+        assert window.samples == 20
+        assert window.mean_mw == (200_000 if poison[1] else 100_000)
