@@ -25,9 +25,8 @@ from spark_slurm.clock import SYSTEM_CLOCK, Clock
 from spark_slurm.errors import LedgerError, SparkError
 from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.proofs import update_blocks
-from spark_slurm.head.scan import NodeScan, RawRecord, scan_node
+from spark_slurm.head.scan import REF_TAG, NodeScan, RawRecord, scan_node
 from spark_slurm.headdb import Finding, HeadDb
-from spark_slurm.ledger.merkle import root
 from spark_slurm.ledger.schema import PER_COLUMNS, open_existing
 from spark_slurm.witness import node_of, witnessed
 
@@ -85,8 +84,16 @@ class MergeSummary:
 def read_node_ledger(path: Path) -> tuple[list[RawRecord], list[str]]:
     """Every row and checkpoint text of a node ledger, read-only, in seq order."""
     conn, _meta = open_existing(path)
+    lenient = conn.text_factory
     try:
-        rows = conn.execute(f"SELECT {PER_COLUMNS} FROM per ORDER BY seq").fetchall()  # noqa: S608
+        # strict UTF-8 is sqlite3's C decoder; a damaged text column makes it raise, and
+        # then the rows are read again through the ledger's lenient (U+FFFD) decoder
+        conn.text_factory = str
+        try:
+            rows = conn.execute(_SELECT_ROWS).fetchall()
+        except sqlite3.OperationalError:
+            conn.text_factory = lenient
+            rows = conn.execute(_SELECT_ROWS).fetchall()
         cps = [r[0] for r in conn.execute("SELECT text FROM checkpoint ORDER BY id")]
     except sqlite3.DatabaseError as exc:
         raise LedgerError(f"{path}: unreadable ledger: {exc}") from None
@@ -101,6 +108,9 @@ def read_node_ledger(path: Path) -> tuple[list[RawRecord], list[str]]:
             out.append(RawRecord(r[0], r[1], r[2], r[3], _raw(r[4]), _raw(r[5]), _raw(r[6]),
                                  None if r[7] is None else _raw(r[7]), r[8]))
     return out, cps
+
+
+_SELECT_ROWS = f"SELECT {PER_COLUMNS} FROM per ORDER BY seq"  # noqa: S608
 
 
 def _raw(value: object) -> bytes:
@@ -163,7 +173,7 @@ def merge_node(db: HeadDb, prepared: Prepared, now_ns: int) -> NodeResult:
             findings.append(Finding("ROLLBACK", scan.node, ledger_size,
                                     f"ledger holds {ledger_size} records but a witnessed "
                                     f"checkpoint has {last.size}"))
-        elif len(good) >= last.size and root(scan.leaves[:last.size]).hex() != last.root:
+        elif len(good) >= last.size and scan.tree().root(last.size).hex() != last.root:
             findings.append(Finding("FORK", scan.node, None,
                                     f"first {last.size} records differ from the witnessed "
                                     "checkpoint"))
@@ -189,11 +199,12 @@ def merge_node(db: HeadDb, prepared: Prepared, now_ns: int) -> NodeResult:
                         db.add_fork(state.node_id, other.as_stored(scan.node), source)
                     good = []
                     break
-    new = [r for r in good if stored_head is None or r.seq > stored_head]
+    new = good[stored_head + 1:] if stored_head is not None else good  # good[i].seq == i
     if new:
-        db.append(state.node_id, [r.row(scan.leaves[r.seq]) for r in new], new[-1].seq,
-                  new[-1].hash.hex())
-        update_blocks(db, state.node_id, state.count, state.count + len(new), scan.leaves)
+        db.append_rows(_bound_rows(state.node_id, new, scan.leaves), new[-1].seq,
+                       new[-1].hash.hex())
+        update_blocks(db, state.node_id, state.count, state.count + len(new), scan.leaves,
+                      tree=scan.tree())
         result.appended = len(new)
     for cp in scan.valid_checkpoints:
         if cp.size <= len(good) or (stored_head is not None and cp.size <= stored_head + 1):
@@ -201,6 +212,22 @@ def merge_node(db: HeadDb, prepared: Prepared, now_ns: int) -> NodeResult:
     refreshed = db.node(scan.node)
     result.head_seq = refreshed.head_seq if refreshed else None
     return _finish(db, result, findings, source, now_ns)
+
+
+def _bound_rows(node_id: int, records: Sequence[RawRecord], leaves: Sequence[bytes]
+                ) -> list[tuple[Any, ...]]:
+    """Rows for `HeadDb.append_rows`, shaped for sqlite3's cheap binding path.
+
+    sqlite3 binds int, str and bytearray directly but sends bytes and None through
+    its adapter lookup, which costs more than the insert itself; so blobs go in as
+    bytearray (stored as the same BLOB) and a missing MAC or ref as '' (NULL there)."""
+    ba = bytearray
+    return [(node_id, seq, time_ns, kind, job_id, ba(body), ba(prev_hash), ba(rec_hash),
+             "" if mac is None else ba(mac), key_id,
+             ("" if (ref := r.ref_seq()) is None else ref) if REF_TAG in body else "",
+             ba(leaves[seq]))
+            for r in records
+            for seq, time_ns, kind, job_id, body, prev_hash, rec_hash, mac, key_id in (r,)]
 
 
 def _finish(db: HeadDb, result: NodeResult, findings: list[Finding], source: str,
@@ -246,17 +273,18 @@ def merge_into(db: HeadDb, sources: Sequence[str], keys: KeyRing | None, *,
     if workers is None or len(sources) < 2 or count_records(sources) < PARALLEL_MIN_RECORDS:
         workers = 1
     results = []
-    if workers > 1:
-        ctx = multiprocessing.get_context("spawn")  # never fork a process holding SQLite
-        keys_dir = keys.directory if keys is not None else None
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            prepared: Iterator[Prepared | NodeResult] = pool.map(
-                _prepare_with_keys, sources, [keys_dir] * len(sources))
-            for item in prepared:
-                results.append(_apply(db, item, clock, progress))
-    else:
-        for arg in sources:
-            results.append(_apply(db, prepare(arg, keys), clock, progress))
+    with db.bulk_writes():
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")  # never fork a process holding SQLite
+            keys_dir = keys.directory if keys is not None else None
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                prepared: Iterator[Prepared | NodeResult] = pool.map(
+                    _prepare_with_keys, sources, [keys_dir] * len(sources))
+                for item in prepared:
+                    results.append(_apply(db, item, clock, progress))
+        else:
+            for arg in sources:
+                results.append(_apply(db, prepare(arg, keys), clock, progress))
     return MergeSummary(into=str(db.path), results=results)
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from spark_slurm.head.bulk import MerkleLevels
 from spark_slurm.headdb import HeadDb, StoredRecord
 from spark_slurm.ledger.merkle import leaf_hash, node_hash, root, verify_inclusion
 from spark_slurm.ledger.records import GENESIS_PREV, record_hash
 
 BLOCK = 256
+BLOCK_LEVEL = BLOCK.bit_length() - 1  # a block is the perfect subtree of 2^8 leaves
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +37,20 @@ class Verification:
 
 
 def update_blocks(db: HeadDb, node_id: int, old_count: int, new_count: int,
-                  leaves: Sequence[bytes] | None = None) -> None:
+                  leaves: Sequence[bytes] | None = None, *,
+                  tree: MerkleLevels | None = None) -> None:
     """Cache the hash of every block completed by growing a node from old to new count.
 
-    `leaves`, when given, are the node's leaf hashes from seq 0 (saves reading them back)."""
+    `leaves`, when given, are the node's leaf hashes from seq 0 (saves reading them back);
+    `tree`, when given, already holds every block's hash (its level log2(BLOCK))."""
+    first, last = old_count // BLOCK, new_count // BLOCK
+    if tree is not None and len(tree.level(BLOCK_LEVEL)) >= last:
+        blocks = tree.level(BLOCK_LEVEL)
+        db.conn.executemany("INSERT OR REPLACE INTO merkle_blocks VALUES (?,?,?)",
+                            [(node_id, b, blocks[b]) for b in range(first, last)])
+        return
     rows = []
-    for block in range(old_count // BLOCK, new_count // BLOCK):
+    for block in range(first, last):
         lo = block * BLOCK
         part = leaves[lo:lo + BLOCK] if leaves is not None and len(leaves) >= lo + BLOCK \
             else db.leaves(node_id, lo, BLOCK)
