@@ -163,6 +163,10 @@ def bench_prolog() -> harness.Section:
                        "python -c pass (median)", bare),
         harness.Figure("sparkd round trip for a prolog, in-process client (p50)",
                        harness.percentile(timings["rtt"], 50), "ms"),
+        harness.Figure("prolog p50 less the interleaved bare start (hook + daemon share)",
+                       p50 - bare_s, "ms", "in-process client round trip (p50)",
+                       harness.percentile(timings["rtt"], 50),
+                       note="ratio near 1: the hook itself adds almost nothing"),
         harness.Figure("python -S -c pass (median)", harness.median(base["python -S -c pass"]),
                        "ms"),
     ]

@@ -156,7 +156,9 @@ def _segment(model: SimModel, s: GpuState, t_ns: int) -> GpuState:
     power = p_inf + d * ep
     temp = t_inf + c * ep + (s.temp_mc - t_inf - c) * et
     energy = s.energy_mj + (p_inf * dt + d * tp * (1 - ep))  # mW·s == mJ
-    return replace(s, t_ns=t_ns, power_mw=power, temp_mc=temp, energy_mj=energy)
+    # Built directly: `replace` re-walks the fields and costs more than the physics here.
+    return GpuState(t_ns, power, temp, energy, s.requested_mw, s.util, s.energy_epoch,
+                    s.persistence, s.faults)
 
 
 def evolve(model: SimModel, s: GpuState, t_ns: int) -> GpuState:
