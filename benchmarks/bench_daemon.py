@@ -9,7 +9,6 @@ pays), one client's request rate, and a bare interpreter's RSS.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import harness
+from spark_slurm.daemon import client
 from spark_slurm.gpu.sim import SimFleet
 
 BIN = Path(sys.executable).parent
@@ -38,17 +38,7 @@ CLIENTS = 16
 
 
 def _request(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect(str(path))
-        s.sendall(json.dumps(payload).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    reply: dict[str, Any] = json.loads(buf)
-    return reply
+    return client.request(payload, path, timeout_s=60.0)
 
 
 def _rss_kib(pid: int) -> int:

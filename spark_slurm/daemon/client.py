@@ -17,9 +17,8 @@ from spark_slurm.errors import DaemonRefused, DaemonUnavailable
 DEFAULT_SOCKET = Path("/run/spark/sparkd.sock")
 
 
-def request(payload: dict[str, Any], socket_path: Path = DEFAULT_SOCKET,
-            timeout_s: float = 10.0) -> dict[str, Any]:
-    """Send one request and return the reply object, whatever its `ok`."""
+def exchange(data: bytes, socket_path: Path = DEFAULT_SOCKET, timeout_s: float = 10.0) -> bytes:
+    """Send raw bytes, return the raw reply line (tests also send deliberately bad bytes)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
     try:
@@ -29,19 +28,26 @@ def request(payload: dict[str, Any], socket_path: Path = DEFAULT_SOCKET,
             raise DaemonUnavailable(
                 f"cannot reach sparkd at {socket_path}: {exc.strerror or exc}") from None
         try:
-            sock.sendall(json.dumps(payload).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
+            sock.sendall(data)
+            reply = b""
+            while not reply.endswith(b"\n"):
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
-                data += chunk
+                reply += chunk
         except OSError as exc:
             raise DaemonUnavailable(f"sparkd at {socket_path} did not answer: {exc}") from None
     finally:
         sock.close()
-    if not data:
+    if not reply:
         raise DaemonUnavailable(f"sparkd at {socket_path} closed the connection without a reply")
+    return reply
+
+
+def request(payload: dict[str, Any], socket_path: Path = DEFAULT_SOCKET,
+            timeout_s: float = 10.0) -> dict[str, Any]:
+    """Send one request and return the reply object, whatever its `ok`."""
+    data = exchange(json.dumps(payload).encode() + b"\n", socket_path, timeout_s)
     try:
         reply = json.loads(data)
     except ValueError:

@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from spark_slurm.daemon import client
+from spark_slurm.errors import DaemonUnavailable
 from spark_slurm.gpu.sim import SimFleet
 
 VENV_BIN = Path(sys.executable).parent
@@ -135,7 +137,7 @@ class Sparkd:
             raise AssertionError(f"sparkd exited {self.proc.returncode}: {self.log_text()}")
         try:
             return bool(self.request({"op": "status"}).get("ok"))
-        except OSError:
+        except (OSError, DaemonUnavailable):
             return False
 
     def stop(self) -> int:
@@ -164,17 +166,7 @@ class Sparkd:
     # -- talking to it ---------------------------------------------------------------
     def request(self, payload: dict[str, Any] | bytes, timeout: float = 20) -> dict[str, Any]:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode() + b"\n"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.socket))
-            s.sendall(data)
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        reply: dict[str, Any] = json.loads(buf)
+        reply: dict[str, Any] = json.loads(client.exchange(data, self.socket, timeout))
         return reply
 
     def request_as(self, uid: int, payload: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from collections import namedtuple
 from typing import Any
 
 from spark_slurm.daemon.state import GOVERNING_KINDS, governed_from_records
+from spark_slurm.errors import DaemonUnavailable
 from spark_slurm.ledger import verify_ledger
 from tests.integration.daemon.conftest import Sparkd
 
@@ -31,7 +32,7 @@ def _worker(sparkd: Sparkd, gpu: int, tag: str, acked: list[dict[str, Any]],
         for step in steps[: random.choice([1, 2, 3, 3])]:
             try:
                 reply = sparkd.request(step, timeout=5)
-            except (OSError, ValueError):
+            except (OSError, ValueError, DaemonUnavailable):
                 return  # the daemon is gone
             if "seq" in reply:
                 acked.append(reply)
