@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import sqlite3
 import tempfile
 import time
@@ -16,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import harness
-from spark_slurm.ledger import Ledger, verify_ledger
+from spark_slurm.ledger import Ledger, VerifyReport, verify_ledger, verify_par
 from spark_slurm.ledger.keys import keygen, load_hmac_key, load_signing_key
+from spark_slurm.ledger.records import body_bytes
 
 SINGLE = 300
 BATCH = 1000
 BATCHES = 30
+ROUNDS = 3
 VERIFY_RECORDS = 100_000
 
 
@@ -54,6 +57,38 @@ def _raw_db(path: Path) -> sqlite3.Connection:
 
 def _row(i: int, stored: bytes) -> tuple[object, ...]:
     return (i, time.time_ns(), "cap", "1", stored, bytes(32), bytes(32), bytes(32), "k:0")
+
+
+def _encode_floor(bodies: list[dict[str, Any]]) -> float:
+    """Records per CPU-second for the unavoidable per-record work alone."""
+    sha256 = hashlib.sha256
+    c0 = time.thread_time()
+    for _ in range(3):
+        for body in bodies:
+            data = body_bytes(body)
+            sha256(bytes(32) + data).digest()
+            sha256(b"\x00" + data).digest()
+    return 3 * len(bodies) / (time.thread_time() - c0)
+
+
+def _cpu() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), \
+        resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _timed_verify(db: Path, key: bytes | None, *,
+                  one_cpu: bool) -> tuple[VerifyReport, float, float]:
+    """verify_ledger's wall and CPU seconds (this process and its reaped workers)."""
+    cpus = os.sched_getaffinity(0)
+    if one_cpu:
+        os.sched_setaffinity(0, {min(cpus)})
+    try:
+        t0, c0 = time.perf_counter(), _cpu()
+        report = verify_ledger(db, key)
+        return report, time.perf_counter() - t0, _cpu() - c0
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def run() -> list[harness.Section]:
@@ -91,38 +126,58 @@ def _run(tmp: Path) -> harness.Section:
                        harness.percentile(raw_lat, 99), "p99 ≤ 5 ms", p99 <= 5.0),
     ]
 
-    # 2. batched appends: append_many of BATCH (one transaction, one fsync)
+    # 2. batched appends: append_many of BATCH (one transaction, one fsync), rounds
+    # alternating with the raw executemany baseline; best round of each (noisy machine).
     bodies = [("cap", cap_body(i)) for i in range(BATCH)]
-    t0 = time.perf_counter()
-    for _ in range(BATCHES):
-        led.append_many(bodies)
-    rate = BATCHES * BATCH / (time.perf_counter() - t0)
     rows = [_row(i, stored) for i in range(BATCH)]
-    t0 = time.perf_counter()
-    for b in range(BATCHES):
+    best = {"led": (0.0, 0.0), "raw": (0.0, 0.0)}
+    next_raw = iter(range(10**6, 10**9, BATCH))
+
+    def raw_batch() -> None:
+        start = next(next_raw)
         raw.execute("BEGIN")
         raw.executemany("INSERT INTO per VALUES (?,?,?,?,?,?,?,?,?)",
-                        [(10**6 + b * BATCH + i, *r[1:]) for i, r in enumerate(rows)])
+                        [(start + i, *r[1:]) for i, r in enumerate(rows)])
         raw.execute("COMMIT")
-    raw_rate = BATCHES * BATCH / (time.perf_counter() - t0)
+
+    for _ in range(ROUNDS):
+        for name, fn in (("led", lambda: led.append_many(bodies)), ("raw", raw_batch)):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            for _ in range(BATCHES // ROUNDS):
+                fn()
+            n = BATCHES // ROUNDS * BATCH
+            wall, cpu = n / (time.perf_counter() - t0), n / (time.thread_time() - c0)
+            best[name] = (max(best[name][0], wall), max(best[name][1], cpu))
     raw.close()
-    section.figures.append(harness.Figure(
-        f"batched append_many({BATCH})", rate, "PER/s", "raw sqlite3 executemany", raw_rate,
-        "≥ 50,000 PER/s", rate >= 50_000))
+    floor = _encode_floor([b for _, b in bodies])
+    (rate, cpu_rate), (raw_rate, raw_cpu) = best["led"], best["raw"]
+    section.figures += [
+        harness.Figure(f"batched append_many({BATCH})", rate, "PER/s",
+                       "raw sqlite3 executemany (no encoding/hashing)", raw_rate,
+                       "≥ 50,000 PER/s", rate >= 50_000),
+        harness.Figure(f"append_many({BATCH}) per CPU-second (writer thread)", cpu_rate,
+                       "PER/s", "raw sqlite3 executemany per CPU-second", raw_cpu),
+        harness.Figure(f"append_many({BATCH}) per CPU-second (writer thread)", cpu_rate,
+                       "PER/s", "floor: exact-type check + C json encode + 2 sha256, "
+                       "no SQLite", floor),
+    ]
 
     # 3. verification rate over a ledger of VERIFY_RECORDS
     while led.size < VERIFY_RECORDS:
         led.append_many(bodies[: min(BATCH, VERIFY_RECORDS - led.size)])
     led.checkpoint()
     led.close()
-    t0 = time.perf_counter()
-    report = verify_ledger(tmp / "node.db", k0)
-    verify_s = time.perf_counter() - t0
-    assert report.ok, report.summary()
-    t0 = time.perf_counter()
-    plain = verify_ledger(tmp / "node.db")
-    plain_s = time.perf_counter() - t0
-    conn = sqlite3.connect(tmp / "node.db")
+    db = tmp / "node.db"
+    runs: dict[str, list[tuple[float, float]]] = {"key": [], "plain": [], "seq": []}
+    count = 0
+    for _ in range(ROUNDS):
+        for name, key, one_cpu in (("key", k0, False), ("plain", None, False),
+                                   ("seq", k0, True)):
+            report, wall_s, cpu_s = _timed_verify(db, key, one_cpu=one_cpu)
+            assert report.ok, report.summary()
+            count = report.count
+            runs[name].append((count / wall_s, count / cpu_s))
+    conn = sqlite3.connect(db)
     data = conn.execute("SELECT prev_hash, body FROM per").fetchall()
     conn.close()
     sha256 = hashlib.sha256
@@ -130,17 +185,30 @@ def _run(tmp: Path) -> harness.Section:
     for prev, body in data:
         sha256(prev + body).digest()
     hash_rate = len(data) / (time.perf_counter() - t0)
+    key_wall, key_cpu = (max(r[i] for r in runs["key"]) for i in (0, 1))
+    plain_wall = max(r[0] for r in runs["plain"])
+    seq_wall, seq_cpu = (max(r[i] for r in runs["seq"]) for i in (0, 1))
     section.figures += [
-        harness.Figure("verify_ledger with HMAC key", report.count / verify_s, "PER/s",
-                       "bare hashlib sha256 over the same bytes", hash_rate,
-                       "≥ 250,000 PER/s", report.count / verify_s >= 250_000),
-        harness.Figure("verify_ledger without key", plain.count / plain_s, "PER/s",
-                       "bare hashlib sha256 over the same bytes", hash_rate,
-                       "≥ 250,000 PER/s", plain.count / plain_s >= 250_000),
+        harness.Figure("verify_ledger with HMAC key", key_wall, "PER/s",
+                       "same, pinned to one CPU (sequential reference walk)", seq_wall,
+                       "≥ 250,000 PER/s", key_wall >= 250_000),
+        harness.Figure("verify_ledger with HMAC key", key_wall, "PER/s",
+                       "bare hashlib sha256 over the same bytes (one core)", hash_rate),
+        harness.Figure("verify_ledger without key", plain_wall, "PER/s",
+                       "bare hashlib sha256 over the same bytes (one core)", hash_rate,
+                       "≥ 250,000 PER/s", plain_wall >= 250_000),
+        harness.Figure("verify_ledger with HMAC key, per CPU-second (all processes)",
+                       key_cpu, "PER/s", "sequential reference walk per CPU-second",
+                       seq_cpu),
     ]
     section.notes.append(
-        f"verify covers {report.count} records: chain hash, column binding, Merkle tree, "
-        f"{report.checkpoints_checked} checkpoints, epoch MACs and SQLite integrity_check.")
+        f"Best of {ROUNDS} alternating rounds for each figure and its baseline. verify uses "
+        f"{verify_par.workers()} worker processes on ledgers of ≥ "
+        f"{verify_par.MIN_CHUNKS << verify_par.CHUNK_BITS} records (chunks of "
+        f"{1 << verify_par.CHUNK_BITS}); pinned to one CPU it runs the sequential walk.")
+    section.notes.append(
+        f"verify covers {count} records: chain hash, column binding, Merkle tree, "
+        "the checkpoints, epoch MACs and SQLite integrity_check.")
     return section
 
 

@@ -8,7 +8,9 @@ HMAC-SHA256(K[e], record hash (32 raw bytes)) and its key id is "<hmac id>:<e>".
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+from collections.abc import Callable
 
 EPOCH_LABEL = b"spark-ledger epoch"
 
@@ -50,3 +52,20 @@ class EpochKeys:
 def epoch_of(time_ns: int, origin_ns: int, epoch_ns: int) -> int:
     """Epoch number of an instant; time before the origin belongs to epoch 0."""
     return max(0, (time_ns - origin_ns) // epoch_ns)
+
+
+def mac_function(key: bytes) -> Callable[[bytes], bytes]:
+    """`mac` with the key fixed: the padded key blocks are hashed once, so each MAC
+    is two short hash finishes instead of a full HMAC setup. Same bytes as `mac`."""
+    block = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def fixed(message: bytes) -> bytes:
+        i = inner.copy()
+        i.update(message)
+        o = outer.copy()
+        o.update(i.digest())
+        return o.digest()
+
+    return fixed

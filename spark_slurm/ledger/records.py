@@ -75,26 +75,46 @@ def job_of(body: Mapping[str, Any]) -> str | None:
     return job
 
 
-_SCALARS = (str, int, bool, type(None))
-_CONTAINERS = (dict, list)
+_SCALAR_TYPES = frozenset((str, int, bool, type(None)))
 
 
 def _plain_json(body: dict[str, Any]) -> bool:
     """True when the body holds only dicts with str keys, lists, str, int, bool and
-    None (exact types): then the C encoder's output is already canonical."""
-    stack: list[Any] = [body]
-    while stack:
-        value = stack.pop()
-        items = value.items() if type(value) is dict else enumerate(value)
-        for key, item in items:
-            if type(value) is dict and type(key) is not str:
+    None (exact types): then the C encoder's output is already canonical. Recursive
+    and branch-light because it runs once per appended record; too deep a body
+    returns False so the careful path decides (as the encoder would refuse it)."""
+    try:
+        return _plain_dict(body)
+    except RecursionError:
+        return False
+
+
+def _plain_dict(value: dict[Any, Any]) -> bool:
+    for key, item in value.items():
+        if type(key) is not str:
+            return False
+        kind = type(item)
+        if kind is dict:
+            if not _plain_dict(item):
                 return False
-            kind = type(item)
-            if kind in _SCALARS:
-                continue
-            if kind in _CONTAINERS:
-                stack.append(item)
-                continue
+        elif kind is list:
+            if not _plain_list(item):
+                return False
+        elif kind not in _SCALAR_TYPES:
+            return False
+    return True
+
+
+def _plain_list(value: list[Any]) -> bool:
+    for item in value:
+        kind = type(item)
+        if kind is dict:
+            if not _plain_dict(item):
+                return False
+        elif kind is list:
+            if not _plain_list(item):
+                return False
+        elif kind not in _SCALAR_TYPES:
             return False
     return True
 

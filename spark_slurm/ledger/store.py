@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from spark_slurm.clock import SYSTEM_CLOCK, Clock
 from spark_slurm.errors import InputError, LedgerError, LedgerKeyError
 from spark_slurm.ledger import hmac_epochs
+from spark_slurm.ledger.batch import Row as _Row
+from spark_slurm.ledger.batch import chain_rows
 from spark_slurm.ledger.checkpoint import (
     Checkpoint,
     origin_for,
@@ -38,7 +40,6 @@ from spark_slurm.ledger.records import (
     Receipt,
     Record,
     envelope_bytes,
-    job_of,
     record_hash,
 )
 from spark_slurm.ledger.schema import (
@@ -55,7 +56,6 @@ from spark_slurm.ledger.schema import (
     row_to_record,
 )
 
-_Row = tuple[int, int, str, str | None, bytes, bytes, bytes, bytes | None, str | None]
 ROTATE_LABEL = b"spark-ledger rotate\n"
 
 
@@ -239,8 +239,7 @@ class Ledger:
         try:
             epoch_before = self._epoch
             self._seal_elapsed(now, rows)
-            for kind, body in batch:
-                rows.append(self._make_row(kind, body, now))
+            self._make_rows(batch, now, rows)
             self._commit(rows)
         except BaseException:
             (self._size, self._head, self._frontier, self._epoch, self._key) = saved
@@ -250,19 +249,20 @@ class Ledger:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return [Receipt(r[0], r[6].hex()) for r in rows]
 
-    def _make_row(self, kind: str, body: Mapping[str, Any], now: int) -> _Row:
-        seq = self._size
-        stored = envelope_bytes(seq, now, kind, body)
-        h = record_hash(self._head, stored)
-        mac = kid = None
-        if self._key is not None and self._hmac_id is not None:
-            mac = hmac_epochs.mac(self._key, h)
-            kid = hmac_epochs.key_id(self._hmac_id, self._epoch)
-        row: _Row = (seq, now, kind, job_of(body), stored, self._head, h, mac, kid)
-        self._frontier.append(leaf_hash(stored))
-        self._head = h
-        self._size += 1
-        return row
+    def _make_rows(self, batch: Sequence[tuple[str, Mapping[str, Any]]], now: int,
+                   rows: list[_Row]) -> None:
+        key = self._key if self._hmac_id is not None else None
+        kid = hmac_epochs.key_id(self._hmac_id, self._epoch) \
+            if key is not None and self._hmac_id is not None else None
+        try:
+            chain_rows(batch, rows, now=now, seq=self._size, head=self._head,
+                       hashes=self._frontier.hashes, key=key, key_id=kid)
+        finally:
+            # rows/frontier hold every record that was made; _write rolls back on error
+            done = rows[-1] if rows else None
+            if done is not None and done[0] >= self._size:
+                self._head, self._size = done[6], done[0] + 1
+            self._frontier.size = self._size
 
     def _seal_elapsed(self, now: int, rows: list[_Row]) -> None:
         """Seal every epoch that has ended, then move to the current epoch's key."""
@@ -270,9 +270,9 @@ class Ledger:
             return
         target = hmac_epochs.epoch_of(now, self._origin_ns, self._epoch_ns)
         while self._epoch < target:
-            rows.append(self._make_row("key", {
+            self._make_rows([("key", {
                 "v": 1, "node": self.node, "event": "seal", "key_id": self._hmac_id,
-                "epoch": self._epoch}, now))
+                "epoch": self._epoch})], now, rows)
             self._key = hmac_epochs.next_key(self._key)
             self._epoch += 1
 
