@@ -23,6 +23,7 @@ from typing import Any
 
 from benchmarks import harness
 from spark_slurm.daemon import client
+from spark_slurm.errors import DaemonUnavailable
 from spark_slurm.gpu.sim import SimFleet
 
 BIN = Path(sys.executable).parent
@@ -71,7 +72,7 @@ def _start(root: Path) -> tuple[subprocess.Popen[bytes], Path]:
         try:
             if _request(sock, {"op": "status"}).get("ok"):
                 return proc, sock
-        except OSError:
+        except DaemonUnavailable:
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"sparkd did not start: {(root / 'sparkd.log').read_text()[-2000:]}")
