@@ -2,8 +2,8 @@
 
 The report gathers the job's records from a node ledger or the merged cluster
 ledger (plus the node events that touched the job's GPUs while it ran), puts
-them in time order, shows each record's verification (chain link, hash, and an
-inclusion proof against the latest checkpoint), resolves each action's five
+them in time order, shows each record's verification (chain link, hash, an
+inclusion proof against the latest checkpoint and, given keys, the MAC), resolves each action's five
 validation paths, sums the energy the epilog recorded and prices it, and ends
 with a verdict. Nothing here trusts a record it has not verified.
 """
@@ -16,7 +16,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from spark_slurm.errors import UnknownJob
+from spark_slurm.errors import CheckFailed, UnknownJob
+from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.proofs import Verification, verify_records
 from spark_slurm.headdb import HeadDb, StoredRecord, is_head_db
 from spark_slurm.merge import load_node_ledger
@@ -52,7 +53,8 @@ class TimelineEntry:
             "gpus": list(self.gpus), "summary": self.summary, "requester": self.requester,
             "authority": self.authority, "hash": self.hash,
             "verified": self.verification.ok, "chain": self.verification.chain,
-            "proof": self.verification.proof, "paths": self.paths, "validated": self.validated,
+            "proof": self.verification.proof, "mac": self.verification.mac,
+            "paths": self.paths, "validated": self.validated,
         }
 
 
@@ -252,8 +254,9 @@ def _header(job_id: str, bodies: list[tuple[StoredRecord, dict[str, Any]]]) -> d
 
 
 def build_report(src: HeadDb, job_id: str, tariff: Tariff | None = None,
-                 source: str = "merged") -> AuditReport:
-    """Assemble, verify and judge everything the ledger holds about one job."""
+                 source: str = "merged", keys: KeyRing | None = None) -> AuditReport:
+    """Assemble, verify and judge everything the ledger holds about one job (with
+    `keys`, each record's MAC too, for nodes whose HMAC key the ring holds)."""
     own = src.job_records(job_id)
     if not own:
         raise UnknownJob(f"job {job_id}: no records in {src.path}")
@@ -278,7 +281,7 @@ def build_report(src: HeadDb, job_id: str, tariff: Tariff | None = None,
                 followups[(rec.node, rec.seq)].append(f)
                 records.setdefault((f.node, f.seq), f)
     ordered = sorted(records.values(), key=lambda r: (r.time_ns, r.node, r.seq))
-    verifications = verify_records(src, ordered)
+    verifications = verify_records(src, ordered, keys)
     report = AuditReport(job_id=job_id, source=source, header=header, timeline=[],
                          energy=[], cost=None)
     cap_time: dict[str, int] = {}
@@ -292,7 +295,7 @@ def build_report(src: HeadDb, job_id: str, tariff: Tariff | None = None,
                 report.problems.append(problem)
         if not ver.ok:
             report.problems.append(f"{rec.node} seq {rec.seq} ({rec.kind}) fails verification: "
-                                   f"chain {ver.chain}, proof {ver.proof}")
+                                   f"chain {ver.chain}, proof {ver.proof}, mac {ver.mac}")
         elif ver.proof == "uncovered":
             report.notes.append(f"{rec.node} seq {rec.seq} is newer than the latest checkpoint "
                                 "(chain-verified, no inclusion proof yet)")
@@ -352,14 +355,27 @@ def _price_all(tariff: Tariff, energy: list[GpuEnergy]) -> Cost:
 
 
 def audit_job(db: Path, job_id: str, tariff: Tariff | None = None,
-              plot: Path | None = None) -> AuditReport:
-    """The library entry point behind `sparkctl audit`: report (and optional plot)."""
+              plot: Path | None = None, keys_dir: Path | None = None) -> AuditReport:
+    """The library entry point behind `sparkctl audit`: report (and optional plot).
+
+    `keys_dir` is a merge trust store (`<node>.pub`, `<node>.hmac`): a node ledger
+    is then checked against it as merge would, and every record's MAC is re-checked,
+    so an auditor need not take the head node's earlier merge on trust."""
+    keys = KeyRing.load(keys_dir) if keys_dir is not None else None
     if is_head_db(db):
         with HeadDb.open(db) as src:
-            report = build_report(src, job_id, tariff, "merged")
+            report = build_report(src, job_id, tariff, "merged", keys)
     else:
-        with load_node_ledger(db) as (src, _findings):
-            report = build_report(src, job_id, tariff, "node")  # findings are in src
+        with load_node_ledger(db, keys) as (src, findings):
+            try:
+                report = build_report(src, job_id, tariff, "node", keys)  # findings in src
+            except UnknownJob:
+                if not findings:
+                    raise
+                # nothing verified far enough to reach the job: say why, not "no records"
+                f = findings[0]
+                raise CheckFailed(f"{db}: job {job_id} cannot be audited: {f.code} seq "
+                                  f"{f.seq}: {f.detail}") from None
     if plot is not None:
         from spark_slurm.plot import plot_job  # noqa: PLC0415 (matplotlib is lazy)
 

@@ -28,19 +28,22 @@ def _when(ns: int) -> str:
 @click.option("--currency", default="EUR", show_default=True, help="Currency for --price-kwh.")
 @click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Write GPU power and caps over time to this PNG or SVG file.")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Trust store (<node>.pub, <node>.hmac): re-check every record's MAC, and "
+                   "check a node ledger's keys as merge does.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stable JSON document.")
 def audit(*, job_id: str, db: Path, tariff: Path | None, price_kwh: str | None, currency: str,
-          plot: Path | None, as_json: bool) -> None:
+          plot: Path | None, keys_dir: Path | None, as_json: bool) -> None:
     """Show a job's whole power story with every record's verification and a verdict.
 
     Exit 0 when every record verifies and every action is validated, 1 otherwise,
-    2 for an unknown job or an unusable ledger.
+    2 for an unknown job or an unusable ledger or keys directory.
     """
     from spark_slurm.audit import audit_job  # noqa: PLC0415 (lazy CLI)
     from spark_slurm.tariff import flat, load_tariff  # noqa: PLC0415
 
     priced = load_tariff(tariff) if tariff else (flat(price_kwh, currency) if price_kwh else None)
-    report = audit_job(db, job_id, priced, plot)
+    report = audit_job(db, job_id, priced, plot, keys_dir)
     if as_json:
         echo_json(report.to_json())
     else:
@@ -67,6 +70,8 @@ def _render_audit(report: object) -> None:
     for e in report.timeline:
         mark = "✓" if e.verification.ok else "✗"
         proof = {"ok": "proof", "uncovered": "chain", "failed": "PROOF!"}[e.verification.proof]
+        if e.verification.mac != "unchecked":
+            proof += "+mac" if e.verification.mac == "ok" else " MAC!"
         paths = ""
         if e.paths is not None:
             paths = " ".join(f"{p[:4]}={e.paths.get(p, '-')}" for p in PATH_NAMES)

@@ -41,22 +41,25 @@ def render_audit(report: AuditReport) -> list[str]:
             line += "  paths " + " ".join(f"{p[:4]}={e.paths.get(p, '-')}" for p in PATH_NAMES)
             line += "  VALID" if e.validated else "  NOT VALIDATED"
         lines.append(line)
+    macs = all(e.verification.mac == "ok" for e in report.timeline)
     lines.append(f"  energy {kwh_text(report.energy_mj)} kWh; verdict: "
-                 + ("all records verified, every action validated" if report.ok
+                 + (f"all records verified ({'chain, proof, MAC' if macs else 'chain, proof'}),"
+                    " every action validated" if report.ok
                     else f"{len(report.problems)} problem(s): " + "; ".join(report.problems)))
     return lines
 
 
-def audit_jobs(ledger: Path, jobs: list[str], plots: Path, say: Say) -> tuple[list[Check],
-                                                                              list[Path]]:
-    """Print each job's audit, write its plot, and check its verdict."""
+def audit_jobs(ledger: Path, jobs: list[str], plots: Path, say: Say,
+               keys_dir: Path | None = None) -> tuple[list[Check], list[Path]]:
+    """Print each job's audit (MACs re-checked against `keys_dir`), write its plot,
+    and check its verdict."""
     checks: list[Check] = []
     written: list[Path] = []
     plots.mkdir(parents=True, exist_ok=True)
     for job in jobs:
         path = plots / f"job-{job}.png"
         try:
-            report = audit_job(ledger, job, plot=path)
+            report = audit_job(ledger, job, plot=path, keys_dir=keys_dir)
         except SparkError as exc:
             checks.append(Check(f"audit of job {job}", False, exc.message))
             continue

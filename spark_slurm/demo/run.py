@@ -123,7 +123,7 @@ def keep_instructions(stack: DemoStack) -> list[str]:
         f"  sparkctl status --socket {stack.socket}",
         f"  sparkctl cap --job JOBID --watts 300 --socket {stack.socket}",
         f"  sparkctl sim smi {stack.sim_dir}            # the GPUs, like nvidia-smi",
-        f"  sparkctl audit JOBID --db {stack.ledger}",
+        f"  sparkctl audit JOBID --db {stack.ledger} --keys {stack.trust_dir}",
         f"  sparkctl verify {stack.ledger} --key {stack.hmac_key} --pubkey {stack.public_key}",
         f"  metrics: {stack.metrics_url} (sparkd), "
         f"http://127.0.0.1:{stack.exporter_port}/metrics (Karman exporter)",
@@ -180,8 +180,8 @@ def run_demo(names: Sequence[str] = (), workdir: Path | None = None, keep: bool 
             result.checks.append(check)
             say(f"  [{'PASS' if check.ok else 'FAIL'}] {check.name} — {check.detail}")
         jobs = [j for s in result.scenarios for j in s.job_ids]
-        say("== audit of every demo job (sparkctl audit)")
-        checks, result.plots = audit_jobs(stack.ledger, jobs, stack.plots, say)
+        say("== audit of every demo job (sparkctl audit --keys)")
+        checks, result.plots = audit_jobs(stack.ledger, jobs, stack.plots, say, stack.trust_dir)
         result.checks += checks
         say("== ledger verification")
         result.checks += verify_both(stack.ledger, root / "results" / "ledger.db",

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,6 +143,12 @@ class DemoStack:
     def public_key(self) -> Path:
         return self.keys_dir / PUBLIC_FILE
 
+    @property
+    def trust_dir(self) -> Path:
+        """The head node's view of this node's keys (`<node>.pub`, `<node>.hmac`), as
+        `merge --keys` and `audit --keys` take them."""
+        return self.root / "trust"
+
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         """Write every file the services need; nothing is started here."""
@@ -150,6 +157,11 @@ class DemoStack:
         SimFleet.init(self.sim_dir, GPUS, GPU_MODEL, force=True)
         if not self.keys_dir.exists():
             keygen(self.keys_dir)
+        self.trust_dir.mkdir(mode=0o700, exist_ok=True)
+        for src, suffix in ((self.public_key, "pub"), (self.hmac_key, "hmac")):
+            dest = self.trust_dir / f"{self.cluster.node}.{suffix}"
+            shutil.copyfile(src, dest)
+            dest.chmod(0o600)
         policy = yaml.safe_load((self.repo / "etc" / "policy.yaml").read_text())
         policy.setdefault("admission", {})["spool"] = str(self.spool)
         facility = policy.setdefault("facility", {})

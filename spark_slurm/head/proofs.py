@@ -1,4 +1,5 @@
-"""Per-record verification on the merged ledger: chain link, hash, inclusion proof.
+"""Per-record verification on the merged ledger: chain link, hash, inclusion proof,
+and (given the node's HMAC K[0]) the record's epoch MAC.
 
 Inclusion proofs are built from the leaf hashes the merge stored, plus a cache
 of the hash of every complete block of `BLOCK` leaves per node. Any subtree the
@@ -14,7 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from spark_slurm.head.bulk import MerkleLevels
+from spark_slurm.head.keyring import KeyRing
 from spark_slurm.headdb import HeadDb, StoredRecord
+from spark_slurm.ledger import hmac_epochs
+from spark_slurm.ledger.keys import hmac_key_id
 from spark_slurm.ledger.merkle import leaf_hash, node_hash, root, verify_inclusion
 from spark_slurm.ledger.records import GENESIS_PREV, record_hash
 
@@ -25,15 +29,18 @@ BLOCK_LEVEL = BLOCK.bit_length() - 1  # a block is the perfect subtree of 2^8 le
 @dataclass(frozen=True, slots=True)
 class Verification:
     """How one record checked out: `chain` is "ok" or why not; `proof` is "ok",
-    "failed", or "uncovered" (newer than the latest checkpoint, chain-verified only)."""
+    "failed", or "uncovered" (newer than the latest checkpoint, chain-verified only);
+    `mac` is "ok", "unchecked" (no HMAC key given for the node) or why not."""
 
     chain: str
     proof: str
     checkpoint_size: int | None
+    mac: str = "unchecked"
 
     @property
     def ok(self) -> bool:
-        return self.chain == "ok" and self.proof in ("ok", "uncovered")
+        return self.chain == "ok" and self.proof in ("ok", "uncovered") \
+            and self.mac in ("ok", "unchecked")
 
 
 def update_blocks(db: HeadDb, node_id: int, old_count: int, new_count: int,
@@ -112,11 +119,13 @@ class NodeTree:
         return proof
 
 
-def verify_records(db: HeadDb, records: list[StoredRecord]
+def verify_records(db: HeadDb, records: list[StoredRecord], keys: KeyRing | None = None
                    ) -> dict[tuple[str, int], Verification]:
-    """Verify each record's link and hash, and prove it against its node's checkpoint."""
+    """Verify each record's link and hash, and prove it against its node's checkpoint;
+    with `keys`, also re-check the MAC of every record whose node has an HMAC key."""
     out: dict[tuple[str, int], Verification] = {}
     trees: dict[str, tuple[NodeTree | None, bytes | None]] = {}
+    epoch_keys: dict[str, NodeMacKey | None] = {}
     for rec in records:
         state = db.node(rec.node)
         if state is None:
@@ -136,9 +145,39 @@ def verify_records(db: HeadDb, records: list[StoredRecord]
             good = verify_inclusion(leaf_hash(rec.body_bytes), rec.seq, tree.size,
                                     tree.inclusion_proof(rec.seq), cp_root)
             proof = "ok" if good else "failed"
+        if rec.node not in epoch_keys:
+            k0 = keys.hmac(rec.node) if keys is not None else None
+            epoch_keys[rec.node] = NodeMacKey(hmac_key_id(k0), hmac_epochs.EpochKeys(k0)) \
+                if k0 is not None else None
         out[(rec.node, rec.seq)] = Verification(chain, proof,
-                                                tree.size if tree is not None else None)
+                                                tree.size if tree is not None else None,
+                                                mac_status(rec, epoch_keys[rec.node]))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class NodeMacKey:
+    """A node's HMAC key id and its epoch keys, derived from K[0] as needed."""
+
+    key_id: str
+    epochs: hmac_epochs.EpochKeys
+
+
+def mac_status(rec: StoredRecord, key: NodeMacKey | None) -> str:
+    """"ok" when the record's MAC is HMAC(K[epoch of its key id], hash); without a
+    key "unchecked"; otherwise what is wrong. A node with an HMAC key MACs every
+    record, so a missing MAC is a failure, not a pass."""
+    if key is None:
+        return "unchecked"
+    if rec.mac is None or rec.key_id is None:
+        return "MAC missing"
+    parsed = hmac_epochs.parse_key_id(rec.key_id)
+    if parsed is None:
+        return f"key id {rec.key_id!r} is not <id>:<epoch>"
+    if parsed[0] != key.key_id:
+        return f"MAC made with key {parsed[0]}, not the given key {key.key_id}"
+    expected = hmac_epochs.mac(key.epochs.key(parsed[1]), bytes.fromhex(rec.hash))
+    return "ok" if expected.hex() == rec.mac else "MAC mismatch"
 
 
 def _chain_status(db: HeadDb, node_id: int, rec: StoredRecord) -> str:

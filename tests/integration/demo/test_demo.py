@@ -89,6 +89,9 @@ def test_every_demo_scenario_passes_and_the_ledger_proves_it(tmp_path: Path) -> 
     assert report["ok"] is True and len(report["scenarios"]) == len(SCENARIOS)
     assert all(line[2] == ":" and line[5] == ":" for line in lines)   # HH:MM:SS stamps
     assert any("VALID" in line and "seq" in line for line in lines)   # audits were shown
+    # every audit re-checked each record's MAC with the node's key (the demo's trust/ dir)
+    assert sum("verdict: all records verified (chain, proof, MAC)" in line for line in lines) \
+        == len(jobs)
     assert _processes_under(root) == []
     assert not (root / "demo.json").exists()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from spark_slurm.audit import audit_job
-from spark_slurm.cli import cli
-from spark_slurm.errors import UnknownJob
+from spark_slurm.cli import cli, run
+from spark_slurm.errors import CheckFailed, UnknownJob
 from spark_slurm.merge import merge_ledgers
 from spark_slurm.tariff import flat
 from tests.unit.head import tamper
@@ -119,3 +120,71 @@ def test_merge_findings_on_a_jobs_node_fail_the_verdict(cluster: Cluster) -> Non
     assert any(p.startswith("merge finding on n2: GAP seq 6") for p in report.problems)
     node_report = audit_job(cluster.n2, "100")
     assert any("GAP seq 6" in p for p in node_report.problems)
+
+
+def _wrong_trust(c: Cluster) -> Path:
+    """A trust store whose n2.hmac is some other node's key (n1's)."""
+    bad = c.root / "wrong-trust"
+    shutil.copytree(c.trust, bad)
+    shutil.copy(c.trust / "n1.hmac", bad / "n2.hmac")
+    return bad
+
+
+def test_keys_recheck_every_mac_on_the_merged_ledger(cluster: Cluster) -> None:
+    db = merged(cluster)
+    plain = audit_job(db, "100")
+    assert plain.ok and {e.verification.mac for e in plain.timeline} == {"unchecked"}
+    checked = audit_job(db, "100", keys_dir=cluster.trust)
+    assert checked.ok, checked.problems
+    assert {e.verification.mac for e in checked.timeline} == {"ok"}
+    wrong = audit_job(db, "100", keys_dir=_wrong_trust(cluster))
+    assert not wrong.ok
+    bad = {(e.node, e.verification.mac) for e in wrong.timeline if not e.verification.ok}
+    assert bad and {node for node, _ in bad} == {"n2"}
+    assert all(mac.startswith("MAC made with key ") for _, mac in bad)
+    assert any("n2 seq" in p and "mac MAC made with key" in p for p in wrong.problems)
+
+
+def test_a_mac_edited_in_the_merged_ledger_fails_only_with_keys(cluster: Cluster) -> None:
+    db = merged(cluster)
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE records SET mac = zeroblob(32) WHERE kind='restore' AND "
+                     "job_id='100' AND node_id=(SELECT node_id FROM nodes WHERE name='n1')")
+        conn.execute("UPDATE records SET mac = NULL WHERE kind='admission' AND job_id='100' "
+                     "AND node_id=(SELECT node_id FROM nodes WHERE name='n2')")
+    conn.close()
+    assert audit_job(db, "100").ok  # the MAC is not part of the hash chain
+    report = audit_job(db, "100", keys_dir=cluster.trust)
+    bad = {(e.node, e.kind): e.verification.mac for e in report.timeline
+           if not e.verification.ok}
+    assert bad == {("n1", "restore"): "MAC mismatch", ("n2", "admission"): "MAC missing"}
+    assert not report.ok
+
+
+def test_keys_on_a_node_ledger_check_it_as_merge_would(cluster: Cluster) -> None:
+    report = audit_job(cluster.n2, "100", keys_dir=cluster.trust)
+    assert report.ok and {e.verification.mac for e in report.timeline} == {"ok"}
+    # n2's genesis names another HMAC key: nothing verifies, and the error says so
+    with pytest.raises(CheckFailed, match=r"n2\.db: job 100 cannot be audited: UNKNOWN_KEY "
+                                          r"seq 0: genesis names HMAC key"):
+        audit_job(cluster.n2, "100", keys_dir=_wrong_trust(cluster))
+
+
+def test_cli_keys_exit_codes_and_marks(cluster: Cluster, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    db = merged(cluster)
+    runner = CliRunner()
+    good = runner.invoke(cli, ["audit", "100", "--db", str(db), "--keys", str(cluster.trust)])
+    assert good.exit_code == 0, good.output
+    assert "proof+mac" in good.output
+    doc = json.loads(runner.invoke(cli, ["audit", "100", "--db", str(db), "--json", "--keys",
+                                         str(cluster.trust)]).output)
+    assert {e["mac"] for e in doc["timeline"]} == {"ok"}
+    bad = runner.invoke(cli, ["audit", "100", "--db", str(db), "--keys",
+                              str(_wrong_trust(cluster))])
+    assert bad.exit_code == 1 and "MAC!" in bad.output and "Traceback" not in bad.output
+    assert run(["audit", "100", "--db", str(db), "--keys", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparkctl: ") and "nowhere: keys directory does not exist" in err
+    assert "Traceback" not in err
