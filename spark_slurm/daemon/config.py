@@ -19,7 +19,7 @@ from spark_slurm.errors import ConfigError
 _KNOWN = {
     "node", "cluster", "socket", "state_dir", "ledger", "keys", "gpu", "policy", "karman",
     "metrics", "job_context", "slurm_user", "journal_path", "spool_path", "sampler",
-    "automations", "max_request_bytes",
+    "automations", "max_request_bytes", "refusal_limit",
 }
 
 
@@ -52,6 +52,8 @@ class DaemonConfig:
     monitor_period_s: float = 0.5
     maintain_period_s: float = 5.0
     max_request_bytes: int = 65536
+    refusal_rate_per_s: float = 1.0
+    refusal_burst: int = 20
 
 
 def _marks(text: str) -> dict[str, tuple[int, int]]:
@@ -166,7 +168,7 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         if key not in _KNOWN:
             raise reader.fail(str(key), f"unknown key (known: {', '.join(sorted(_KNOWN))})")
     for key in ("socket", "keys", "gpu", "karman", "metrics", "job_context", "sampler",
-                "automations"):
+                "automations", "refusal_limit"):
         reader.section(key)
 
     state_dir = reader.path_("state_dir", Path("/var/lib/spark"))
@@ -221,7 +223,16 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         monitor_period_s=reader.number("automations.period_s", 0.5, 0.05, 1.0),
         maintain_period_s=reader.number("automations.maintain_period_s", 5.0, 0.5, 3600.0),
         max_request_bytes=int(reader.number("max_request_bytes", 65536, 256, 1 << 24)),
+        refusal_rate_per_s=reader.number("refusal_limit.rate_per_s", 1.0, 0.0, 1000.0),
+        refusal_burst=_whole(reader, "refusal_limit.burst", 20, 0, 100_000),
     )
+
+
+def _whole(reader: _Reader, key: str, default: int, low: int, high: int) -> int:
+    value = reader.number(key, default, low, high)
+    if value != int(value):
+        raise reader.fail(key, f"{value} is not a whole number")
+    return int(value)
 
 
 def load_config(path: Path) -> DaemonConfig:

@@ -27,6 +27,7 @@ from spark_slurm.daemon.ingest import Ingestor
 from spark_slurm.daemon.metrics import DaemonMetrics
 from spark_slurm.daemon.peers import Authority, uid_of
 from spark_slurm.daemon.pipeline import Pipeline
+from spark_slurm.daemon.ratelimit import RefusalLimiter
 from spark_slurm.daemon.server import SocketServer
 from spark_slurm.daemon.service import Service, pid_rss_kib
 from spark_slurm.daemon.startup import reconcile_at_start, record_policy
@@ -132,7 +133,8 @@ class Daemon:
             state=self.state, intents=intents, authority=self.authority,
             context_source=self.source, follow_up=self.facility.schedule)
         self.service = Service(self.pipeline, status=self.status, ingest=self.ingest,
-                               observe=self.metrics.observe_latency)
+                               observe=self.metrics.observe_latency,
+                               limiter=RefusalLimiter(cfg.refusal_rate_per_s, cfg.refusal_burst))
         self.ingestor = Ingestor(node=cfg.node, ledger=self.ledger, writer=self.writer,
                                  handle=self.service.handle, state_dir=cfg.state_dir,
                                  journal_path=cfg.journal_path, spool_path=cfg.spool_path)
@@ -199,6 +201,16 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def flush_refusals(self) -> None:
+        """Record the requests the refusal limit answered since the last flush."""
+        service = getattr(self, "service", None)
+        if service is None:
+            return
+        try:
+            service.flush_refusals()
+        except SparkError as exc:  # kept by the limiter; tried again at the next flush
+            log.error("cannot record rate-limited requests yet: %s", exc)
+
     def wait(self) -> None:
         while not self._stop.wait(0.5):
             pass
@@ -212,6 +224,7 @@ class Daemon:
             obj = getattr(self, part, None)
             if obj is not None:
                 obj.stop()
+        self.flush_refusals()  # after the server stops, before the writer does
         if getattr(self, "facility", None) is not None:
             self.facility.stop()
         if getattr(self, "writer", None) is not None:
@@ -247,10 +260,14 @@ def run_daemon(config_path: Path) -> int:
     except BaseException:
         daemon.shutdown()
         raise
+    flushed = time.monotonic()
     while not daemon._stop.wait(0.2):
         if hup.is_set():
             hup.clear()
             daemon.reload_policy()
+        if time.monotonic() - flushed >= config.maintain_period_s:
+            flushed = time.monotonic()
+            daemon.flush_refusals()
     daemon.shutdown()
     return EXIT_OK
 

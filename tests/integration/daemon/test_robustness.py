@@ -14,7 +14,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from spark_slurm.cli import cli, run
-from tests.integration.daemon.conftest import Sparkd, _wait
+from tests.integration.daemon.conftest import OWNER_UID, Sparkd, _wait
 
 SPARKD = str(Path(sys.executable).parent / "sparkd")
 
@@ -57,6 +57,55 @@ def test_malformed_oversized_and_unknown_requests_are_rejected_and_recorded(
     assert sparkd.request({"op": "status"})["ok"]
     assert sparkd.limit_mw(0) == 1_000_000
     assert sparkd.prolog("201", watts=400, gpus=[0])["ok"]
+
+
+# One connection, many requests: alternately junk and a prolog (forbidden to a user).
+_FLOOD = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rb")
+lines = [b"{not json\\n", b'{"op": "prolog", "job_id": "201", "gpus": [0]}\\n']
+out = []
+for i in range(int(sys.argv[2])):
+    s.sendall(lines[i % 2])
+    out.append(json.loads(f.readline()))
+print(json.dumps(out))
+"""
+
+
+def test_a_user_flooding_refused_requests_is_rate_limited_and_still_accounted(
+        sparkd: Sparkd) -> None:
+    sparkd.config.write_text(sparkd.config.read_text()
+                             + "refusal_limit: {rate_per_s: 0.01, burst: 10}\n")
+    sparkd.add_job("201", gpus=[0])
+    sparkd.start()
+    run_ = subprocess.run(["setpriv", f"--reuid={OWNER_UID}", f"--regid={OWNER_UID}",
+                           "--clear-groups", sys.executable, "-c", _FLOOD, str(sparkd.socket),
+                           "40"], capture_output=True, text=True, timeout=60, check=False,
+                          cwd="/")
+    assert run_.returncode == 0, run_.stderr
+    replies = json.loads(run_.stdout)
+    codes = [r["error"]["code"] for r in replies]
+    assert codes[:10] == ["bad-request", "forbidden"] * 5
+    assert all("seq" in r for r in replies[:10])
+    assert codes[10:] == ["rate-limited"] * 30
+    assert all("seq" not in r for r in replies[10:])
+    assert "retry in" in replies[10]["error"]["message"]
+    # root (the scheduler) is never limited, and the GPUs were never touched
+    assert sparkd.request(b"{junk\n")["error"]["code"] == "bad-request"
+    assert sparkd.prolog("201", watts=400, gpus=[0])["ok"]
+    # the 30 unrecorded requests become one counted reject PER at the next flush
+    summary = sparkd.wait_record(lambda r: r["kind"] == "reject"
+                                 and r["body"].get("code") == "rate-limited", 15,
+                                 "rate-limited summary PER")["body"]
+    assert summary["requester"]["uid"] == OWNER_UID
+    assert summary["suppressed"]["count"] == 30
+    assert summary["suppressed"]["ops"] == {"prolog": 15, "unknown": 15}
+    assert summary["suppressed"]["first_ns"] <= summary["suppressed"]["last_ns"]
+    own = [r for r in sparkd.records("reject") if r["body"]["requester"]["uid"] == OWNER_UID]
+    assert len(own) == 10 + 1  # every request accounted for: 10 one by one, 30 counted
+    assert sparkd.stop() == 0
 
 
 def test_unknown_gpu_and_missing_job_are_clear_refusals(sparkd: Sparkd) -> None:

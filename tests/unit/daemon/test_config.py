@@ -52,6 +52,12 @@ def test_good_config_resolves_paths_next_to_the_file(tmp_path: Path) -> None:
     ("gpu: {backend: sim, state_dir: s}\n", "p:1:1: policy: missing"),
     ("policy: [unclosed\n", "p:2:1: not valid YAML"),
     ("- a list\n", "p:1:1: expected a YAML mapping"),
+    ("policy: p.yaml\ngpu: {backend: sim, state_dir: s}\nrefusal_limit: {burst: 2.5}\n",
+     "p:3:24: refusal_limit.burst: 2.5 is not a whole number"),
+    ("policy: p.yaml\ngpu: {backend: sim, state_dir: s}\nrefusal_limit: {rate_per_s: -1}\n",
+     "p:3:29: refusal_limit.rate_per_s: -1 is outside 0.0..1000.0"),
+    ("policy: p.yaml\ngpu: {backend: sim, state_dir: s}\nrefusal_limit: 5\n",
+     "p:3:16: refusal_limit: expected a mapping"),
 ])
 def test_bad_config_names_the_place(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -68,3 +74,4 @@ def test_the_shipped_example_config_is_valid() -> None:
     cfg = load_config(Path(__file__).parents[3] / "etc" / "sparkd.yaml")
     assert cfg.gpu_backend == "nvml" and cfg.socket_path == Path("/run/spark/sparkd.sock")
     assert cfg.metrics_address == "127.0.0.1" and cfg.slurm_user == "slurm"
+    assert cfg.refusal_rate_per_s == 1.0 and cfg.refusal_burst == 20
