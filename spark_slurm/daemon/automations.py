@@ -1,6 +1,7 @@
 """The daemon's own power actions: drift detection, thermal guard, driver-fault handling.
 
-One monitor thread looks at every GPU each period (≤ 1 s). A decision to act is
+One monitor thread looks at every GPU each period (≤ 1 s, shorter when the
+policy's `thermal.interval_s` asks for it). A decision to act is
 re-checked under the actuation lock, so a prolog that is changing a limit at that
 moment is never mistaken for drift. Each action is a PER naming
 `automation:<what>` as its authority.
@@ -24,6 +25,8 @@ from spark_slurm.errors import GpuError
 from spark_slurm.gpu.backend import Sample
 
 log = logging.getLogger("sparkd.automations")
+MIN_PERIOD_S = 0.05
+"""The shortest pause between looks, whatever the policy asks (as config allows)."""
 
 Counter = Callable[[str], None]
 
@@ -77,8 +80,19 @@ class Monitor:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    def current_period(self) -> float:
+        """Seconds between looks: `automations.period_s`, or the policy's
+        `thermal.interval_s` when that is shorter (the guard must look at least that
+        often); read each time, so a reloaded policy takes effect at the next look."""
+        settings = getattr(self.policy().settings, "thermal", None)
+        interval = getattr(settings, "interval_s", None) \
+            if getattr(settings, "enabled", False) else None
+        if isinstance(interval, (int, float)) and interval > 0:
+            return max(MIN_PERIOD_S, min(self.period_s, float(interval)))
+        return self.period_s
+
     def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
+        while not self._stop.wait(self.current_period()):
             try:
                 self.tick()
             except Exception:
