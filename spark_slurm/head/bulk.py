@@ -12,11 +12,9 @@ Tests check both against `spark_slurm.ledger.merkle` byte for byte.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from spark_slurm.ledger.merkle import EMPTY_ROOT, node_hash
-
-_BLOCK_SIZE = 64  # SHA-256 block size, for the HMAC pads
 
 
 class MerkleLevels:
@@ -63,24 +61,3 @@ def leaf_hashes(bodies: Sequence[bytes]) -> list[bytes]:
     """`merkle.leaf_hash` of each body, in one comprehension."""
     sha = hashlib.sha256
     return [sha(b"\x00" + body).digest() for body in bodies]
-
-
-def hmac_sha256(key: bytes) -> Callable[[bytes], bytes]:
-    """HMAC-SHA256 under one key (RFC 2104) with the padded key states hashed once.
-
-    `hmac.digest` re-derives them for every message; merge MACs every record of an
-    epoch with the same key, so copying the two prepared states is about 3x cheaper."""
-    if len(key) > _BLOCK_SIZE:
-        key = hashlib.sha256(key).digest()
-    key = key.ljust(_BLOCK_SIZE, b"\x00")
-    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
-
-    def mac(message: bytes) -> bytes:
-        i = inner.copy()
-        i.update(message)
-        o = outer.copy()
-        o.update(i.digest())
-        return o.digest()
-
-    return mac

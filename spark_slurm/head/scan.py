@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from cryptography.exceptions import InvalidSignature
 
 from spark_slurm.errors import CheckpointError, CheckpointInvalid, LedgerKeyError
-from spark_slurm.head.bulk import MerkleLevels, hmac_sha256, leaf_hashes
+from spark_slurm.head.bulk import MerkleLevels, leaf_hashes
 from spark_slurm.head.keyring import KeyRing
 from spark_slurm.headdb import Finding, StoredRecord
 from spark_slurm.ledger import hmac_epochs
@@ -213,7 +213,7 @@ def _scan_chain(scan: NodeScan, node: str, records: Sequence[RawRecord], k0: byt
             code, why, last_epoch = _check_mac(rec, epochs, hid, last_epoch, last)
             seq = rec.seq
             if code is None and key_id != mac_kid:
-                mac_kid, mac_of = key_id, hmac_sha256(epochs.key(last_epoch))
+                mac_kid, mac_of = key_id, hmac_epochs.mac_function(epochs.key(last_epoch))
         if code is None and rec.kind == "key" and signers:
             body_obj = _body(rec)
             if body_obj.get("event") == "rotate":

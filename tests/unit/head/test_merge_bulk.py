@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from spark_slurm.head.bulk import MerkleLevels, hmac_sha256, leaf_hashes
+from spark_slurm.head.bulk import MerkleLevels, leaf_hashes
 from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.proofs import BLOCK, BLOCK_LEVEL
 from spark_slurm.head.scan import NodeScan, scan_node
@@ -44,16 +42,6 @@ def test_block_level_holds_every_complete_block_hash() -> None:
 def test_leaf_hashes_match_leaf_hash() -> None:
     bodies = [b"", b"x", bytes(range(256)) * 3]
     assert leaf_hashes(bodies) == [leaf_hash(b) for b in bodies]
-
-
-@pytest.mark.parametrize("key_len", [0, 1, 32, 64, 65, 200])
-def test_prepared_hmac_matches_hmac_digest(key_len: int) -> None:
-    key = hashlib.sha256(b"k").digest() * 7
-    key = key[:key_len]
-    mac = hmac_sha256(key)
-    for msg in (b"", b"a" * 32, bytes(range(200))):
-        assert mac(msg) == hmac.digest(key, msg, "sha256")
-        assert mac(msg) == mac(msg)  # the prepared states are copied, never consumed
 
 
 def _scan(path: Path, trust: Path, *, fast: bool) -> NodeScan:

@@ -64,8 +64,10 @@ def test_a_refused_record_leaves_earlier_rows_and_their_leaves(item: tuple[Any, 
     assert hashes == [leaf_hash(rows[0][4])]
 
 
-@pytest.mark.parametrize("key", [b"", b"k", bytes(32), bytes(range(64)), bytes(100)])
+@pytest.mark.parametrize("key", [b"", b"k", bytes(32), bytes(range(64)), bytes(range(65)),
+                                 bytes(100)])
 def test_fixed_key_mac_is_hmac_sha256(key: bytes) -> None:
     fixed = he.mac_function(key)
     for msg in (b"", b"x" * 32, bytes(range(200))):
         assert fixed(msg) == hmac.digest(key, msg, "sha256") == he.mac(key, msg)
+        assert fixed(msg) == fixed(msg)  # the prepared states are copied, never consumed
