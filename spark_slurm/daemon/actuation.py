@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from spark_slurm.clock import SYSTEM_CLOCK, Clock
 from spark_slurm.errors import GpuError
 from spark_slurm.gpu.backend import DeviceInfo, GpuBackend, Sample
 
@@ -46,10 +47,12 @@ class Actuator:
     """The daemon's only path to GPU limits; knows devices by Slurm index."""
 
     def __init__(self, gpu: GpuBackend, sampler: SampleSource | None = None,
-                 max_sample_age_ns: int = 500_000_000, parallel: int = 8) -> None:
+                 max_sample_age_ns: int = 250_000_000, parallel: int = 8,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.gpu = gpu
         self.sampler = sampler
         self.max_sample_age_ns = max_sample_age_ns
+        self._clock = clock
         self.devices: dict[int, DeviceInfo] = {d.minor: d for d in gpu.devices()}
         self._bounds: dict[int, tuple[int, int]] = {}
         # Driver calls block on I/O (ioctl, or the sim's files): a job's GPUs go in parallel.
@@ -70,10 +73,13 @@ class Actuator:
         return minor in self.devices
 
     def sample(self, minor: int) -> Sample:
-        """A fresh sample: the sampler's latest when recent, else a direct read."""
+        """A fresh sample: the sampler's latest when at most `max_sample_age_ns` old,
+        else a direct read (a stalled or slow sampler must not pass off an old
+        reading as the state before a change, or as a job's start energy)."""
         if self.sampler is not None:
             latest = self.sampler.latest(self.index(minor))
-            if isinstance(latest, Sample):
+            if isinstance(latest, Sample) and \
+                    self._clock.now_ns() - latest.time_ns <= self.max_sample_age_ns:
                 return latest
         return self.gpu.sample(self.index(minor))
 

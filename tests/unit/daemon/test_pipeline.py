@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from spark_slurm.clock import ManualClock
 from spark_slurm.daemon.actuation import Actuator
 from spark_slurm.daemon.context import class_from_comment, parse_token
 from spark_slurm.daemon.peers import Authority, Peer
@@ -129,3 +130,25 @@ def test_admission_token_and_class_parsing() -> None:
                      "rule": "r1", "policy": "abcd", "injected": 0}
     assert parse_token("nothing here") is None and parse_token(None) is None
     assert class_from_comment("spark:class=inference") == "inference"
+
+
+class _Sampler:
+    """A sampler whose newest reading is whatever the test put there."""
+
+    def __init__(self, reading: Sample) -> None:
+        self.reading = reading
+
+    def latest(self, index: int) -> Sample:
+        return self.reading
+
+
+def test_a_stale_sampler_reading_is_not_passed_off_as_fresh() -> None:
+    clock = ManualClock()
+    cached = Sample(clock.now_ns(), 99_000, 5_000, 40_000, 90, 0, 700_000)
+    actuator = Actuator(FakeGpus(), _Sampler(cached), max_sample_age_ns=250_000_000,
+                        clock=clock)
+    clock.advance(0.2)
+    assert actuator.sample(0) is cached  # recent enough: no driver call
+    clock.advance(0.1)
+    direct = actuator.sample(0)  # 300 ms old: read the GPU instead
+    assert direct is not cached and direct.power_mw == 50_000
