@@ -11,7 +11,7 @@ from spark_slurm.cli.output import echo_json, echo_table
 from spark_slurm.daemon import client
 from spark_slurm.errors import SparkError
 
-_SOCKET = click.option("--socket", "socket_path", type=click.Path(path_type=Path),
+SOCKET_OPTION = click.option("--socket", "socket_path", type=click.Path(path_type=Path),
                        default=client.DEFAULT_SOCKET, show_default=True,
                        help="sparkd's unix socket.")
 
@@ -34,7 +34,7 @@ def daemon(config_path: Path) -> None:
 
 
 @click.command()
-@_SOCKET
+@SOCKET_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's reply as JSON.")
 def status(socket_path: Path, as_json: bool) -> None:
     """Show daemon health, GPUs and their caps, governed jobs, and the ledger head."""
@@ -66,7 +66,7 @@ def status(socket_path: Path, as_json: bool) -> None:
 @click.option("--job", "job_id", required=True, help="Slurm job id.")
 @click.option("--watts", type=float, required=True, help="New cap per GPU, in watts.")
 @click.option("--reason", default=None, help="Why (recorded in the PER).")
-@_SOCKET
+@SOCKET_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's reply as JSON.")
 def cap(job_id: str, watts: float, reason: str | None, socket_path: Path,
         as_json: bool) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from pathlib import Path
 
 import click
 
+from spark_slurm.cli.daemon_cmd import SOCKET_OPTION
 from spark_slurm.cli.output import echo_json, echo_table
+from spark_slurm.daemon import client
 from spark_slurm.errors import CheckFailed, LedgerError
 from spark_slurm.ledger.keys import keygen as make_keys
 from spark_slurm.ledger.reader import latest_checkpoint, read_records
@@ -100,3 +103,23 @@ def keygen(directory: str) -> None:
     files = make_keys(directory)
     for path in (files.hmac_key, files.signing_key, files.public_key):
         click.echo(str(path))
+
+
+@ledger.command("rotate-key")
+@SOCKET_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's reply as JSON.")
+def rotate_key(socket_path: Path, as_json: bool) -> None:
+    """Give the running sparkd's ledger a new signing key (root only).
+
+    The ledger records the new key endorsed by the old one, the key file is
+    replaced (the old private key is gone) and a checkpoint is signed with the
+    new key. Install the new public key in the head node's trust directory and
+    with the witness.
+    """
+    reply = client.rotate_key(socket_path)
+    if as_json:
+        echo_json(reply)
+        return
+    click.echo(f"signing key {reply['prev_key_id']} -> {reply['key_id']} (PER seq "
+               f"{reply['seq']}, checkpoint at size {reply['checkpoint_size']})")
+    click.echo(f"new public key: {reply['public_key']}")

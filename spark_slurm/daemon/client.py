@@ -77,3 +77,8 @@ def cap(job_id: str, watts_per_gpu: float, reason: str | None = None,
     if reason:
         payload["reason"] = reason
     return checked(request(payload, socket_path))
+
+
+def rotate_key(socket_path: Path = DEFAULT_SOCKET) -> dict[str, Any]:
+    """Ask the daemon (as root) to rotate its ledger's signing key."""
+    return checked(request({"op": "rotate-key"}, socket_path, timeout_s=30.0))

@@ -26,18 +26,18 @@ from spark_slurm.daemon.facility import FacilityFollower
 from spark_slurm.daemon.ingest import Ingestor
 from spark_slurm.daemon.metrics import DaemonMetrics
 from spark_slurm.daemon.peers import Authority, uid_of
-from spark_slurm.daemon.pipeline import Pipeline
+from spark_slurm.daemon.pipeline import Pipeline, Refusal
 from spark_slurm.daemon.ratelimit import RefusalLimiter
 from spark_slurm.daemon.server import SocketServer
 from spark_slurm.daemon.service import Service, pid_rss_kib
 from spark_slurm.daemon.startup import reconcile_at_start, record_policy
 from spark_slurm.daemon.state import IntentStore, NodeState
 from spark_slurm.daemon.writer import LedgerWriter
-from spark_slurm.errors import EXIT_OK, EXIT_USAGE, ConfigError, SparkError
+from spark_slurm.errors import EXIT_OK, EXIT_USAGE, ConfigError, LedgerKeyError, SparkError
 from spark_slurm.gpu import TelemetrySampler, open_backend
 from spark_slurm.karman import KarmanSubscriber
-from spark_slurm.ledger import Ledger
-from spark_slurm.ledger.keys import load_hmac_key, load_signing_key
+from spark_slurm.ledger.keys import load_hmac_key
+from spark_slurm.ledger.rotation import open_rotating, rotate
 from spark_slurm.policy import Policy
 from spark_slurm.slurm.context import open_context_source
 
@@ -91,9 +91,9 @@ class Daemon:
         self._policy = self._load_policy()  # a bad policy stops us before anything runs
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         hmac_key = load_hmac_key(cfg.hmac_key) if cfg.hmac_key else None
-        signing = load_signing_key(cfg.signing_key) if cfg.signing_key else None
-        self.ledger = Ledger.open(cfg.ledger_path, hmac_key, signing, node=cfg.node,
-                                  cluster=cfg.cluster)
+        # settles a signing-key rotation that a crash interrupted, then opens
+        self.ledger = open_rotating(cfg.ledger_path, hmac_key, cfg.signing_key,
+                                    node=cfg.node, cluster=cfg.cluster)
         self._parts.append(self.ledger)
         self.gpu = open_backend(cfg.gpu_backend, state_dir=cfg.gpu_state_dir)
         self.sampler = TelemetrySampler(self.gpu, rate_hz=cfg.sampler_hz,
@@ -134,7 +134,8 @@ class Daemon:
             context_source=self.source, follow_up=self.facility.schedule)
         self.service = Service(self.pipeline, status=self.status, ingest=self.ingest,
                                observe=self.metrics.observe_latency,
-                               limiter=RefusalLimiter(cfg.refusal_rate_per_s, cfg.refusal_burst))
+                               limiter=RefusalLimiter(cfg.refusal_rate_per_s, cfg.refusal_burst),
+                               rotate_key=self.rotate_key if cfg.signing_key else None)
         self.ingestor = Ingestor(node=cfg.node, ledger=self.ledger, writer=self.writer,
                                  handle=self.service.handle, state_dir=cfg.state_dir,
                                  journal_path=cfg.journal_path, spool_path=cfg.spool_path)
@@ -159,6 +160,18 @@ class Daemon:
         if gpu == min(self.actuator.devices):
             self.metrics.refresh_karman()
             self.metrics.jobs.labels(self.config.node).set(len(self.state.jobs))
+
+    def rotate_key(self) -> dict[str, Any]:
+        """A new signing key for the ledger and its key file (root's `rotate-key`)."""
+        assert self.config.signing_key is not None
+        try:
+            done = rotate(self.ledger, self.config.signing_key)
+        except LedgerKeyError as exc:  # e.g. a read-only key directory: recorded, refused
+            raise Refusal("key-error", exc.message) from None
+        log.info("signing key rotated: %s -> %s (PER seq %d); install %s on the head node",
+                 done.prev_key_id, done.key_id, done.seq, done.public_key)
+        return {"prev_key_id": done.prev_key_id, "key_id": done.key_id, "seq": done.seq,
+                "checkpoint_size": done.checkpoint_size, "public_key": str(done.public_key)}
 
     def ingest(self) -> dict[str, Any]:
         with self._policy_lock:

@@ -14,7 +14,7 @@ from typing import Any
 
 from spark_slurm.errors import BadRequest
 
-OPS = ("prolog", "epilog", "cap", "status", "ingest")
+OPS = ("prolog", "epilog", "cap", "status", "ingest", "rotate-key")
 _JOB_OPS = ("prolog", "epilog", "cap")
 _FIELDS = {
     "op", "id", "job_id", "user", "uid", "gid", "partition", "account", "qos", "gpus", "watts",

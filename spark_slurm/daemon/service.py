@@ -33,10 +33,12 @@ class Service:
     def __init__(self, pipeline: Pipeline, *, status: Callable[[], dict[str, Any]],
                  ingest: Callable[[], dict[str, Any]] | None = None,
                  observe: Observer | None = None,
-                 limiter: RefusalLimiter | None = None) -> None:
+                 limiter: RefusalLimiter | None = None,
+                 rotate_key: Callable[[], dict[str, Any]] | None = None) -> None:
         self.pipeline = pipeline
         self.status = status
         self.ingest = ingest
+        self.rotate_key = rotate_key
         self.observe = observe
         self.limiter = limiter
 
@@ -157,6 +159,13 @@ class Service:
             if self.ingest is None:
                 raise Refusal("bad-request", "ingest is not available on this daemon")
             return {"ok": True, "id": request.id, **self.ingest()}
+        if op == "rotate-key":
+            if peer.uid != 0:
+                raise Refusal("forbidden", f"rotate-key is only accepted from root, not uid "
+                              f"{peer.uid} (pid {peer.pid})")
+            if self.rotate_key is None:
+                raise Refusal("bad-request", "this daemon has no signing key to rotate")
+            return {"ok": True, "id": request.id, **self.rotate_key()}
         raise Refusal("bad-request", f"unknown op {op!r}")
 
 

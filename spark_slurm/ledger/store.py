@@ -361,6 +361,11 @@ class Ledger:
         """Number of records, genesis included (= Merkle tree size)."""
         return self._size
 
+    @property
+    def signing_key_id(self) -> str | None:
+        """Id of the key checkpoints are signed with now (None without one)."""
+        return None if self._signing is None else signing_key_id(self._signing.public_key())
+
     def records(self, job_id: str | None = None, since: int | None = None,
                 kinds: Iterable[str] | None = None) -> Iterator[Record]:
         """Records in seq order; `since` is inclusive. Reads in chunks, never holding

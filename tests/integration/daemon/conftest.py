@@ -26,6 +26,7 @@ import pytest
 from spark_slurm.daemon import client
 from spark_slurm.errors import DaemonUnavailable
 from spark_slurm.gpu.sim import SimFleet
+from spark_slurm.ledger.keys import keygen
 
 VENV_BIN = Path(sys.executable).parent
 OWNER_UID = 4242  # a made-up job owner with no passwd entry
@@ -76,7 +77,8 @@ class Sparkd:
     """One sparkd subprocess plus its sim fleet, policy, jobs file and ledger."""
 
     def __init__(self, root: Path, *, drift: str = "reconcile",
-                 karman: str | None = None, thermal_c: tuple[int, int] = (52, 45)) -> None:
+                 karman: str | None = None, thermal_c: tuple[int, int] = (52, 45),
+                 keys: bool = False) -> None:
         self.root = root
         self.sim_dir = root / "sim"
         self.state_dir = root / "state"
@@ -94,6 +96,10 @@ class Sparkd:
         self.policy.write_text(POLICY.format(drift=drift, threshold=thermal_c[0],
                                              release=thermal_c[1]))
         karman_line = f"karman: {{endpoint: '{karman}', topic: cycle-aligned}}\n" if karman else ""
+        self.keys = keygen(root / "keys") if keys else None
+        if self.keys is not None:
+            karman_line += (f"keys: {{hmac: {self.keys.hmac_key}, "
+                            f"signing: {self.keys.signing_key}}}\n")
         self.config.write_text(
             f"node: n1\nstate_dir: {self.state_dir}\n"
             f"socket: {{path: {self.socket}, mode: '0666'}}\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -11,9 +12,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from spark_slurm.cli import cli, run
+from spark_slurm.ledger import verify_ledger
+from spark_slurm.ledger.keys import load_hmac_key, load_public_key, signing_key_id
 from tests.integration.daemon.conftest import OWNER_UID, Sparkd, _wait
 
 SPARKD = str(Path(sys.executable).parent / "sparkd")
@@ -242,3 +246,34 @@ def test_sparkctl_daemon_refuses_a_bad_config(root: Path) -> None:
     result = CliRunner().invoke(cli, ["daemon", "--config", str(config)])
     assert result.exit_code != 0
     assert run(["daemon", "--config", str(config)]) == 2
+
+
+def test_root_rotates_the_signing_key_through_the_daemon(
+        root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    daemon = Sparkd(root, keys=True)
+    assert daemon.keys is not None
+    old_pub = load_public_key(daemon.keys.public_key)
+    try:
+        daemon.start()
+        user = daemon.request_as(OWNER_UID, {"op": "rotate-key"})
+        assert user["error"]["code"] == "forbidden" and "seq" in user
+        assert run(["ledger", "rotate-key", "--socket", str(daemon.socket)]) == 0
+        out = capsys.readouterr().out
+        assert "signing key " in out and f"new public key: {daemon.keys.public_key}" in out
+        new_pub = load_public_key(daemon.keys.public_key)
+        assert new_pub.public_bytes_raw() != old_pub.public_bytes_raw()
+        rotation = [r for r in daemon.records("key") if r["body"].get("event") == "rotate"]
+        assert len(rotation) == 1
+        assert rotation[0]["body"]["key_id"] == signing_key_id(new_pub)
+        assert daemon.stop() == 0
+        daemon.start()  # the replaced key file is the ledger's current key
+        daemon.add_job("201", gpus=[0])
+        assert daemon.prolog("201", watts=400, gpus=[0])["ok"]  # commits under the new key
+        assert daemon.stop() == 0
+        k0 = load_hmac_key(daemon.keys.hmac_key)
+        report = verify_ledger(daemon.state_dir / "ledger.db", k0, public_key=old_pub)
+        assert report.ok, report.reason
+        assert report.signing_keys == (signing_key_id(old_pub), signing_key_id(new_pub))
+    finally:
+        with contextlib.suppress(Exception):
+            daemon.stop()
