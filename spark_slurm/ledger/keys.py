@@ -118,7 +118,9 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     return key
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
+def write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` (never overwriting) with exactly `mode`, and fsync it: key
+    material must not be readable by others even for a moment, nor lost on a crash."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.fchmod(fd, mode)
@@ -145,9 +147,9 @@ def keygen(directory: str | os.PathLike[str]) -> KeyFiles:
     pub = private.public_key().public_bytes(serialization.Encoding.PEM,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
     try:
-        _write_new(files.hmac_key, (secrets.token_bytes(32).hex() + "\n").encode(), 0o600)
-        _write_new(files.signing_key, pem, 0o600)
-        _write_new(files.public_key, pub, 0o644)
+        write_new(files.hmac_key, (secrets.token_bytes(32).hex() + "\n").encode(), 0o600)
+        write_new(files.signing_key, pem, 0o600)
+        write_new(files.public_key, pub, 0o644)
     except OSError as exc:
         raise LedgerKeyError(f"{d}: cannot write key files: {exc.strerror}") from None
     return files

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spark_slurm.errors import LedgerKeyError
-from spark_slurm.ledger.keys import load_signing_key, signing_key_id
+from spark_slurm.ledger.keys import load_signing_key, signing_key_id, write_new
 from spark_slurm.ledger.store import Ledger
 
 
@@ -50,13 +50,7 @@ def public_path(signing_key: Path) -> Path:
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_new(tmp, data, mode)
     os.replace(tmp, path)
     _sync_dir(path.parent)
 
