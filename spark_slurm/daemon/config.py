@@ -115,6 +115,13 @@ class _Reader:
             raise self.fail(key, f"{value} is outside {low}..{high}")
         return float(value)
 
+    def whole(self, key: str, default: int, low: int, high: int,
+              what: str = "a whole number") -> int:
+        value = self.number(key, default, low, high)
+        if value != int(value):
+            raise self.fail(key, f"{value} is not {what}")
+        return int(value)
+
     def path_(self, key: str, default: Path | None = None) -> Path | None:
         value = self.text(key)
         if value is None:
@@ -192,9 +199,7 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
     options = {k: v for k, v in source_section.items() if k != "source"}
     if isinstance(options.get("path"), str) and not Path(options["path"]).is_absolute():
         options["path"] = str((path.parent / options["path"]).resolve())
-    port = reader.number("metrics.port", 0, 0, 65535)
-    if port != int(port):
-        raise reader.fail("metrics.port", f"{port} is not a port number")
+    port = reader.whole("metrics.port", 0, 0, 65535, "a port number")
     return DaemonConfig(
         node=node,
         cluster=reader.text("cluster", "spark") or "spark",
@@ -211,7 +216,7 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         karman_endpoint=reader.text("karman.endpoint"),
         karman_topic=reader.text("karman.topic", "cycle-aligned") or "cycle-aligned",
         metrics_address=reader.text("metrics.address", "127.0.0.1") or "127.0.0.1",
-        metrics_port=int(port),
+        metrics_port=port,
         job_context_source=source,
         job_context_options=options,
         slurm_user=reader.text("slurm_user"),
@@ -224,15 +229,8 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         maintain_period_s=reader.number("automations.maintain_period_s", 5.0, 0.5, 3600.0),
         max_request_bytes=int(reader.number("max_request_bytes", 65536, 256, 1 << 24)),
         refusal_rate_per_s=reader.number("refusal_limit.rate_per_s", 1.0, 0.0, 1000.0),
-        refusal_burst=_whole(reader, "refusal_limit.burst", 20, 0, 100_000),
+        refusal_burst=reader.whole("refusal_limit.burst", 20, 0, 100_000),
     )
-
-
-def _whole(reader: _Reader, key: str, default: int, low: int, high: int) -> int:
-    value = reader.number(key, default, low, high)
-    if value != int(value):
-        raise reader.fail(key, f"{value} is not a whole number")
-    return int(value)
 
 
 def load_config(path: Path) -> DaemonConfig:

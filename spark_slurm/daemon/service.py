@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from spark_slurm.daemon.contracts import ReceiptLike
-from spark_slurm.daemon.peers import Peer, user_name
+from spark_slurm.daemon.peers import Authority, Peer, user_name
 from spark_slurm.daemon.pipeline import Origin, Pipeline, Refusal
 from spark_slurm.daemon.ratelimit import RefusalLimiter
 from spark_slurm.daemon.requests import Request, parse_request
@@ -42,14 +42,18 @@ class Service:
         self.observe = observe
         self.limiter = limiter
 
-    def _limited(self, peer: Peer, op: str, request_id: Any = None) -> dict[str, Any] | None:
+    def _limiter_for(self, peer: Peer, authority: Authority) -> RefusalLimiter | None:
+        """The refusal limiter that applies to `peer`: none for root and the SlurmUser."""
+        return None if self.limiter is None or authority.is_scheduler(peer) else self.limiter
+
+    @staticmethod
+    def _limited(limiter: RefusalLimiter, peer: Peer, op: str,
+                 request_id: Any = None) -> dict[str, Any] | None:
         """The `rate-limited` reply when `peer` has no refusal budget left (counted)."""
-        if self.limiter is None or self.pipeline.authority().is_scheduler(peer):
-            return None
-        wait_s = self.limiter.retry_after(peer.uid)
+        wait_s = limiter.retry_after(peer.uid)
         if wait_s is None:
             return None
-        self.limiter.suppress(peer.uid, op)
+        limiter.suppress(peer.uid, op)
         reply: dict[str, Any] = {"ok": False, "error": {
             "code": "rate-limited",
             "message": f"too many refused requests from uid {peer.uid}; retry in "
@@ -59,10 +63,6 @@ class Service:
             reply["id"] = request_id
         return reply
 
-    def _spent(self, peer: Peer) -> None:
-        if self.limiter is not None and not self.pipeline.authority().is_scheduler(peer):
-            self.limiter.refused(peer.uid)
-
     def flush_refusals(self) -> list[ReceiptLike]:
         """Record what the limiter counted: one `reject` PER per uid since last time."""
         if self.limiter is None:
@@ -70,62 +70,63 @@ class Service:
         receipts = []
         pending = self.limiter.drain()
         for i, s in enumerate(pending):
-            body = {"v": 1, "node": self.pipeline.node, "source": "socket", "op": "*",
-                    "code": "rate-limited",
-                    "reason": f"{s.count} request(s) from uid {s.uid} answered rate-limited "
-                              "after its refusal budget ran out",
-                    "requester": {"uid": s.uid, "user": user_name(s.uid),
-                                  "role": "unknown"},
-                    "suppressed": {"count": s.count, "first_ns": s.first_ns,
-                                   "last_ns": s.last_ns, "ops": s.ops}}
             try:
-                receipts.append(self.pipeline.writer.commit("reject", body))
+                receipts.append(self._commit_reject(
+                    s.uid, "*", "rate-limited",
+                    f"{s.count} request(s) from uid {s.uid} answered rate-limited after its "
+                    "refusal budget ran out",
+                    {"suppressed": {"count": s.count, "first_ns": s.first_ns,
+                                    "last_ns": s.last_ns, "ops": s.ops}}))
             except BaseException:
                 self.limiter.restore(pending[i:])
                 raise
         return receipts
 
-    def _raw_reject(self, peer: Peer, op: str, reason: str, extra: dict[str, Any]) -> Any:
+    def _commit_reject(self, uid: int, op: str, code: str, reason: str,
+                       extra: dict[str, Any]) -> ReceiptLike:
+        """A `reject` PER for what never became a checked Request (raw line, or a count)."""
         body = {"v": 1, "node": self.pipeline.node, "source": "socket", "op": op,
-                "code": "bad-request", "reason": reason,
-                "requester": {"uid": peer.uid, "user": peer.user, "role": "unknown"}, **extra}
+                "code": code, "reason": reason,
+                "requester": {"uid": uid, "user": user_name(uid), "role": "unknown"}, **extra}
         return self.pipeline.writer.commit("reject", body)
 
-    def handle_oversized(self, peer: Peer, limit: int) -> dict[str, Any]:
-        limited = self._limited(peer, "unknown")
-        if limited is not None:
+    def _refuse_raw(self, peer: Peer, reason: str, extra: dict[str, Any]) -> dict[str, Any]:
+        """Refuse a line that is no request at all: recorded, or counted when out of budget."""
+        limiter = self._limiter_for(peer, self.pipeline.authority())
+        if limiter is not None and (limited := self._limited(limiter, peer, "unknown")):
             return limited
-        reason = f"request exceeds {limit} bytes; connection closed"
-        receipt = self._raw_reject(peer, "unknown", reason, {"limit_bytes": limit})
-        self._spent(peer)
+        receipt = self._commit_reject(peer.uid, "unknown", "bad-request", reason, extra)
+        if limiter is not None:
+            limiter.refused(peer.uid)
         return {"ok": False, "error": {"code": "bad-request", "message": reason},
                 "seq": receipt.seq, "hash": receipt.hash}
+
+    def handle_oversized(self, peer: Peer, limit: int) -> dict[str, Any]:
+        return self._refuse_raw(peer, f"request exceeds {limit} bytes; connection closed",
+                                {"limit_bytes": limit})
 
     def handle_line(self, line: bytes, peer: Peer) -> dict[str, Any]:
         try:
             request = parse_request(line)
         except BadRequest as exc:
-            limited = self._limited(peer, "unknown")
-            if limited is not None:
-                return limited
             preview = line[:200].decode("utf-8", errors="replace")
-            receipt = self._raw_reject(peer, "unknown", exc.message, {"raw": preview})
-            self._spent(peer)
-            return {"ok": False, "error": {"code": "bad-request", "message": exc.message},
-                    "seq": receipt.seq, "hash": receipt.hash}
+            return self._refuse_raw(peer, exc.message, {"raw": preview})
         return self.handle(request, peer, Origin())
 
     def handle(self, request: Request, peer: Peer, origin: Origin) -> dict[str, Any]:
         """Run one checked request from a known peer (socket or journal)."""
         t0 = time.perf_counter()
-        if request.op != "status":
-            limited = self._limited(peer, request.op, request.id)
-            if limited is not None:
-                return limited
+        # looked up once per request (it reads the passwd entry of slurm_user)
+        authority = None if request.op == "status" else self.pipeline.authority()
+        limiter = None if authority is None else self._limiter_for(peer, authority)
+        if limiter is not None and (
+                limited := self._limited(limiter, peer, request.op, request.id)):
+            return limited
         try:
-            reply = self._dispatch(request, peer, origin)
+            reply = self._dispatch(request, peer, origin, authority)
         except Refusal as refusal:
-            self._spent(peer)
+            if limiter is not None:
+                limiter.refused(peer.uid)
             role = refusal.role or (
                 "scheduler" if request.op in ("prolog", "epilog") else "unknown")
             _, receipt = self.pipeline.reject(request, peer, refusal, role, origin)
@@ -141,11 +142,11 @@ class Service:
             self.observe(request.op, time.perf_counter() - t0)
         return reply
 
-    def _dispatch(self, request: Request, peer: Peer, origin: Origin) -> dict[str, Any]:
+    def _dispatch(self, request: Request, peer: Peer, origin: Origin,
+                  authority: Authority | None) -> dict[str, Any]:
         op = request.op
-        if op == "status":
+        if authority is None:  # status: read-only, open to anyone
             return {"ok": True, "id": request.id, **self.status()}
-        authority = self.pipeline.authority()
         if op in ("prolog", "epilog", "ingest") and not authority.is_scheduler(peer):
             raise Refusal("forbidden", f"{op} is only accepted from root or the SlurmUser, "
                           f"not uid {peer.uid} (pid {peer.pid})")
