@@ -176,6 +176,8 @@ def mac_status(rec: StoredRecord, key: NodeMacKey | None) -> str:
         return f"key id {rec.key_id!r} is not <id>:<epoch>"
     if parsed[0] != key.key_id:
         return f"MAC made with key {parsed[0]}, not the given key {key.key_id}"
+    if not hmac_epochs.reachable(parsed[1], rec.seq):
+        return f"key id names epoch {parsed[1]}, past any a record at seq {rec.seq} can be in"
     expected = hmac_epochs.mac(key.epochs.key(parsed[1]), bytes.fromhex(rec.hash))
     return "ok" if expected.hex() == rec.mac else "MAC mismatch"
 

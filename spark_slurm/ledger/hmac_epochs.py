@@ -37,6 +37,14 @@ def parse_key_id(value: str) -> tuple[str, int] | None:
     return hid, int(epoch)
 
 
+def reachable(epoch: int, seq: int) -> bool:
+    """Whether a record at `seq` can be in `epoch`: every epoch after 0 begins after
+    a seal record, so no record's epoch exceeds its seq. Checked before deriving an
+    epoch key from a record's key id, which the hash does not cover: an edited id
+    naming epoch 10**12 would otherwise cost 10**12 derivations."""
+    return 0 <= epoch <= seq
+
+
 class EpochKeys:
     """Derives epoch keys from K[0] on demand for a verifier, caching as it goes."""
 

@@ -102,6 +102,8 @@ def _scan(task: Task) -> Result:
                         or key_id is not None or hmac_id is not None:
                     special.append((seq, kind, body, h, mac, key_id))
                     parsed = hmac_epochs.parse_key_id(key_id) if type(key_id) is str else None
+                    if parsed is not None and not hmac_epochs.reachable(parsed[1], seq):
+                        return _FAILED  # the reference walk names the impossible epoch
                     fast_key_id = key_id if kind != "key" and parsed is not None else None
                     fast_mac = None
                     if keys is not None and parsed is not None:

@@ -162,6 +162,22 @@ def test_a_mac_edited_in_the_merged_ledger_fails_only_with_keys(cluster: Cluster
     assert not report.ok
 
 
+
+def test_a_key_id_naming_an_impossible_epoch_fails_without_deriving_it(
+        cluster: Cluster) -> None:
+    db = merged(cluster)
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE records SET key_id = substr(key_id, 1, instr(key_id, ':'))"
+                     " || '1000000000000' WHERE kind='cap' AND job_id='100' AND node_id="
+                     "(SELECT node_id FROM nodes WHERE name='n1')")
+    conn.close()
+    report = audit_job(db, "100", keys_dir=cluster.trust)
+    [bad] = [e for e in report.timeline if not e.verification.ok]
+    assert (bad.node, bad.kind) == ("n1", "cap")
+    assert bad.verification.mac.startswith("key id names epoch 1000000000000, past any")
+
+
 def test_keys_on_a_node_ledger_check_it_as_merge_would(cluster: Cluster) -> None:
     report = audit_job(cluster.n2, "100", keys_dir=cluster.trust)
     assert report.ok and {e.verification.mac for e in report.timeline} == {"ok"}

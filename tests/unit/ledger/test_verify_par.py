@@ -124,6 +124,9 @@ TAMPERS: dict[str, Callable[[Path, int], None]] = {
     "mac": _edit("UPDATE per SET mac = zeroblob(32) WHERE seq = ?"),
     "no mac": _edit("UPDATE per SET mac = NULL WHERE seq = ?"),
     "key id": _edit("UPDATE per SET key_id = key_id || '0' WHERE seq = ?"),
+    # the key id is outside the hash: an epoch no key can be derived for in time
+    "far epoch": _edit("UPDATE per SET key_id = substr(key_id, 1, instr(key_id, ':'))"
+                       " || '1000000000000' WHERE seq = ?"),
     "time": _edit("UPDATE per SET time_ns = time_ns + 1 WHERE seq = ?"),
     "kind": _edit("UPDATE per SET kind = 'zzz' WHERE seq = ?"),
     "job": _edit("UPDATE per SET job_id = 'x' WHERE seq = ?"),
