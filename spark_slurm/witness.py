@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from spark_slurm.durable import replace_file
 from spark_slurm.errors import CheckpointInvalid, InputError, WitnessError
 from spark_slurm.head.keyring import KeyRing
 from spark_slurm.ledger.checkpoint import (
@@ -37,7 +37,7 @@ from spark_slurm.ledger.checkpoint import (
     signatures,
     verify_checkpoint,
 )
-from spark_slurm.ledger.keys import load_signing_key
+from spark_slurm.ledger.keys import load_signing_key, private_pem, public_pem
 from spark_slurm.ledger.merkle import consistency_proof, verify_consistency
 from spark_slurm.ledger.schema import open_existing
 
@@ -81,22 +81,6 @@ def _locked(state: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def witness_key(state: Path) -> tuple[str, Ed25519PrivateKey]:
     """The witness's name and key, created on first use (key file mode 0600)."""
     key_path = state / KEY_FILE
@@ -104,15 +88,10 @@ def witness_key(state: Path) -> tuple[str, Ed25519PrivateKey]:
     with _locked(state):
         if not key_path.exists():
             key = Ed25519PrivateKey.generate()
-            pem = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-            _write_atomic(key_path, pem, 0o600)
-            pub = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-            _write_atomic(state / PUB_FILE, pub)
+            replace_file(key_path, private_pem(key), 0o600)
+            replace_file(state / PUB_FILE, public_pem(key), 0o644)
             name = f"witness/{socket.gethostname().split('.')[0]}"
-            _write_atomic(name_path, (name + "\n").encode())
+            replace_file(name_path, (name + "\n").encode(), 0o644)
     name = name_path.read_text().strip() if name_path.exists() else "witness"
     return name, load_signing_key(key_path)
 
@@ -210,7 +189,7 @@ def witness_checkpoint(state: Path, text: str, keys: KeyRing, proof: list[bytes]
                 raise WitnessError(f"FORK: {cp.origin} size {cp.size} is not consistent with "
                                    f"the witnessed size {old.size}")
         signed = cosign(cp, name, key)
-        _write_atomic(folder / f"{_safe(cp.origin)}.txt", signed.encode())
+        replace_file(folder / f"{_safe(cp.origin)}.txt", signed.encode(), 0o644)
         return WitnessResult(cp.origin, cp.size, old.size if old else None, "accepted", signed)
 
 

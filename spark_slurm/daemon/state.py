@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spark_slurm.durable import replace_file
+
 # PER kinds that change (or confirm) a GPU's governed limit.
 GOVERNING_KINDS = ("cap", "restore", "reconcile", "drift", "throttle", "release")
 
@@ -156,19 +158,7 @@ class IntentStore:
         self.close()
         payload = b"".join(json.dumps({"op": "begin", "job": j.to_json()},
                                       sort_keys=True).encode() + b"\n" for j in jobs.values())
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, payload)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_file(self.path, payload, 0o600)
 
     def close(self) -> None:
         if self._fd is not None:

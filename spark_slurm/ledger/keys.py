@@ -20,6 +20,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from spark_slurm.durable import create_new
 from spark_slurm.errors import LedgerKeyError
 
 HMAC_FILE = "hmac.key"
@@ -118,16 +119,16 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     return key
 
 
-def write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` (never overwriting) with exactly `mode`, and fsync it: key
-    material must not be readable by others even for a moment, nor lost on a crash."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def private_pem(key: Ed25519PrivateKey) -> bytes:
+    """The key as a `node.key` file holds it (PKCS#8 PEM, unencrypted: the file mode guards it)."""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def public_pem(key: Ed25519PrivateKey) -> bytes:
+    """The public half as a `node.pub` file holds it (SubjectPublicKeyInfo PEM)."""
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def keygen(directory: str | os.PathLike[str]) -> KeyFiles:
@@ -142,14 +143,10 @@ def keygen(directory: str | os.PathLike[str]) -> KeyFiles:
         if path.exists():
             raise LedgerKeyError(f"{path}: already exists; refusing to overwrite a key")
     private = Ed25519PrivateKey.generate()
-    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    pub = private.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
     try:
-        write_new(files.hmac_key, (secrets.token_bytes(32).hex() + "\n").encode(), 0o600)
-        write_new(files.signing_key, pem, 0o600)
-        write_new(files.public_key, pub, 0o644)
+        create_new(files.hmac_key, (secrets.token_bytes(32).hex() + "\n").encode(), 0o600)
+        create_new(files.signing_key, private_pem(private), 0o600)
+        create_new(files.public_key, public_pem(private), 0o644)
     except OSError as exc:
         raise LedgerKeyError(f"{d}: cannot write key files: {exc.strerror}") from None
     return files

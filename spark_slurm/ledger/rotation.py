@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from spark_slurm.durable import replace_file, sync_dir
 from spark_slurm.errors import LedgerKeyError
-from spark_slurm.ledger.keys import load_signing_key, signing_key_id, write_new
+from spark_slurm.ledger.keys import load_signing_key, private_pem, public_pem, signing_key_id
 from spark_slurm.ledger.store import Ledger
 
 
@@ -47,29 +47,11 @@ def public_path(signing_key: Path) -> Path:
     return signing_key.with_suffix(".pub")
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    write_new(tmp, data, mode)
-    os.replace(tmp, path)
-    _sync_dir(path.parent)
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def stage_key(signing_key: Path) -> Ed25519PrivateKey:
     """Step 1: a fresh key, durable as `<key>.next` before the ledger names it."""
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
     try:
-        _write_atomic(next_path(signing_key), pem, 0o600)
+        replace_file(next_path(signing_key), private_pem(key), 0o600)
     except OSError as exc:
         raise LedgerKeyError(f"{signing_key}: cannot write the new key: {exc.strerror}") from None
     return key
@@ -79,13 +61,11 @@ def install_key(signing_key: Path) -> Path:
     """Step 3: `.next` becomes the key file (the old private key is gone) and the
     public half is written beside it; returns the public key's path."""
     staged = next_path(signing_key)
-    key = load_signing_key(staged)
-    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    pub = public_pem(load_signing_key(staged))
     try:
         os.replace(staged, signing_key)
-        _sync_dir(signing_key.parent)
-        _write_atomic(public_path(signing_key), pub, 0o644)
+        sync_dir(signing_key.parent)
+        replace_file(public_path(signing_key), pub, 0o644)
     except OSError as exc:
         raise LedgerKeyError(f"{signing_key}: cannot install the new key: {exc.strerror}") \
             from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_a_key_that_cannot_be_written_changes_nothing(tmp_path: Path) -> None:
     path, key_file, k0 = _ledger(tmp_path)
     before = key_file.read_bytes()
     # where the staged key's temp file must go, a directory stands in the way
-    (key_file.parent / (key_file.name + ".next.tmp")).mkdir()
+    (key_file.parent / f".{key_file.name}.next.{os.getpid()}.tmp").mkdir()
     with open_rotating(path, k0, key_file, node="n1") as led:
         old_id = led.signing_key_id
         size = led.size
