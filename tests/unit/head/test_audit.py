@@ -25,6 +25,15 @@ def merged(c: Cluster) -> Path:
     return db
 
 
+def edit_job_record(db: Path, node: str, kind: str, assignment: str) -> None:
+    """Tamper with the merged ledger: `SET assignment` on job 100's `kind` record of `node`."""
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute(f"UPDATE records SET {assignment} WHERE kind=? AND job_id='100' AND "
+                     "node_id=(SELECT node_id FROM nodes WHERE name=?)", (kind, node))
+    conn.close()
+
+
 def test_job_on_two_nodes_in_time_order_all_verified(cluster: Cluster) -> None:
     report = audit_job(merged(cluster), "100", flat("0.30"))
     assert report.ok, report.problems
@@ -59,12 +68,7 @@ def test_audit_on_a_node_ledger_works_too(cluster: Cluster) -> None:
 
 def test_a_record_changed_in_the_merged_ledger_shows_as_unverified(cluster: Cluster) -> None:
     db = merged(cluster)
-    conn = sqlite3.connect(db)
-    with conn:
-        conn.execute("UPDATE records SET body = CAST(replace(body, 'alice', 'mallo') AS BLOB) "
-                     "WHERE kind='cap' AND job_id='100' AND node_id="
-                     "(SELECT node_id FROM nodes WHERE name='n2')")
-    conn.close()
+    edit_job_record(db, "n2", "cap", "body = CAST(replace(body, 'alice', 'mallo') AS BLOB)")
     report = audit_job(db, "100")
     assert not report.ok
     bad = [e for e in report.timeline if not e.verification.ok]
@@ -147,13 +151,8 @@ def test_keys_recheck_every_mac_on_the_merged_ledger(cluster: Cluster) -> None:
 
 def test_a_mac_edited_in_the_merged_ledger_fails_only_with_keys(cluster: Cluster) -> None:
     db = merged(cluster)
-    conn = sqlite3.connect(db)
-    with conn:
-        conn.execute("UPDATE records SET mac = zeroblob(32) WHERE kind='restore' AND "
-                     "job_id='100' AND node_id=(SELECT node_id FROM nodes WHERE name='n1')")
-        conn.execute("UPDATE records SET mac = NULL WHERE kind='admission' AND job_id='100' "
-                     "AND node_id=(SELECT node_id FROM nodes WHERE name='n2')")
-    conn.close()
+    edit_job_record(db, "n1", "restore", "mac = zeroblob(32)")
+    edit_job_record(db, "n2", "admission", "mac = NULL")
     assert audit_job(db, "100").ok  # the MAC is not part of the hash chain
     report = audit_job(db, "100", keys_dir=cluster.trust)
     bad = {(e.node, e.kind): e.verification.mac for e in report.timeline
@@ -166,12 +165,8 @@ def test_a_mac_edited_in_the_merged_ledger_fails_only_with_keys(cluster: Cluster
 def test_a_key_id_naming_an_impossible_epoch_fails_without_deriving_it(
         cluster: Cluster) -> None:
     db = merged(cluster)
-    conn = sqlite3.connect(db)
-    with conn:
-        conn.execute("UPDATE records SET key_id = substr(key_id, 1, instr(key_id, ':'))"
-                     " || '1000000000000' WHERE kind='cap' AND job_id='100' AND node_id="
-                     "(SELECT node_id FROM nodes WHERE name='n1')")
-    conn.close()
+    edit_job_record(db, "n1", "cap",
+                    "key_id = substr(key_id, 1, instr(key_id, ':')) || '1000000000000'")
     report = audit_job(db, "100", keys_dir=cluster.trust)
     [bad] = [e for e in report.timeline if not e.verification.ok]
     assert (bad.node, bad.kind) == ("n1", "cap")
