@@ -1,7 +1,9 @@
 """A real `sparkd` process on a temp socket with 8 simulated GPUs, driven by real requests.
 
-Requests as other users run the client in a subprocess under `setpriv`, so the
-daemon sees them through SO_PEERCRED exactly as it would in production.
+Requests as other users run a client in a subprocess under `setpriv`, so the
+daemon sees them through SO_PEERCRED exactly as it would in production. That
+client is stdlib-only (`python -I -S`): the other user may not be able to read
+this checkout (a `mktemp -d` clone is mode 0700), only to reach the socket.
 """
 
 from __future__ import annotations
@@ -175,18 +177,21 @@ class Sparkd:
         reply: dict[str, Any] = json.loads(client.exchange(data, self.socket, timeout))
         return reply
 
-    def request_as(self, uid: int, payload: dict[str, Any]) -> dict[str, Any]:
-        """Send from a child process running as `uid` (SO_PEERCRED sees that uid)."""
-        code = ("import json,sys; from pathlib import Path; "
-                "from spark_slurm.daemon import client; "
-                "print(json.dumps(client.request(json.loads(sys.argv[1]), Path(sys.argv[2]))))")
+    def send_as(self, uid: int, lines: list[str]) -> list[dict[str, Any]]:
+        """Send request lines on one connection from a child process running as `uid`
+        (SO_PEERCRED sees that uid); the replies, in order."""
         out = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                              sys.executable, "-c", code, json.dumps(payload), str(self.socket)],
+                              sys.executable, "-I", "-S", "-c", _SEND, str(self.socket),
+                              *lines],
                              capture_output=True, text=True, timeout=60, check=False,
                              cwd="/")
         assert out.returncode == 0, out.stderr
-        reply: dict[str, Any] = json.loads(out.stdout)
-        return reply
+        replies: list[dict[str, Any]] = json.loads(out.stdout)
+        return replies
+
+    def request_as(self, uid: int, payload: dict[str, Any]) -> dict[str, Any]:
+        """One request from a child process running as `uid`."""
+        return self.send_as(uid, [json.dumps(payload)])[0]
 
     def prolog(self, job_id: str, **fields: Any) -> dict[str, Any]:
         job = self.jobs.get(job_id, {})
@@ -223,6 +228,20 @@ class Sparkd:
 
     def limit_mw(self, gpu: int) -> int:
         return self.fleet.state(gpu).enforced_mw()
+
+
+# The client `send_as` runs as another user: one connection, a reply per line.
+_SEND = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+replies = s.makefile("rb")
+out = []
+for line in sys.argv[2:]:
+    s.sendall(line.encode() + b"\\n")
+    out.append(json.loads(replies.readline()))
+print(json.dumps(out))
+"""
 
 
 def _free_port() -> int:
