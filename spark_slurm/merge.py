@@ -1,10 +1,12 @@
 """`sparkctl merge`: fold node ledgers into the head node's cluster ledger.
 
-Each node ledger (a snapshot, never the live file) is read in full and checked
-record by record — seq continuity, chain link, hash over the stored bytes, the
-columns against the hashed envelope, MAC with that node's K[0], the origin —
+Each node ledger (a snapshot, never the live file) is copied into a private
+directory, and that copy is read in full and checked record by record — seq
+continuity, chain link, hash over the stored bytes, the columns against the
+hashed envelope, MAC with that node's K[0], the origin —
 and its checkpoints are checked against the node's public key. Only records
-that pass and continue the stored chain are appended, copied byte for byte;
+that pass and continue the stored chain are appended, copied byte for byte from
+the same private copy (so nothing can be swapped in between check and copy);
 everything else becomes a finding with a fixed code, the node and the seq. A
 node that fails never blocks the others, and running a merge twice changes
 nothing (findings are recorded once; nothing is stamped with the run time).
@@ -13,21 +15,31 @@ nothing (findings are recorded once; nothing is stamped with the run time).
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
+import tempfile
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spark_slurm.clock import SYSTEM_CLOCK, Clock
-from spark_slurm.errors import LedgerError, SparkError
+from spark_slurm.errors import HeadDbError, LedgerError, SparkError
 from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.proofs import update_blocks
 from spark_slurm.head.scan import REF_TAG, NodeScan, RawRecord, scan_node
+from spark_slurm.head.source import (
+    attached,
+    copy_forks,
+    copy_rows,
+    private_copy,
+    read_rows,
+)
 from spark_slurm.headdb import Finding, HeadDb
-from spark_slurm.ledger.schema import PER_COLUMNS, open_existing
+from spark_slurm.ledger.schema import open_existing
 from spark_slurm.witness import node_of, witnessed
 
 CODES = ("GAP", "FORK", "ROLLBACK", "DUPLICATE", "REORDER", "TAMPERED", "FOREIGN_ORIGIN",
@@ -35,6 +47,7 @@ CODES = ("GAP", "FORK", "ROLLBACK", "DUPLICATE", "REORDER", "TAMPERED", "FOREIGN
 
 Progress = Callable[[int], None]
 PARALLEL_MIN_RECORDS = 50_000  # below this, starting worker processes costs more than it saves
+DEFAULT_WORKERS = 4
 
 
 @dataclass
@@ -81,45 +94,6 @@ class MergeSummary:
                 "nodes": [r.to_json() for r in self.results]}
 
 
-def read_node_ledger(path: Path) -> tuple[list[RawRecord], list[str]]:
-    """Every row and checkpoint text of a node ledger, read-only, in seq order."""
-    conn, _meta = open_existing(path)
-    lenient = conn.text_factory
-    try:
-        # strict UTF-8 is sqlite3's C decoder; a damaged text column makes it raise, and
-        # then the rows are read again through the ledger's lenient (U+FFFD) decoder
-        conn.text_factory = str
-        try:
-            rows = conn.execute(_SELECT_ROWS).fetchall()
-        except sqlite3.OperationalError:
-            conn.text_factory = lenient
-            rows = conn.execute(_SELECT_ROWS).fetchall()
-        cps = [r[0] for r in conn.execute("SELECT text FROM checkpoint ORDER BY id")]
-    except sqlite3.DatabaseError as exc:
-        raise LedgerError(f"{path}: unreadable ledger: {exc}") from None
-    finally:
-        conn.close()
-    make = RawRecord._make
-    out = []
-    for r in rows:
-        if type(r[4]) is bytes and type(r[5]) is bytes and type(r[6]) is bytes:
-            out.append(make(r))
-        else:  # columns rewritten with another type: keep their bytes, let the scan judge
-            out.append(RawRecord(r[0], r[1], r[2], r[3], _raw(r[4]), _raw(r[5]), _raw(r[6]),
-                                 None if r[7] is None else _raw(r[7]), r[8]))
-    return out, cps
-
-
-_SELECT_ROWS = f"SELECT {PER_COLUMNS} FROM per ORDER BY seq"  # noqa: S608
-
-
-def _raw(value: object) -> bytes:
-    """Column bytes as stored; a value rewritten as TEXT keeps its UTF-8 bytes."""
-    if isinstance(value, bytes):
-        return value
-    return str(value).encode("utf-8")
-
-
 def _split_source(arg: str) -> tuple[str | None, Path]:
     """`NODE=PATH` pins the node a file must belong to; a bare PATH trusts its genesis."""
     name, sep, path = arg.partition("=")
@@ -130,28 +104,52 @@ def _split_source(arg: str) -> tuple[str | None, Path]:
 
 @dataclass
 class Prepared:
-    """A node ledger read and scanned, ready to be compared with the stored state."""
+    """A node ledger read and scanned, ready to be compared with the stored state.
+
+    With `copy`, new records are copied by SQL from that private copy (the file the
+    scan read) and `scan.good` may be empty; without, they are bound from `scan.good`."""
 
     source: str
     scan: NodeScan
     ledger_size: int
+    copy: Path | None = None
 
 
-def prepare(arg: str, keys: KeyRing | None) -> Prepared | NodeResult:
+def prepare(arg: str, keys: KeyRing | None, workdir: Path | None = None
+            ) -> Prepared | NodeResult:
     """Read and scan one source (`PATH` or `NODE=PATH`): the CPU-heavy, DB-free half of
-    a merge, which can run in another process. An unusable file is a NodeResult error."""
+    a merge, which can run in another process. With `workdir`, the source is first
+    copied there and the copy is what is read. An unusable file is a NodeResult error."""
     expected, path = _split_source(arg)
+    copy = None
     try:
-        records, cps = read_node_ledger(path)
+        if workdir is not None:
+            copy = private_copy(path, workdir)
+        records, cps, exact = read_rows(copy or path, path)
     except SparkError as exc:
+        _discard(copy)
         return NodeResult(source=str(path), node=expected, error=exc.message)
+    if not exact:
+        _discard(copy)
+        copy = None
     scan = scan_node(records, cps, keys, expected, fallback_name=path.stem)
-    return Prepared(str(path), scan, (records[-1].seq + 1) if records else 0)
+    return Prepared(str(path), scan, (records[-1].seq + 1) if records else 0, copy)
 
 
-def _prepare_with_keys(arg: str, keys_dir: Path | None) -> Prepared | NodeResult:
-    """`prepare` in a worker process: keys are loaded there (they do not pickle)."""
-    return prepare(arg, KeyRing.load(keys_dir) if keys_dir is not None else None)
+def _prepare_in_worker(arg: str, keys_dir: Path | None, workdir: Path
+                       ) -> Prepared | NodeResult:
+    """`prepare` in a worker process. Keys are loaded there (they do not pickle), and
+    records that will be copied by SQL are not sent back: only hashes and leaves are."""
+    item = prepare(arg, KeyRing.load(keys_dir) if keys_dir is not None else None, workdir)
+    if isinstance(item, Prepared) and item.copy is not None:
+        item.scan.good = []
+    return item
+
+
+def _discard(copy: Path | None) -> None:
+    if copy is not None:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{copy}{suffix}").unlink(missing_ok=True)
 
 
 def merge_node(db: HeadDb, prepared: Prepared, now_ns: int) -> NodeResult:
@@ -163,7 +161,7 @@ def merge_node(db: HeadDb, prepared: Prepared, now_ns: int) -> NodeResult:
         return _finish(db, result, findings, source, now_ns)
     state = db.ensure_node(scan.node, scan.origin)
     stored_head = state.head_seq
-    good = scan.good
+    hashes = scan.hashes  # hashes[i] is the verified record of seq i
     witnessed = [c for c in db.checkpoints(state.node_id) if c.source == "witness"]
     if witnessed:
         # the witness checked each checkpoint consistent with the one before, so the
@@ -173,45 +171,65 @@ def merge_node(db: HeadDb, prepared: Prepared, now_ns: int) -> NodeResult:
             findings.append(Finding("ROLLBACK", scan.node, ledger_size,
                                     f"ledger holds {ledger_size} records but a witnessed "
                                     f"checkpoint has {last.size}"))
-        elif len(good) >= last.size and scan.tree().root(last.size).hex() != last.root:
+        elif len(hashes) >= last.size and scan.tree().root(last.size).hex() != last.root:
             findings.append(Finding("FORK", scan.node, None,
                                     f"first {last.size} records differ from the witnessed "
                                     "checkpoint"))
-            good = []
+            hashes = []
     if stored_head is not None:
         if ledger_size <= stored_head:
             findings.append(Finding("ROLLBACK", scan.node, ledger_size,
                                     f"ledger ends at seq {ledger_size - 1} but the head node "
                                     f"already holds up to seq {stored_head}"))
-        overlap = min(stored_head, len(good) - 1)
+        overlap = min(stored_head, len(hashes) - 1)
         same_head = overlap >= 0 and db.stored_hashes(
-            state.node_id, overlap, overlap).get(overlap) == good[overlap].hash
+            state.node_id, overlap, overlap).get(overlap) == hashes[overlap]
         if overlap >= 0 and not same_head:
             # both chains verify from genesis, so equal hashes at the last shared seq mean
             # an identical prefix; otherwise find where the histories part
             stored = db.stored_hashes(state.node_id, 0, overlap)
-            for rec in good[:overlap + 1]:
-                if stored.get(rec.seq) != rec.hash:
-                    findings.append(Finding("FORK", scan.node, rec.seq,
+            for seq in range(overlap + 1):
+                if stored.get(seq) != hashes[seq]:
+                    findings.append(Finding("FORK", scan.node, seq,
                                             "same seq, different record than the one merged "
                                             "earlier (both kept)"))
-                    for other in good[rec.seq:overlap + 1]:
-                        db.add_fork(state.node_id, other.as_stored(scan.node), source)
-                    good = []
+                    _keep_forks(db, prepared, state.node_id, seq, overlap)
+                    hashes = []
                     break
-    new = good[stored_head + 1:] if stored_head is not None else good  # good[i].seq == i
-    if new:
-        db.append_rows(_bound_rows(state.node_id, new, scan.leaves), new[-1].seq,
-                       new[-1].hash.hex())
-        update_blocks(db, state.node_id, state.count, state.count + len(new), scan.leaves,
+    first = stored_head + 1 if stored_head is not None else 0
+    if first < len(hashes):
+        new = len(hashes) - first
+        _append(db, prepared, state.node_id, first, len(hashes) - 1)
+        update_blocks(db, state.node_id, state.count, state.count + new, scan.leaves,
                       tree=scan.tree())
-        result.appended = len(new)
+        result.appended = new
     for cp in scan.valid_checkpoints:
-        if cp.size <= len(good) or (stored_head is not None and cp.size <= stored_head + 1):
+        if cp.size <= len(hashes) or (stored_head is not None and cp.size <= stored_head + 1):
             db.add_checkpoint(state.node_id, cp.size, cp.root.hex(), cp.text, "ledger")
     refreshed = db.node(scan.node)
     result.head_seq = refreshed.head_seq if refreshed else None
     return _finish(db, result, findings, source, now_ns)
+
+
+def _append(db: HeadDb, prepared: Prepared, node_id: int, first: int, last: int) -> None:
+    """Store verified seqs first..last: by SQL from the private copy, or bound from memory."""
+    scan = prepared.scan
+    if prepared.copy is not None:
+        copy_rows(db, node_id, first, last, leaves=scan.leaves,
+                  head_hash=scan.hashes[last].hex())
+        return
+    new = scan.good[first:last + 1]
+    db.append_rows(_bound_rows(node_id, new, scan.leaves), last, new[-1].hash.hex())
+
+
+def _keep_forks(db: HeadDb, prepared: Prepared, node_id: int, first: int, last: int) -> None:
+    """Keep this source's side of a fork (seqs first..last) as evidence."""
+    if prepared.copy is not None:
+        copy_forks(db, node_id, first, last, prepared.source)
+        return
+    node = prepared.scan.node or ""
+    for rec in prepared.scan.good[first:last + 1]:
+        db.add_fork(node_id, rec.as_stored(node), prepared.source)
 
 
 def _bound_rows(node_id: int, records: Sequence[RawRecord], leaves: Sequence[bytes]
@@ -243,12 +261,54 @@ def merge_ledgers(into: Path, sources: Sequence[str], *, keys_dir: Path | None =
                   progress: Progress | None = None, workers: int | None = None
                   ) -> MergeSummary:
     """Merge node ledgers (`PATH` or `NODE=PATH`) into the cluster ledger at `into`,
-    first taking in every checkpoint the witness at `witness_state` has cosigned."""
+    first taking in every checkpoint the witness at `witness_state` has cosigned.
+
+    `workers` processes (see `worker_count`) copy and check node ledgers while this
+    one stores the previous node; with one, everything runs in this process."""
     keys = KeyRing.load(keys_dir) if keys_dir is not None else None
-    with HeadDb.open(into, create=True) as db:
+    count = worker_count(workers, sources)
+    # the workers are forked first, while this process holds no SQLite file or thread
+    with _scanners(count) as pool, HeadDb.open(into, create=True) as db, \
+            _workdir(into) as workdir:
         if witness_state is not None:
             import_witnessed(db, witness_state)
-        return merge_into(db, sources, keys, clock=clock, progress=progress, workers=workers)
+        return merge_into(db, sources, keys, clock=clock, progress=progress, pool=pool,
+                          workdir=workdir, lookahead=2 * count)
+
+
+def worker_count(workers: int | None, sources: Sequence[str]) -> int:
+    """How many checking processes a merge of `sources` gets (1: none). Asked for a
+    number, that many (at most one per source); by default, up to DEFAULT_WORKERS and
+    one per CPU, for at least PARALLEL_MIN_RECORDS rows."""
+    if workers is None:
+        if len(sources) < 2 or count_records(sources) < PARALLEL_MIN_RECORDS:
+            return 1
+        workers = min(DEFAULT_WORKERS, len(os.sched_getaffinity(0)))
+    return max(1, min(workers, len(sources)))
+
+
+@contextmanager
+def _scanners(count: int) -> Iterator[ProcessPoolExecutor | None]:
+    if count < 2:
+        yield None
+        return
+    # fork, not spawn: a spawned worker re-imports the package (~0.3 s each here)
+    with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork")) as pool:
+        pool.submit(int).result()  # with fork, the first task starts every worker
+        yield pool
+
+
+@contextmanager
+def _workdir(into: Path) -> Iterator[Path]:
+    """A directory only this user can write, beside the cluster ledger (node ledgers can
+    be large; /tmp may be memory), removed afterwards."""
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix=".spark-merge-", dir=into.parent)
+    except OSError as exc:
+        raise HeadDbError(f"{into.parent}: cannot make a working directory: "
+                          f"{exc.strerror}") from None
+    with tmp as name:
+        yield Path(name)
 
 
 def import_witnessed(db: HeadDb, state: Path) -> int:
@@ -263,44 +323,59 @@ def import_witnessed(db: HeadDb, state: Path) -> int:
 
 def merge_into(db: HeadDb, sources: Sequence[str], keys: KeyRing | None, *,
                clock: Clock = SYSTEM_CLOCK, progress: Progress | None = None,
-               workers: int | None = None) -> MergeSummary:
+               pool: ProcessPoolExecutor | None = None, workdir: Path | None = None,
+               lookahead: int = 4) -> MergeSummary:
     """Merge into an open cluster ledger; one transaction per node.
 
-    With `workers` > 1 (and at least PARALLEL_MIN_RECORDS rows to merge), sources are
-    read and scanned by that many processes while this one applies the previous node,
-    so verification and the SQLite writes overlap. The default is 1: on the shared
-    2-core machine the benchmark runs on, spawning and pickling cost what they saved."""
-    if workers is None or len(sources) < 2 or count_records(sources) < PARALLEL_MIN_RECORDS:
-        workers = 1
+    With `workdir`, each source is copied there first and its rows are stored from
+    that copy by SQL; with `pool` too, the copying and checking run in the pool, up
+    to `lookahead` sources ahead of the node being stored. Without `workdir`, rows
+    are read here and bound from memory (the path `load_node_ledger` takes)."""
     results = []
     with db.bulk_writes():
-        if workers > 1:
-            ctx = multiprocessing.get_context("spawn")  # never fork a process holding SQLite
+        if pool is not None and workdir is not None:
             keys_dir = keys.directory if keys is not None else None
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                prepared: Iterator[Prepared | NodeResult] = pool.map(
-                    _prepare_with_keys, sources, [keys_dir] * len(sources))
-                for item in prepared:
-                    results.append(_apply(db, item, clock, progress))
+            for item in _ahead(pool, sources, keys_dir, workdir, max(1, lookahead)):
+                results.append(apply_prepared(db, item, clock, progress))
         else:
             for arg in sources:
-                results.append(_apply(db, prepare(arg, keys), clock, progress))
+                results.append(apply_prepared(db, prepare(arg, keys, workdir), clock, progress))
     return MergeSummary(into=str(db.path), results=results)
 
 
-def _apply(db: HeadDb, item: Prepared | NodeResult, clock: Clock,
-           progress: Progress | None) -> NodeResult:
+def _ahead(pool: ProcessPoolExecutor, sources: Sequence[str], keys_dir: Path | None,
+           workdir: Path, depth: int) -> Iterator[Prepared | NodeResult]:
+    """Each source prepared in the pool, in order, at most `depth` ahead (each holds a
+    copy of its ledger on disk until it is stored)."""
+    pending: deque[Future[Prepared | NodeResult]] = deque()
+    for arg in sources:
+        pending.append(pool.submit(_prepare_in_worker, arg, keys_dir, workdir))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def apply_prepared(db: HeadDb, item: Prepared | NodeResult, clock: Clock = SYSTEM_CLOCK,
+                   progress: Progress | None = None) -> NodeResult:
+    """Store one prepared source in its own transaction, then drop its private copy."""
     if isinstance(item, NodeResult):
         return item
-    # one write transaction per node, taken before reading the node's stored state,
-    # so a concurrent merge into the same file waits instead of racing
-    db.conn.execute("BEGIN IMMEDIATE")
+    source: AbstractContextManager[None] = (
+        attached(db, item.copy) if item.copy is not None else nullcontext())
     try:
-        result = merge_node(db, item, clock.now_ns())
-    except BaseException:
-        db.conn.rollback()
-        raise
-    db.conn.commit()
+        with source:
+            # one write transaction per node, taken before reading the node's stored
+            # state, so a concurrent merge into the same file waits instead of racing
+            db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = merge_node(db, item, clock.now_ns())
+            except BaseException:
+                db.conn.rollback()
+                raise
+            db.conn.commit()
+    finally:
+        _discard(item.copy)
     if progress is not None:
         progress(item.ledger_size)
     return result

@@ -21,12 +21,13 @@ from spark_slurm.errors import MergeFailed
               help="Witness state directory: check nodes against what it cosigned.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal).")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Processes that read and verify node ledgers while the merge writes.")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Processes that copy and verify node ledgers while the merge writes "
+                   "(default: up to 4, one per CPU, for 50,000 rows or more; 1: none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.argument("ledgers", nargs=-1, required=True)
 def merge(*, into: Path, keys: Path | None, witness_state: Path | None, progress: bool | None,
-          workers: int, as_json: bool, ledgers: tuple[str, ...]) -> None:
+          workers: int | None, as_json: bool, ledgers: tuple[str, ...]) -> None:
     """Verify node ledger snapshots (PATH or NODE=PATH) and append their new records.
 
     Idempotent; every problem is a finding (GAP, FORK, ROLLBACK, DUPLICATE, REORDER,

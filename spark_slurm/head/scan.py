@@ -56,14 +56,7 @@ class RawRecord(NamedTuple):
 
     def ref_seq(self) -> int | None:
         """The seq a follow-up record points back to (indexed for audit)."""
-        if REF_TAG not in self.body:
-            return None
-        try:
-            ref = json.loads(self.body)["body"].get("ref")
-        except (ValueError, KeyError, AttributeError):
-            return None
-        seq = ref.get("seq") if isinstance(ref, dict) else None
-        return seq if isinstance(seq, int) else None
+        return ref_seq_of(self.body)
 
     def row(self, leaf: bytes | None = None) -> tuple[Any, ...]:
         return (self.seq, self.time_ns, self.kind, self.job_id, self.body, self.prev_hash,
@@ -74,6 +67,19 @@ class RawRecord(NamedTuple):
         return StoredRecord(node, self.seq, self.time_ns, self.kind, self.job_id, self.body,
                             self.prev_hash.hex(), self.hash.hex(),
                             None if self.mac is None else self.mac.hex(), self.key_id)
+
+
+def ref_seq_of(body: bytes) -> int | None:
+    """`body.ref.seq` of a stored envelope when it is an integer SQLite can hold; merge
+    calls it from SQL too, so both ways of copying rows index the same value."""
+    if REF_TAG not in body:
+        return None
+    try:
+        ref = json.loads(body)["body"].get("ref")
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return None
+    seq = ref.get("seq") if isinstance(ref, dict) else None
+    return seq if isinstance(seq, int) and -2**63 <= seq < 2**63 else None
 
 
 @dataclass
@@ -87,6 +93,8 @@ class NodeScan:
     leaves: list[bytes] = field(default_factory=list)
     valid_checkpoints: list[Checkpoint] = field(default_factory=list)
     mergeable: bool = True
+    hashes: list[bytes] = field(default_factory=list)
+    """The hash of each record in `good`: all merge needs of them once they are checked."""
     _tree: MerkleLevels | None = field(default=None, repr=False)
 
     def tree(self) -> MerkleLevels:
@@ -164,6 +172,7 @@ def scan_node(records: Sequence[RawRecord], checkpoints: Sequence[str], keys: Ke
     signers = [public] if public is not None else []
     _scan_chain(scan, node, records, k0, signers, fast=fast)
     _scan_checkpoints(scan, node, checkpoints, signers, records[-1].seq + 1)
+    scan.hashes = [r.hash for r in scan.good]
     return scan
 
 
@@ -230,14 +239,23 @@ def _scan_chain(scan: NodeScan, node: str, records: Sequence[RawRecord], k0: byt
 _KIND_JSON: dict[str, bytes] = {}
 
 
+_NO_SUFFIX = b"\x00"  # no envelope ends with it: a column of the wrong type never matches
+
+
 def _suffix(rec: RawRecord) -> bytes:
-    """`envelope_suffix` with the kind's JSON cached: it runs once per record."""
+    """`envelope_suffix` with the kind's JSON cached: it runs once per record. A
+    column rewritten with another type (a BLOB kind, a TEXT time) gives `_NO_SUFFIX`."""
     kind = _KIND_JSON.get(rec.kind)
     if kind is None:
+        if type(rec.kind) is not str:
+            return _NO_SUFFIX
         if len(_KIND_JSON) > 256:
             _KIND_JSON.clear()
         kind = _KIND_JSON.setdefault(rec.kind, json.dumps(rec.kind).encode())
     job = rec.job_id
+    if type(rec.time_ns) is not int or type(rec.seq) is not int or not (
+            job is None or type(job) is str):
+        return _NO_SUFFIX
     if job is None:
         return b',"job":null,"kind":%b,"seq":%d,"time_ns":%d}' % (kind, rec.seq, rec.time_ns)
     if job.isascii() and job.isprintable() and '"' not in job and "\\" not in job:
@@ -286,7 +304,7 @@ def _check_mac(rec: RawRecord, epochs: hmac_epochs.EpochKeys, hid: str | None,
                last_epoch: int, last: RawRecord | None) -> tuple[str | None, str, int]:
     if rec.mac is None or rec.key_id is None:
         return "TAMPERED", "record carries no MAC", last_epoch
-    parsed = _parse_key_id(rec.key_id)
+    parsed = _parse_key_id(rec.key_id) if type(rec.key_id) is str else None
     if parsed is None or parsed[0] != hid:
         return "UNKNOWN_KEY", f"MAC key id {rec.key_id!r} is not the node's HMAC key", last_epoch
     epoch = parsed[1]

@@ -11,10 +11,11 @@ from spark_slurm.head.bulk import MerkleLevels, leaf_hashes
 from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.proofs import BLOCK, BLOCK_LEVEL
 from spark_slurm.head.scan import NodeScan, scan_node
+from spark_slurm.head.source import read_node_ledger
 from spark_slurm.headdb import HeadDb
 from spark_slurm.ledger.keys import load_hmac_key
 from spark_slurm.ledger.merkle import leaf_hash, root
-from spark_slurm.merge import merge_ledgers, read_node_ledger
+from spark_slurm.merge import merge_ledgers
 from tests.unit.head import tamper
 from tests.unit.head.conftest import Cluster
 
@@ -69,6 +70,10 @@ DAMAGE = [
     "UPDATE per SET kind = 'restore' WHERE seq=3",
     "UPDATE per SET body = CAST(body AS TEXT) WHERE seq=2",
     "UPDATE per SET kind = CAST(X'FF6361' AS TEXT) WHERE seq=3",
+    "UPDATE per SET kind = CAST(kind AS BLOB) WHERE seq=3",
+    "UPDATE per SET job_id = CAST(job_id AS BLOB) WHERE job_id IS NOT NULL",
+    "UPDATE per SET key_id = CAST(key_id AS BLOB) WHERE seq=5",
+    "UPDATE per SET time_ns = 'noon' WHERE seq=4",
     "UPDATE per SET seq = seq + 1000 WHERE seq >= 7",
     "INSERT INTO per SELECT (SELECT max(seq) + 1 FROM per), time_ns, kind, job_id, body,"
     " prev_hash, hash, mac, key_id FROM per WHERE seq = 3",
@@ -81,6 +86,20 @@ def test_fast_path_gives_the_verdicts_of_the_full_checks(cluster: Cluster, damag
         tamper.sql(cluster.n1, damage)
     _same(_scan(cluster.n1, cluster.trust, fast=True), _scan(cluster.n1, cluster.trust,
                                                               fast=False))
+
+
+@pytest.mark.parametrize(("damage", "code", "seq"), [
+    ("UPDATE per SET kind = CAST(kind AS BLOB) WHERE seq=3", "TAMPERED", 3),
+    ("UPDATE per SET time_ns = 'noon' WHERE seq=4", "TAMPERED", 4),
+    ("UPDATE per SET key_id = CAST(key_id AS BLOB) WHERE seq=5", "UNKNOWN_KEY", 5),
+])
+def test_a_column_of_another_type_is_a_finding(cluster: Cluster, damage: str, code: str,
+                                               seq: int) -> None:
+    """Not a crash: a BLOB where text belongs, or text where a time belongs."""
+    tamper.sql(cluster.n1, damage)
+    scan = _scan(cluster.n1, cluster.trust, fast=True)
+    assert [(f.code, f.seq) for f in scan.findings] == [(code, seq)]
+    assert len(scan.good) == seq
 
 
 def test_invalid_utf8_text_is_read_leniently(cluster: Cluster) -> None:
