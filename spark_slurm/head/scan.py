@@ -270,6 +270,8 @@ def _check(rec: RawRecord, prev: bytes, last_seq: int, seen: dict[bytes, int], *
         return "REORDER", rec.seq, f"seq {rec.seq} appears after seq {last_seq}"
     if rec.seq > last_seq + 1:
         return "GAP", last_seq + 1, f"seqs {last_seq + 1}..{rec.seq - 1} are missing"
+    if type(rec.kind) is not str or not (rec.job_id is None or type(rec.job_id) is str):
+        return "TAMPERED", rec.seq, "a column has the wrong type"  # as `sparkctl verify`
     if rec.hash in seen:
         return "DUPLICATE", rec.seq, f"repeats the record of seq {seen[rec.hash]}"
     if record_hash(rec.prev_hash, rec.body) != rec.hash:

@@ -23,7 +23,7 @@ from pathlib import Path
 from spark_slurm.errors import LedgerError
 from spark_slurm.head.scan import RawRecord, ref_seq_of
 from spark_slurm.headdb import HeadDb
-from spark_slurm.ledger.schema import PER_COLUMNS, open_existing
+from spark_slurm.ledger.schema import open_existing
 
 _ROWS = (
     "INSERT INTO records(node_id, seq, time_ns, kind, job_id, body, prev_hash, hash, mac,"
@@ -46,9 +46,9 @@ def read_node_ledger(path: Path) -> tuple[list[RawRecord], list[str]]:
 
 
 def read_rows(path: Path, shown: Path) -> tuple[list[RawRecord], list[str], bool]:
-    """`read_node_ledger`, naming `shown` in errors, plus whether every column's bytes
-    are what SQLite's own CAST gives (no U+FFFD stand-ins, no REAL in a blob column),
-    so that rows can be copied by SQL rather than from these objects."""
+    """`read_node_ledger`, naming `shown` in errors, plus whether every text column
+    read as stored (no U+FFFD stand-ins for invalid UTF-8), so that rows can be copied
+    by SQL rather than from these objects."""
     conn, _meta = open_existing(path)
     lenient = conn.text_factory
     exact = True
@@ -67,26 +67,14 @@ def read_rows(path: Path, shown: Path) -> tuple[list[RawRecord], list[str], bool
         raise LedgerError(f"{shown}: unreadable ledger: {exc}") from None
     finally:
         conn.close()
-    make = RawRecord._make
-    out = []
-    for r in rows:
-        if type(r[4]) is bytes and type(r[5]) is bytes and type(r[6]) is bytes:
-            out.append(make(r))
-        else:  # columns rewritten with another type: keep their bytes, let the scan judge
-            exact = exact and not any(type(v) is float for v in r[4:8])
-            out.append(RawRecord(r[0], r[1], r[2], r[3], _raw(r[4]), _raw(r[5]), _raw(r[6]),
-                                 None if r[7] is None else _raw(r[7]), r[8]))
+    out = list(map(RawRecord._make, rows))
     return out, cps, exact
 
 
-_SELECT_ROWS = f"SELECT {PER_COLUMNS} FROM per ORDER BY seq"  # noqa: S608
-
-
-def _raw(value: object) -> bytes:
-    """Column bytes as stored; a value rewritten as TEXT keeps its UTF-8 bytes."""
-    if isinstance(value, bytes):
-        return value
-    return str(value).encode("utf-8")
+# as the verifier reads them: a BLOB column rewritten as TEXT (or a number) is judged
+# by its bytes, never by a decoding of them
+_SELECT_ROWS = ("SELECT seq, time_ns, kind, job_id, CAST(body AS BLOB), CAST(prev_hash AS BLOB),"
+                " CAST(hash AS BLOB), CAST(mac AS BLOB), key_id FROM per ORDER BY seq")
 
 
 def private_copy(path: Path, workdir: Path) -> Path:

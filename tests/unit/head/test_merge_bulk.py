@@ -13,6 +13,7 @@ from spark_slurm.head.proofs import BLOCK, BLOCK_LEVEL
 from spark_slurm.head.scan import NodeScan, scan_node
 from spark_slurm.head.source import read_node_ledger
 from spark_slurm.headdb import HeadDb
+from spark_slurm.ledger import verify_ledger
 from spark_slurm.ledger.keys import load_hmac_key
 from spark_slurm.ledger.merkle import leaf_hash, root
 from spark_slurm.merge import merge_ledgers
@@ -88,18 +89,24 @@ def test_fast_path_gives_the_verdicts_of_the_full_checks(cluster: Cluster, damag
                                                               fast=False))
 
 
-@pytest.mark.parametrize(("damage", "code", "seq"), [
-    ("UPDATE per SET kind = CAST(kind AS BLOB) WHERE seq=3", "TAMPERED", 3),
-    ("UPDATE per SET time_ns = 'noon' WHERE seq=4", "TAMPERED", 4),
-    ("UPDATE per SET key_id = CAST(key_id AS BLOB) WHERE seq=5", "UNKNOWN_KEY", 5),
+@pytest.mark.parametrize(("damage", "finding"), [
+    ("UPDATE per SET kind = CAST(kind AS BLOB) WHERE seq=3", ("TAMPERED", 3)),
+    ("UPDATE per SET job_id = CAST(job_id AS BLOB) WHERE seq=3", ("TAMPERED", 3)),
+    ("UPDATE per SET time_ns = 'noon' WHERE seq=4", ("TAMPERED", 4)),
+    ("UPDATE per SET key_id = CAST(key_id AS BLOB) WHERE seq=5", ("UNKNOWN_KEY", 5)),
+    # the bytes are what is hashed: a BLOB rewritten as TEXT of the same bytes is intact
+    ("UPDATE per SET body = CAST(body AS TEXT) WHERE seq=2", None),
+    ("UPDATE per SET hash = CAST(hash AS TEXT) WHERE seq=2", None),
 ])
-def test_a_column_of_another_type_is_a_finding(cluster: Cluster, damage: str, code: str,
-                                               seq: int) -> None:
-    """Not a crash: a BLOB where text belongs, or text where a time belongs."""
+def test_a_column_of_another_type_gets_the_verdict_of_verify(
+        cluster: Cluster, damage: str, finding: tuple[str, int] | None) -> None:
+    """Not a crash, and the seq `sparkctl verify` names."""
     tamper.sql(cluster.n1, damage)
     scan = _scan(cluster.n1, cluster.trust, fast=True)
-    assert [(f.code, f.seq) for f in scan.findings] == [(code, seq)]
-    assert len(scan.good) == seq
+    report = verify_ledger(cluster.n1, load_hmac_key(cluster.root / "keys-n1" / "hmac.key"))
+    assert [(f.code, f.seq) for f in scan.findings] == ([finding] if finding else [])
+    assert report.first_bad_seq == (finding[1] if finding else None)
+    assert len(scan.good) == (finding[1] if finding else report.count)
 
 
 def test_invalid_utf8_text_is_read_leniently(cluster: Cluster) -> None:
