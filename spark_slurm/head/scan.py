@@ -226,7 +226,7 @@ def _scan_chain(scan: NodeScan, node: str, records: Sequence[RawRecord], k0: byt
         if code is None and rec.kind == "key" and signers:
             body_obj = _body(rec)
             if body_obj.get("event") == "rotate":
-                code, why = _follow_rotation(body_obj, scan.origin or "", signers)
+                code, why = follow_rotation(body_obj, scan.origin or "", signers)
         if code is not None:
             scan.findings.append(Finding(code, node, seq, why))
             break
@@ -330,7 +330,7 @@ def _parse_key_id(key_id: str) -> tuple[str, int] | None:
     return hmac_epochs.parse_key_id(key_id)
 
 
-def _follow_rotation(body: dict[str, Any], origin: str,
+def follow_rotation(body: dict[str, Any], origin: str,
                      signers: list[Ed25519PublicKey]) -> tuple[str | None, str]:
     """Accept a rotated signing key only when the current key endorsed it."""
     try:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import multiprocessing
 import shutil
 import sqlite3
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spark_slurm.errors import WitnessError
 from spark_slurm.head.keyring import KeyRing
@@ -143,3 +145,38 @@ def test_cli_prints_cosigned_note_and_refuses_with_exit_1(cluster: Cluster, tmp_
     (cluster.trust / "n1.pub").unlink()
     assert run(["witness", "--state", str(state), "--keys", str(cluster.trust), str(cp)]) == 1
     assert "UNKNOWN_KEY" in capsys.readouterr().err
+
+
+def test_an_endorsed_key_rotation_is_followed_through_the_ledger(cluster: Cluster,
+                                                                 tmp_path: Path) -> None:
+    """After `ledger rotate-key` the node signs with a key the head node has not seen;
+    given the ledger, the witness follows the endorsement recorded in it."""
+    state = tmp_path / "w"
+    keys = KeyRing.load(cluster.trust)
+    first = witness_checkpoint(state, checkpoints(cluster.n1)[-1], keys)
+    with Ledger.open(cluster.n1, None, load_signing_key(cluster.root / "keys-n1" / "node.key"),
+                     node="n1", clock=cluster.clock) as led:
+        led.rotate_signing_key(Ed25519PrivateKey.generate())
+        write_job(led, cluster.clock, "n1", "301", [0], {0: 5})
+        rotated = led.checkpoint().text
+    forged = tmp_path / "forged.db"
+    conn = sqlite3.connect(forged)
+    with sqlite3.connect(cluster.n1) as src:  # online backup: the WAL's frames too
+        src.backup(conn)
+    body = next(b for (b,) in conn.execute("SELECT body FROM per WHERE kind = 'key'")
+                if b'"event":"rotate"' in b)
+    good_sig = body.split(b'"endorsement":"')[1].split(b'"')[0]
+    bad_sig = Ed25519PrivateKey.generate().sign(b"x")  # right length, wrong signer
+    conn.execute("UPDATE per SET body = ? WHERE body = ?",
+                 (body.replace(good_sig, base64.b64encode(bad_sig)), body))
+    conn.commit()
+    conn.close()
+    proof = consistency_proof(leaves(cluster.n1), first.size)
+    with pytest.raises(WitnessError, match="n1"):  # no ledger: only the trusted key
+        witness_checkpoint(state, rotated, keys, proof)
+    with pytest.raises(WitnessError, match="n1"):  # an endorsement the old key never made
+        witness_checkpoint(state, rotated, keys, proof, ledger=forged)
+    result = witness_checkpoint(state, rotated, keys, ledger=cluster.n1)
+    assert result.status == "accepted" and result.previous_size == first.size
+    stored = latest(state, "spark/spark/n1")
+    assert stored is not None and stored.size == result.size
