@@ -105,7 +105,9 @@ class Daemon:
         self.stream = None
         if cfg.karman_endpoint:
             self.stream = KarmanSubscriber(cfg.karman_endpoint, cfg.karman_topic)
-        self.metrics = DaemonMetrics(cfg.node, self.stream.stats if self.stream else None)
+        self.limiter = RefusalLimiter(cfg.refusal_rate_per_s, cfg.refusal_burst)
+        self.metrics = DaemonMetrics(cfg.node, self.stream.stats if self.stream else None,
+                                     rate_limited=lambda: self.limiter.suppressed_total)
         record_policy(self.ledger, self._policy, str(cfg.policy_path))
         self.state = NodeState()
         # NVML calls are ctypes calls that drop the GIL, so a job's GPUs go in parallel;
@@ -134,7 +136,7 @@ class Daemon:
             context_source=self.source, follow_up=self.facility.schedule)
         self.service = Service(self.pipeline, status=self.status, ingest=self.ingest,
                                observe=self.metrics.observe_latency,
-                               limiter=RefusalLimiter(cfg.refusal_rate_per_s, cfg.refusal_burst),
+                               limiter=self.limiter,
                                rotate_key=self.rotate_key if cfg.signing_key else None)
         self.ingestor = Ingestor(node=cfg.node, ledger=self.ledger, writer=self.writer,
                                  handle=self.service.handle, state_dir=cfg.state_dir,

@@ -8,7 +8,7 @@ prometheus_client is imported here only, when metrics are built.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from spark_slurm.gpu.backend import Sample
@@ -19,8 +19,8 @@ log = logging.getLogger("sparkd.metrics")
 class DaemonMetrics:
     """Gauges, counters and the validation-latency histogram of one sparkd."""
 
-    def __init__(self, node: str, karman_stats: Callable[[], Mapping[str, Any]] | None = None
-                 ) -> None:
+    def __init__(self, node: str, karman_stats: Callable[[], Mapping[str, Any]] | None = None,
+                 rate_limited: Callable[[], int] | None = None) -> None:
         from prometheus_client import (  # noqa: PLC0415 (lazy by design)
             CollectorRegistry,
             Counter,
@@ -57,6 +57,8 @@ class DaemonMetrics:
                                 ["node", "verdict"], registry=self.registry)
         self.jobs = Gauge("spark_jobs_governed", "Jobs holding caps on this node", ["node"],
                           registry=self.registry)
+        if rate_limited is not None:
+            self.registry.register(_RateLimited(node, rate_limited))
         if karman_stats is not None:
             karman = Gauge("spark_karman_stream", "Karman subscriber statistics",
                            ["node", "stat"], registry=self.registry)
@@ -122,3 +124,24 @@ class DaemonMetrics:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+class _RateLimited:
+    """`spark_requests_rate_limited_total`: read from the refusal limiter at each scrape,
+    so the request path keeps no metrics handle (each is also in a summary PER)."""
+
+    def __init__(self, node: str, total: Callable[[], int]) -> None:
+        self._node = node
+        self._total = total
+
+    def describe(self) -> list[Any]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily  # noqa: PLC0415 (lazy)
+
+        family = CounterMetricFamily(
+            "spark_requests_rate_limited", "Requests answered rate-limited after the "
+            "requesting uid ran out of refusal budget", labels=["node"])
+        family.add_metric([self._node], self._total())
+        yield family

@@ -51,6 +51,13 @@ class RefusalLimiter:
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets: dict[int, _Bucket] = {}
+        self._suppressed_total = 0
+
+    @property
+    def suppressed_total(self) -> int:
+        """Requests answered `rate-limited` since start (a Prometheus counter)."""
+        with self._lock:
+            return self._suppressed_total
 
     @property
     def enabled(self) -> bool:
@@ -99,6 +106,7 @@ class RefusalLimiter:
             b.count += 1
             b.last_ns = now
             b.ops[op] = b.ops.get(op, 0) + 1
+            self._suppressed_total += 1
 
     def drain(self) -> list[Suppressed]:
         """Take every uid's counts (to be recorded) and forget idle, full buckets."""

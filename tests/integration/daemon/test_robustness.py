@@ -91,6 +91,10 @@ def test_a_user_flooding_refused_requests_is_rate_limited_and_still_accounted(
     assert summary["suppressed"]["first_ns"] <= summary["suppressed"]["last_ns"]
     own = [r for r in sparkd.records("reject") if r["body"]["requester"]["uid"] == OWNER_UID]
     assert len(own) == 10 + 1  # every request accounted for: 10 one by one, 30 counted
+    port = json.loads(CliRunner().invoke(
+        cli, ["status", "--json", "--socket", str(sparkd.socket)]).output)["metrics_port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'spark_requests_rate_limited_total{node="n1"} 30.0' in text
     assert sparkd.stop() == 0
 
 
