@@ -118,10 +118,13 @@ local function json_object(fields)
 end
 
 local function spool_denial(job_desc, submit_uid, req, rule, reason)
+  -- what the policy decided on, so `sparkctl replay --recheck` can decide it again
+  local parts = req and req.partitions and table.concat(req.partitions, ",")
   local request = json_object({
     {"gpus", req and req.gpus}, {"watts", req and req.watts},
     {"tres_per_node", job_desc.tres_per_node}, {"tres_per_job", job_desc.tres_per_job},
     {"tres_per_task", job_desc.tres_per_task},
+    {"partitions", parts}, {"qos", req and req.qos}, {"class", req and req.class},
   })
   local line = json_object({
     {"v", 1}, {"time_ns", os.time() * 1000000000}, {"decision", "deny"},

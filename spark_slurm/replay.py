@@ -23,7 +23,7 @@ from spark_slurm.headdb import HeadDb, StoredRecord, is_head_db
 from spark_slurm.merge import load_node_ledger
 
 STATE_KINDS = ("cap", "restore", "throttle", "release", "drift", "reconcile")
-DECISION_KINDS = ("cap", "reject", "policy")
+DECISION_KINDS = ("cap", "reject", "admission", "policy")
 
 
 @dataclass
@@ -162,6 +162,36 @@ def _request_from(rec: StoredRecord, body: dict[str, Any], current: int | None) 
         hw_min_mw=max(mins) if mins else None, hw_max_mw=min(maxs) if maxs else None)
 
 
+def _admission_request(body: dict[str, Any]) -> Any:
+    """The request job_submit.lua decided, from the denial it spooled; None for one it
+    refused before asking the policy (its rules are not the policy's), and for the
+    admission token a prolog saw (it holds the grant, not what was asked)."""
+    from spark_slurm.policy import PowerRequest  # noqa: PLC0415 (only --recheck needs it)
+    from spark_slurm.slurm.admin_token import comment_class  # noqa: PLC0415
+
+    req = body.get("request") if isinstance(body.get("request"), dict) else {}
+    assert isinstance(req, dict)
+    raw = req.get("raw") if isinstance(req.get("raw"), dict) else {}
+    ctx = body.get("context") if isinstance(body.get("context"), dict) else {}
+    assert isinstance(raw, dict) and isinstance(ctx, dict)
+    gpus, watts = req.get("gpus"), req.get("watts")
+    if body.get("source") != "spool" or not isinstance(gpus, int) or gpus <= 0 \
+            or body.get("rule") in _SHIM_RULES:
+        return None
+    # what the shim decided on (v1 lines from before it was recorded: the job's fields)
+    partition = raw["partitions"] if "partitions" in raw else ctx.get("partition")
+    cls = raw["class"] if "class" in raw else comment_class(ctx.get("comment"))
+    return PowerRequest(
+        op="admission", gpus=gpus,
+        requested_mw_per_gpu=watts * 1000 // gpus if isinstance(watts, int) else None,
+        account=ctx.get("account"), partition=partition or None,
+        qos=raw.get("qos") or None, workload_class=cls or None)
+
+
+_SHIM_RULES = ("request-invalid", "gpus-per-node-unknown", "power-without-gpus",
+               "policy-not-loaded", "internal-error")
+
+
 def recheck(db: HeadDb, node: str | None = None) -> list[Recheck]:
     """Re-evaluate every recorded decision against the policy snapshot it names."""
     from spark_slurm.policy import Policy  # noqa: PLC0415 (only --recheck needs it)
@@ -178,10 +208,21 @@ def recheck(db: HeadDb, node: str | None = None) -> list[Recheck]:
             except ConfigError as exc:
                 policies[(rec.node, str(body.get("sha256")))] = exc.message
             continue
-        dec = body.get("decision")
-        if not isinstance(dec, dict) or (rec.kind == "reject" and "context" not in body):
-            continue
-        recorded = {k: dec.get(k) for k in ("action", "granted_mw", "rule")}
+        dec: Any
+        if rec.kind == "admission":
+            request = _admission_request(body)
+            if request is None:
+                continue  # not a policy decision job_submit.lua recorded with its inputs
+            dec = {"action": body.get("decision"), "rule": body.get("rule"),
+                   "policy_sha256": body.get("policy_sha256")}
+        else:
+            request = None
+            dec = body.get("decision")
+            if not isinstance(dec, dict) or (rec.kind == "reject" and "context" not in body):
+                continue
+        fields = ("action", "rule") if rec.kind == "admission" else (
+            "action", "granted_mw", "rule")
+        recorded = {k: dec.get(k) for k in fields}
         policy = policies.get((rec.node, str(dec.get("policy_sha256"))))
         job_key = (rec.node, str(rec.job_id))
         if policy is None:
@@ -193,8 +234,9 @@ def recheck(db: HeadDb, node: str | None = None) -> list[Recheck]:
             out.append(Recheck(rec.node, rec.seq, rec.kind, recorded, None, False,
                                f"recorded policy does not load: {policy}"))
             continue
-        got = policy.evaluate(_request_from(rec, body, granted.get(job_key)))
-        replayed = {"action": got.action, "granted_mw": got.granted_mw, "rule": got.rule}
+        got = policy.evaluate(request or _request_from(rec, body, granted.get(job_key)))
+        replayed = {k: {"action": got.action, "granted_mw": got.granted_mw,
+                        "rule": got.rule}[k] for k in fields}
         same = replayed == recorded
         out.append(Recheck(rec.node, rec.seq, rec.kind, recorded, replayed, same,
                            "" if same else "decision does not reproduce"))

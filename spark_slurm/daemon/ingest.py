@@ -194,7 +194,7 @@ class Ingestor:
         for inode, offset, end, line in self.spool.lines():
             where = {"inode": inode, "offset": offset, "end": end, "path": str(self.spool.path)}
             try:
-                body = _admission(json.loads(line), self.node)
+                body = admission_body(json.loads(line), self.node)
             except (ValueError, KeyError, TypeError) as exc:
                 self._reject("spool", where, f"malformed spool line at byte {offset}: {exc}")
             else:
@@ -209,7 +209,7 @@ class Ingestor:
         return count
 
 
-def _admission(item: Any, node: str) -> dict[str, Any]:
+def admission_body(item: Any, node: str) -> dict[str, Any]:
     """An `admission` PER body from one denial-spool line (format v1)."""
     if not isinstance(item, dict):
         raise TypeError("spool line is not a JSON object")

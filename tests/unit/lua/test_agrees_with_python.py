@@ -6,7 +6,10 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+from spark_slurm.daemon.ingest import admission_body
+from spark_slurm.ledger import Ledger
 from spark_slurm.policy import Policy, PowerRequest
+from spark_slurm.replay import replay
 from tests.unit.lua.conftest import LuaPlugin
 
 LAYERED = Path(__file__).resolve().parents[2] / "data" / "policy" / "layered.yaml"
@@ -56,3 +59,29 @@ def test_lua_and_python_name_the_same_rule_and_grant(plugin: LuaPlugin) -> None:
             mismatches.append((case, got, expected))
     assert mismatches == []
     assert len(cases) > 300
+
+
+def test_replay_recheck_reproduces_every_denial_the_shim_spooled(plugin: LuaPlugin,
+                                                                 tmp_path: Path) -> None:
+    """Denials from the real job_submit.lua, recorded as sparkd records them, decide the
+    same way again under `replay --recheck`; a doctored one is reported."""
+    text = LAYERED.read_text()
+    plugin.install(text)
+    policy = Policy.from_text(text)
+    cases = _cases()
+    plugin.run([{"job_desc": {k: v for k, v in c.items() if not k.startswith("_")}}
+                for c in cases])
+    lines = plugin.spool_lines()
+    assert len(lines) > 20 and {line["rule"] for line in lines} >= {
+        "gpu-limits", "bio-no-training", "low-debug"}
+    doctored = dict(lines[0], rule="floor-for-training")
+    path = tmp_path / "n1.db"
+    with Ledger.open(path, node="n1") as led:
+        led.append("policy", dict(policy.snapshot_body(), node="n1"))
+        for line in [*lines, doctored]:
+            led.append("admission", admission_body(line, "n1"))
+    report = replay(path, 2**62, with_recheck=True)
+    assert len(report.rechecks) == len(lines) + 1
+    bad = [r for r in report.rechecks if not r.ok]
+    assert [(b.recorded["rule"], b.replayed and b.replayed["rule"]) for b in bad] == [
+        ("floor-for-training", lines[0]["rule"])]

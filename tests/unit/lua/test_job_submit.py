@@ -159,7 +159,9 @@ def test_spool_line_has_the_full_context(plugin: LuaPlugin) -> None:
         "partition": "gpu", "job_name": 'big "run"',
         "request": {"gpus": 1, "watts": 99999999,
                     "tres_per_node": "gres:gpu:1,gres:gpupower:99999999",
-                    "tres_per_job": None, "tres_per_task": None},
+                    "tres_per_job": None, "tres_per_task": None,
+                    # what the policy decided on, for replay --recheck
+                    "partitions": "gpu", "qos": None, "class": "training"},
         "comment": "line1\nline2 spark:class=training",
     }
 
