@@ -22,7 +22,7 @@ from spark_slurm.daemon.state import (
     IntentStore,
     JobState,
     NodeState,
-    governed_from_records,
+    governed_latest,
 )
 from spark_slurm.errors import GpuError
 
@@ -43,9 +43,8 @@ class StartupReport:
 
 def record_policy(ledger: LedgerLike, policy: PolicyLike, path: str) -> bool:
     """Append a `policy` PER when the loaded policy differs from the last recorded one."""
-    last = None
-    for record in ledger.records(kinds=["policy"]):
-        last = record.body.get("sha256")
+    newest = next(ledger.records_newest_first(kinds=["policy"]), None)
+    last = None if newest is None else newest.body.get("sha256")
     if last == policy.sha256:
         return False
     ledger.append_many([("policy", {"v": 1, "sha256": policy.sha256, "text": policy.text,
@@ -65,7 +64,8 @@ def reconcile_at_start(*, node: str, ledger: LedgerLike, actuator: Actuator,
                        intents: IntentStore, state: NodeState,
                        source: JobContextSource | None) -> StartupReport:
     """Restore orphans, align every GPU with the ledger, record it; fills `state`."""
-    governed = governed_from_records(ledger.records(kinds=list(GOVERNING_KINDS)))
+    governed = governed_latest(ledger.records_newest_first(kinds=list(GOVERNING_KINDS)),
+                               actuator.devices)
     jobs = intents.load()
     orphans: list[str] = []
     kept: list[str] = []

@@ -91,22 +91,42 @@ def governed_from_records(records: Iterable[Any]) -> dict[int, int]:
     """Each GPU's last governed limit (mW), replaying PER bodies in ledger order."""
     governed: dict[int, int] = {}
     for record in records:
-        kind = record.kind
-        if kind not in GOVERNING_KINDS:
-            continue
-        body = record.body
-        if kind in ("cap", "restore", "reconcile"):
-            for entry in body.get("gpus", []):
-                if "intended_mw" in entry and "error" not in entry:
-                    governed[int(entry["index"])] = int(entry["intended_mw"])
-        elif kind == "drift":
-            if body.get("action") == "reconcile":
-                governed[int(body["gpu"])] = int(body["expected_mw"])
-            else:
-                governed[int(body["gpu"])] = int(body["observed_mw"])
-        elif kind in ("throttle", "release") and "error" not in body:
-            governed[int(body["gpu"])] = int(body["to_mw"])
+        for gpu, mw in limits_set_by(record):
+            governed[gpu] = mw
     return governed
+
+
+def governed_latest(newest_first: Iterable[Any], gpus: Iterable[int]) -> dict[int, int]:
+    """`governed_from_records` read from the head backwards, stopping once every GPU in
+    `gpus` is settled: the same value for each of them, without replaying the whole
+    ledger. Every start-up writes a `reconcile` PER naming each GPU's limit, so the
+    walk ends at the latest start-up at the furthest (a GPU it could not read aside)."""
+    wanted = set(gpus)
+    governed: dict[int, int] = {}
+    for record in newest_first:
+        for gpu, mw in reversed(limits_set_by(record)):  # within a PER the last one wins
+            governed.setdefault(gpu, mw)
+        if wanted <= governed.keys():
+            break
+    return governed
+
+
+def limits_set_by(record: Any) -> list[tuple[int, int]]:
+    """(GPU, governed mW) pairs one PER sets, in the order it sets them."""
+    kind = record.kind
+    if kind not in GOVERNING_KINDS:
+        return []
+    body = record.body
+    if kind in ("cap", "restore", "reconcile"):
+        return [(int(entry["index"]), int(entry["intended_mw"]))
+                for entry in body.get("gpus", [])
+                if "intended_mw" in entry and "error" not in entry]
+    if kind == "drift":
+        key = "expected_mw" if body.get("action") == "reconcile" else "observed_mw"
+        return [(int(body["gpu"]), int(body[key]))]
+    if "error" not in body:  # throttle, release
+        return [(int(body["gpu"]), int(body["to_mw"]))]
+    return []
 
 
 class IntentStore:

@@ -52,6 +52,10 @@ _SELECT = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_i
            "WHERE seq >= :since "
            "AND (:kinds IS NULL OR kind IN (SELECT value FROM json_each(:kinds)))")
 SELECT_ALL = _SELECT + " ORDER BY seq LIMIT 1000"
+SELECT_ALL_DESC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
+                   "WHERE seq <= :before "
+                   "AND (:kinds IS NULL OR kind IN (SELECT value FROM json_each(:kinds))) "
+                   "ORDER BY seq DESC LIMIT 1000")
 SELECT_JOB = _SELECT + " AND job_id = :job ORDER BY seq LIMIT 1000"
 
 

@@ -48,6 +48,7 @@ from spark_slurm.ledger.schema import (
     INSERT_PER,
     SCHEMA_VERSION,
     SELECT_ALL,
+    SELECT_ALL_DESC,
     SELECT_JOB,
     SELECT_KEYS,
     check_file,
@@ -382,6 +383,21 @@ class Ledger:
             if len(rows) < 1000:
                 return
             args["since"] = int(rows[-1][0]) + 1
+
+    def records_newest_first(self, kinds: Iterable[str] | None = None) -> Iterator[Record]:
+        """Records from the head backwards, for readers that stop at the latest few
+        (sparkd's start-up needs each GPU's last limit, not a year of history)."""
+        kind_list = None if kinds is None else json.dumps(sorted(set(kinds)))
+        args: dict[str, Any] = {"before": 2**62, "kinds": kind_list}
+        while True:
+            with self._lock:
+                self._check_open()
+                rows = self._conn.execute(SELECT_ALL_DESC, args).fetchall()
+            for row in rows:
+                yield row_to_record(row)
+            if len(rows) < 1000:
+                return
+            args["before"] = int(rows[-1][0]) - 1
 
     def checkpoints(self) -> list[Checkpoint]:
         """Checkpoints kept in this ledger, oldest first."""

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from spark_slurm.daemon.actuation import Energy, energy_between
 from spark_slurm.daemon.state import (
     IntentStore,
@@ -13,6 +16,7 @@ from spark_slurm.daemon.state import (
     NodeState,
     Throttle,
     governed_from_records,
+    governed_latest,
 )
 from spark_slurm.gpu.backend import Sample
 
@@ -41,6 +45,51 @@ def test_replay_follows_every_governing_kind_in_order() -> None:
     records.append(Rec("release", {"gpu": 1, "to_mw": 1_000_000}))
     records.append(Rec("restore", {"gpus": [{"index": 0, "intended_mw": 1_000_000}]}))
     assert governed_from_records(records) == {0: 1_000_000, 1: 1_000_000}
+
+
+_GPU = st.integers(0, 3)
+_MW = st.integers(100_000, 1_000_000)
+_ENTRY = st.one_of(
+    st.builds(lambda g, mw: {"index": g, "intended_mw": mw}, _GPU, _MW),
+    st.builds(lambda g: {"index": g, "error": "GpuLost: gone"}, _GPU))
+_RECORD = st.one_of(
+    st.builds(Rec, st.sampled_from(["cap", "restore", "reconcile"]),
+              st.builds(lambda es: {"gpus": es}, st.lists(_ENTRY, max_size=4))),
+    st.builds(lambda g, a, e, o: Rec("drift", {"gpu": g, "action": a, "expected_mw": e,
+                                               "observed_mw": o}),
+              _GPU, st.sampled_from(["record", "reconcile"]), _MW, _MW),
+    st.builds(lambda k, g, mw, err: Rec(k, {"gpu": g, "to_mw": mw} | (
+        {"error": "GpuNoPermission"} if err else {})),
+        st.sampled_from(["throttle", "release"]), _GPU, _MW, st.booleans()),
+    st.builds(lambda g: Rec("fault", {"gpu": g}), _GPU))
+
+
+@settings(max_examples=300, deadline=None)
+@given(records=st.lists(_RECORD, max_size=30), gpus=st.sets(_GPU))
+def test_newest_first_with_early_stop_agrees_with_the_full_replay(
+        records: list[Rec], gpus: set[int]) -> None:
+    """Start-up reads the ledger backwards and stops early; every GPU it was asked for
+    (and any other it settled on the way) gets the full replay's value."""
+    full = governed_from_records(records)
+    latest = governed_latest(reversed(records), gpus)
+    assert {g: latest.get(g) for g in gpus} == {g: full.get(g) for g in gpus}
+    assert all(full[g] == mw for g, mw in latest.items())
+
+
+def test_newest_first_stops_at_the_latest_start_up() -> None:
+    read: list[Rec] = []
+    history = [Rec("cap", {"gpus": [{"index": 0, "intended_mw": 1}]})] * 1000 + [
+        Rec("reconcile", {"gpus": [{"index": 0, "intended_mw": 500_000},
+                                   {"index": 1, "intended_mw": 700_000}]}),
+        Rec("cap", {"gpus": [{"index": 1, "intended_mw": 300_000}]})]
+
+    def newest_first() -> Any:
+        for rec in reversed(history):
+            read.append(rec)
+            yield rec
+
+    assert governed_latest(newest_first(), [0, 1]) == {0: 500_000, 1: 300_000}
+    assert len(read) == 2
 
 
 def test_intents_begin_end_compact_and_a_torn_tail(tmp_path: Path) -> None:

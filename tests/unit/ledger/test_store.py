@@ -107,6 +107,11 @@ def test_records_filters_by_job_kind_and_since(tmp_path: Path) -> None:
         assert all(r.kind == "cap" and r.seq >= 2000 for r in caps) and len(caps) == 251
         assert list(led.records(kinds=[])) == []
         assert len(list(led.records())) == 2501
+        # newest first: the same records, reversed, across read chunks and kind filters
+        assert list(led.records_newest_first()) == list(led.records())[::-1]
+        assert list(led.records_newest_first(kinds=["cap"])) == \
+            list(led.records(kinds=["cap"]))[::-1]
+        assert list(led.records_newest_first(kinds=[])) == []
 
 
 def test_reopen_continues_the_chain_and_the_tree(tmp_path: Path) -> None:
