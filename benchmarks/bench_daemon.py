@@ -23,8 +23,10 @@ from typing import Any
 
 from benchmarks import harness
 from spark_slurm.daemon import client
+from spark_slurm.daemon.state import GOVERNING_KINDS, governed_from_records, governed_latest
 from spark_slurm.errors import DaemonUnavailable
 from spark_slurm.gpu.sim import SimFleet
+from spark_slurm.ledger import Ledger
 
 BIN = Path(sys.executable).parent
 POLICY = """\
@@ -210,4 +212,42 @@ def run() -> list[harness.Section]:
              "24.5 ms, and 31-55 ms under load; `bench_gpu` shows both write paths side by "
              "side in one run."]
     return [harness.Section("sparkd node daemon", "python -m benchmarks bench_daemon",
-                            figures, notes)]
+                            figures, notes), _startup_section()]
+
+
+STARTUP_PERS = 100_000
+
+
+def _startup_section() -> harness.Section:
+    """What start-up reads to learn each GPU's last limit, on a long ledger."""
+    root = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    try:
+        with Ledger.open(root / "node.db", node="n1") as led:
+            led.append("reconcile", {"v": 1, "node": "n1", "gpus": [
+                {"index": g, "intended_mw": 700_000} for g in range(8)]})
+            for start in range(0, STARTUP_PERS, 1000):
+                led.append_many([("cap", {"v": 1, "node": "n1", "job_id": str(i // 8),
+                                          "gpus": [{"index": i % 8, "intended_mw": 400_000,
+                                                    "readback_mw": 400_000, "ok": True}]})
+                                 for i in range(start, start + 1000)])
+            kinds = list(GOVERNING_KINDS)
+            new, old = [], []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                latest = governed_latest(led.records_newest_first(kinds=kinds), range(8))
+                new.append((time.perf_counter() - t0) * 1000)
+                t0 = time.perf_counter()
+                full = governed_from_records(led.records(kinds=kinds))
+                old.append((time.perf_counter() - t0) * 1000)
+                assert latest == full
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    value, base = harness.median(new), harness.median(old)
+    return harness.Section(
+        "sparkd start-up", "python -m benchmarks bench_daemon",
+        [harness.Figure(f"each GPU's last governed limit, {STARTUP_PERS:,}-PER ledger (p50)",
+                        value, "ms", "full replay of every governing PER (before)", base)],
+        [f"Median of 5. The ledger holds {STARTUP_PERS:,} `cap` PERs over 8 GPUs after a "
+         "start-up `reconcile`. Start-up reads newest first and stops once every GPU is "
+         "settled; since every start-up records each GPU, the most it reads is what was "
+         "written since the previous start-up (that bound is the baseline's cost here)."])
