@@ -373,7 +373,19 @@ class Ledger:
         the lock between them, so a slow consumer does not block the writer."""
         kind_list = None if kinds is None else json.dumps(sorted(set(kinds)))
         args: dict[str, Any] = {"since": since or 0, "kinds": kind_list, "job": job_id}
-        sql = SELECT_ALL if job_id is None else SELECT_JOB
+        return self._pages(SELECT_ALL if job_id is None else SELECT_JOB, args, "since", 1)
+
+    def records_newest_first(self, kinds: Iterable[str] | None = None) -> Iterator[Record]:
+        """Records from the head backwards, for readers that stop at the latest few
+        (sparkd's start-up needs each GPU's last limit, not a year of history)."""
+        kind_list = None if kinds is None else json.dumps(sorted(set(kinds)))
+        return self._pages(SELECT_ALL_DESC, {"before": 2**62, "kinds": kind_list}, "before",
+                           -1)
+
+    def _pages(self, sql: str, args: dict[str, Any], bound: str, step: int
+               ) -> Iterator[Record]:
+        """Run a 1000-row page query again and again, moving `args[bound]` one past the
+        last seq read (in the direction of `step`), holding the lock only per page."""
         while True:
             with self._lock:
                 self._check_open()
@@ -382,22 +394,7 @@ class Ledger:
                 yield row_to_record(row)
             if len(rows) < 1000:
                 return
-            args["since"] = int(rows[-1][0]) + 1
-
-    def records_newest_first(self, kinds: Iterable[str] | None = None) -> Iterator[Record]:
-        """Records from the head backwards, for readers that stop at the latest few
-        (sparkd's start-up needs each GPU's last limit, not a year of history)."""
-        kind_list = None if kinds is None else json.dumps(sorted(set(kinds)))
-        args: dict[str, Any] = {"before": 2**62, "kinds": kind_list}
-        while True:
-            with self._lock:
-                self._check_open()
-                rows = self._conn.execute(SELECT_ALL_DESC, args).fetchall()
-            for row in rows:
-                yield row_to_record(row)
-            if len(rows) < 1000:
-                return
-            args["before"] = int(rows[-1][0]) - 1
+            args[bound] = int(rows[-1][0]) + step
 
     def checkpoints(self) -> list[Checkpoint]:
         """Checkpoints kept in this ledger, oldest first."""
