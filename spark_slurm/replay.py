@@ -234,9 +234,10 @@ def recheck(db: HeadDb, node: str | None = None) -> list[Recheck]:
             out.append(Recheck(rec.node, rec.seq, rec.kind, recorded, None, False,
                                f"recorded policy does not load: {policy}"))
             continue
-        got = policy.evaluate(request or _request_from(rec, body, granted.get(job_key)))
-        replayed = {k: {"action": got.action, "granted_mw": got.granted_mw,
-                        "rule": got.rule}[k] for k in fields}
+        if request is None:
+            request = _request_from(rec, body, granted.get(job_key))
+        got = policy.evaluate(request)
+        replayed = {k: getattr(got, k) for k in fields}  # Decision names them alike
         same = replayed == recorded
         out.append(Recheck(rec.node, rec.seq, rec.kind, recorded, replayed, same,
                            "" if same else "decision does not reproduce"))
