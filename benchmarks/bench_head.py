@@ -21,12 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import gen_ledger, harness
-from spark_slurm.audit import audit_job
 from spark_slurm.clock import ManualClock
-from spark_slurm.headdb import HeadDb
+from spark_slurm.head.audit import audit_job
+from spark_slurm.head.headdb import HeadDb
+from spark_slurm.head.merge import merge_ledgers, worker_count
 from spark_slurm.ledger import Ledger
 from spark_slurm.ledger.keys import keygen, load_hmac_key, load_signing_key
-from spark_slurm.merge import merge_ledgers, worker_count
 
 MERGE_NODES = 4
 MERGE_PER_NODE = 25_000

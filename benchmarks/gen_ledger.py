@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from spark_slurm.canonical import canonical_bytes
+from spark_slurm.head.headdb import HeadDb
 from spark_slurm.head.proofs import BLOCK
-from spark_slurm.headdb import HeadDb
 from spark_slurm.ledger.checkpoint import body_text
 from spark_slurm.ledger.merkle import Frontier, root
 from spark_slurm.ledger.records import GENESIS_PREV

@@ -39,8 +39,8 @@ def audit(*, job_id: str, db: Path, tariff: Path | None, price_kwh: str | None, 
     Exit 0 when every record verifies and every action is validated, 1 otherwise,
     2 for an unknown job or an unusable ledger or keys directory.
     """
-    from spark_slurm.audit import audit_job  # noqa: PLC0415 (lazy CLI)
-    from spark_slurm.tariff import flat, load_tariff  # noqa: PLC0415
+    from spark_slurm.head.audit import audit_job  # noqa: PLC0415 (lazy CLI)
+    from spark_slurm.head.tariff import flat, load_tariff  # noqa: PLC0415
 
     priced = load_tariff(tariff) if tariff else (flat(price_kwh, currency) if price_kwh else None)
     report = audit_job(db, job_id, priced, plot, keys_dir)
@@ -56,7 +56,7 @@ def audit(*, job_id: str, db: Path, tariff: Path | None, price_kwh: str | None, 
 
 
 def _render_audit(report: object) -> None:
-    from spark_slurm.audit import PATH_NAMES, AuditReport  # noqa: PLC0415 (lazy CLI)
+    from spark_slurm.head.audit import PATH_NAMES, AuditReport  # noqa: PLC0415 (lazy CLI)
 
     assert isinstance(report, AuditReport)
     h = report.header
@@ -83,7 +83,7 @@ def _render_audit(report: object) -> None:
                      who.strip(), paths))
     echo_table(["time (UTC)", "node", "seq", "kind", "verified", "what", "by", "paths"], rows)
     click.echo("")
-    from spark_slurm.audit import kwh_text  # noqa: PLC0415
+    from spark_slurm.head.audit import kwh_text  # noqa: PLC0415
 
     for g in report.energy:
         reset = " (counter reset seen)" if g.counter_reset else ""
@@ -117,8 +117,8 @@ def replay(*, db: Path, node: str | None, at: str, recheck: bool, as_json: bool)
 
     With --recheck, exit 1 when any recorded decision does not reproduce.
     """
-    from spark_slurm.replay import parse_time  # noqa: PLC0415 (lazy CLI)
-    from spark_slurm.replay import replay as run_replay  # noqa: PLC0415
+    from spark_slurm.head.replay import parse_time  # noqa: PLC0415 (lazy CLI)
+    from spark_slurm.head.replay import replay as run_replay  # noqa: PLC0415
 
     report = run_replay(db, parse_time(at), node, recheck)
     if as_json:

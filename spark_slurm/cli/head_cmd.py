@@ -34,7 +34,7 @@ def merge(*, into: Path, keys: Path | None, witness_state: Path | None, progress
     TAMPERED, FOREIGN_ORIGIN, UNKNOWN_KEY, EPOCH_GAP) naming node and seq. Exit 1
     when any node had findings; the healthy nodes are merged regardless.
     """
-    from spark_slurm.merge import count_records, merge_ledgers  # noqa: PLC0415 (lazy CLI)
+    from spark_slurm.head.merge import count_records, merge_ledgers  # noqa: PLC0415 (lazy CLI)
 
     show = sys.stderr.isatty() if progress is None else progress
     if show:
@@ -79,7 +79,7 @@ def witness(*, state: Path, keys: Path | None, proof: Path | None, ledger: Path 
     Refuses (exit 1) a bad signature, an unknown key, a smaller size (ROLLBACK) or a
     checkpoint not consistent with the witnessed one (FORK). Prints the cosigned note.
     """
-    from spark_slurm.witness import witness_file  # noqa: PLC0415 (lazy CLI)
+    from spark_slurm.head.witness import witness_file  # noqa: PLC0415 (lazy CLI)
 
     result = witness_file(state, checkpoint, keys, proof, ledger)
     if as_json:

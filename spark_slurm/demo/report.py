@@ -13,9 +13,9 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from spark_slurm.audit import PATH_NAMES, AuditReport, audit_job, kwh_text
 from spark_slurm.demo.scenarios import Check
 from spark_slurm.errors import SparkError
+from spark_slurm.head.audit import PATH_NAMES, AuditReport, audit_job, kwh_text
 from spark_slurm.ledger.snapshot import snapshot
 from spark_slurm.ledger.verify import verify_files
 

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from spark_slurm.audit import audit_job, summarize
 from spark_slurm.demo.stack import NODE_BUDGET_W, DemoStack
 from spark_slurm.errors import SparkError
+from spark_slurm.head.audit import audit_job, summarize
+from spark_slurm.head.replay import replay
 from spark_slurm.ledger.records import Record
-from spark_slurm.replay import replay
 from spark_slurm.slurm import SubprocessRunner, open_context_source
 
 Say = Callable[[str], None]

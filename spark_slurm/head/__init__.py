@@ -1,3 +1,2 @@
-"""Head-node internals shared by merge, witness, audit and replay (proofs over the
-merged ledger). The public entry points are the top-level modules `merge`,
-`witness`, `audit`, `replay`, `headdb`, `tariff` and `plot`."""
+"""The head node: merge of node ledgers into the cluster ledger, witness, audit,
+replay, the cluster store, tariff and plot (one package, one concept per module)."""

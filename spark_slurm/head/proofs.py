@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from spark_slurm.head.bulk import MerkleLevels
+from spark_slurm.head.headdb import HeadDb, StoredRecord
 from spark_slurm.head.keyring import KeyRing
-from spark_slurm.headdb import HeadDb, StoredRecord
 from spark_slurm.ledger import hmac_epochs
 from spark_slurm.ledger.keys import hmac_key_id
 from spark_slurm.ledger.merkle import leaf_hash, node_hash, root, verify_inclusion

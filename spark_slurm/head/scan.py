@@ -23,8 +23,8 @@ from cryptography.exceptions import InvalidSignature
 
 from spark_slurm.errors import CheckpointError, CheckpointInvalid, LedgerKeyError
 from spark_slurm.head.bulk import MerkleLevels, leaf_hashes
+from spark_slurm.head.headdb import Finding, StoredRecord
 from spark_slurm.head.keyring import KeyRing
-from spark_slurm.headdb import Finding, StoredRecord
 from spark_slurm.ledger import hmac_epochs
 from spark_slurm.ledger.checkpoint import Checkpoint, origin_for, verify_checkpoint
 from spark_slurm.ledger.keys import hmac_key_id, public_from_raw, signing_key_id

@@ -21,8 +21,8 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 from spark_slurm.errors import LedgerError
+from spark_slurm.head.headdb import HeadDb
 from spark_slurm.head.scan import RawRecord, ref_seq_of
-from spark_slurm.headdb import HeadDb
 from spark_slurm.ledger.schema import open_existing
 
 _ROWS = (

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from spark_slurm.audit import audit_job
+from spark_slurm.head.audit import audit_job
+from spark_slurm.head.merge import merge_ledgers
+from spark_slurm.head.tariff import flat
 from spark_slurm.ledger.keys import keygen
-from spark_slurm.merge import merge_ledgers
-from spark_slurm.tariff import flat
 from tests.integration.daemon.conftest import OWNER_UID, Sparkd
 
 SPARKCTL = Path(sys.executable).with_name("sparkctl")

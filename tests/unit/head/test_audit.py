@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from spark_slurm.audit import audit_job
 from spark_slurm.cli import cli, run
 from spark_slurm.errors import CheckFailed, UnknownJob
-from spark_slurm.merge import merge_ledgers
-from spark_slurm.tariff import flat
+from spark_slurm.head.audit import audit_job
+from spark_slurm.head.merge import merge_ledgers
+from spark_slurm.head.tariff import flat
 from tests.unit.head import tamper
 from tests.unit.head.conftest import ENERGY, Cluster
 

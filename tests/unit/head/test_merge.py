@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from spark_slurm.clock import ManualClock
-from spark_slurm.headdb import Finding, HeadDb
+from spark_slurm.head.headdb import Finding, HeadDb
+from spark_slurm.head.merge import MergeSummary, merge_ledgers
+from spark_slurm.head.witness import witness_file
 from spark_slurm.ledger import Ledger
 from spark_slurm.ledger.keys import keygen, load_hmac_key, load_signing_key
-from spark_slurm.merge import MergeSummary, merge_ledgers
-from spark_slurm.witness import witness_file
 from tests.unit.head import tamper
 from tests.unit.head.builders import build_node, write_job
 from tests.unit.head.conftest import Cluster

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 
 from spark_slurm.head.bulk import MerkleLevels, leaf_hashes
+from spark_slurm.head.headdb import HeadDb
 from spark_slurm.head.keyring import KeyRing
+from spark_slurm.head.merge import merge_ledgers
 from spark_slurm.head.proofs import BLOCK, BLOCK_LEVEL
 from spark_slurm.head.scan import NodeScan, scan_node
 from spark_slurm.head.source import read_node_ledger
-from spark_slurm.headdb import HeadDb
 from spark_slurm.ledger import verify_ledger
 from spark_slurm.ledger.keys import load_hmac_key
 from spark_slurm.ledger.merkle import leaf_hash, root
-from spark_slurm.merge import merge_ledgers
 from tests.unit.head import tamper
 from tests.unit.head.conftest import Cluster
 

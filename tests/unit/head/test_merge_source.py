@@ -16,13 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from spark_slurm.head.headdb import HeadDb
 from spark_slurm.head.keyring import KeyRing
-from spark_slurm.head.scan import ref_seq_of
-from spark_slurm.head.source import private_copy
-from spark_slurm.headdb import HeadDb
-from spark_slurm.ledger import Ledger
-from spark_slurm.ledger.keys import keygen, load_hmac_key, load_signing_key
-from spark_slurm.merge import (
+from spark_slurm.head.merge import (
     MergeSummary,
     Prepared,
     apply_prepared,
@@ -30,6 +26,10 @@ from spark_slurm.merge import (
     merge_ledgers,
     prepare,
 )
+from spark_slurm.head.scan import ref_seq_of
+from spark_slurm.head.source import private_copy
+from spark_slurm.ledger import Ledger
+from spark_slurm.ledger.keys import keygen, load_hmac_key, load_signing_key
 from tests.unit.head import tamper
 from tests.unit.head.conftest import Cluster
 from tests.unit.head.test_merge_bulk import DAMAGE

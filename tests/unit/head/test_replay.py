@@ -9,8 +9,8 @@ import pytest
 
 from spark_slurm.clock import ManualClock
 from spark_slurm.errors import InputError
-from spark_slurm.merge import merge_ledgers
-from spark_slurm.replay import parse_time, replay
+from spark_slurm.head.merge import merge_ledgers
+from spark_slurm.head.replay import parse_time, replay
 from tests.unit.head.builders import build_node, decide
 from tests.unit.head.conftest import Cluster
 
@@ -22,7 +22,7 @@ def merged(c: Cluster) -> Path:
 
 
 def times(c: Cluster, node: str, kind: str, job: str | None = None) -> list[int]:
-    from spark_slurm.headdb import HeadDb  # noqa: PLC0415
+    from spark_slurm.head.headdb import HeadDb  # noqa: PLC0415
 
     with HeadDb.open(c.root / "cluster.db") as db:
         return [r.time_ns for r in db.records_of_kind([kind], node)

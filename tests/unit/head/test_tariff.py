@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spark_slurm.errors import TariffError
-from spark_slurm.tariff import MJ_PER_KWH, flat, load_tariff, parse_tariff, price_energy
+from spark_slurm.head.tariff import MJ_PER_KWH, flat, load_tariff, parse_tariff, price_energy
 
 
 def ns(hour: int, minute: int = 0) -> int:

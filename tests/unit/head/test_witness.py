@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spark_slurm.errors import WitnessError
 from spark_slurm.head.keyring import KeyRing
+from spark_slurm.head.witness import latest, witness_checkpoint, witness_file
 from spark_slurm.ledger import Ledger, verify_checkpoint
 from spark_slurm.ledger.checkpoint import signatures
 from spark_slurm.ledger.keys import load_public_key, load_signing_key
 from spark_slurm.ledger.merkle import consistency_proof, leaf_hash
-from spark_slurm.witness import latest, witness_checkpoint, witness_file
 from tests.unit.head.builders import write_job
 from tests.unit.head.conftest import Cluster
 

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from spark_slurm.daemon.ingest import admission_body
+from spark_slurm.head.replay import replay
 from spark_slurm.ledger import Ledger
 from spark_slurm.policy import Policy, PowerRequest
-from spark_slurm.replay import replay
 from tests.unit.lua.conftest import LuaPlugin
 
 LAYERED = Path(__file__).resolve().parents[2] / "data" / "policy" / "layered.yaml"

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from spark_slurm.errors import ConfigError, InputError
-from spark_slurm.headdb import HeadDb, StoredRecord, is_head_db
-from spark_slurm.merge import load_node_ledger
+from spark_slurm.head.headdb import HeadDb, StoredRecord, is_head_db
+from spark_slurm.head.merge import load_node_ledger
 
 STATE_KINDS = ("cap", "restore", "throttle", "release", "drift", "reconcile")
 DECISION_KINDS = ("cap", "reject", "admission", "policy")

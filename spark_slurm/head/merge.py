@@ -28,6 +28,7 @@ from typing import Any
 
 from spark_slurm.clock import SYSTEM_CLOCK, Clock
 from spark_slurm.errors import HeadDbError, LedgerError, SparkError
+from spark_slurm.head.headdb import Finding, HeadDb
 from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.proofs import update_blocks
 from spark_slurm.head.scan import REF_TAG, NodeScan, RawRecord, scan_node
@@ -38,9 +39,8 @@ from spark_slurm.head.source import (
     private_copy,
     read_rows,
 )
-from spark_slurm.headdb import Finding, HeadDb
+from spark_slurm.head.witness import node_of, witnessed
 from spark_slurm.ledger.schema import open_existing
-from spark_slurm.witness import node_of, witnessed
 
 CODES = ("GAP", "FORK", "ROLLBACK", "DUPLICATE", "REORDER", "TAMPERED", "FOREIGN_ORIGIN",
          "UNKNOWN_KEY", "EPOCH_GAP")

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from spark_slurm.errors import CheckFailed, UnknownJob
+from spark_slurm.head.headdb import HeadDb, StoredRecord, is_head_db
 from spark_slurm.head.keyring import KeyRing
+from spark_slurm.head.merge import load_node_ledger
 from spark_slurm.head.proofs import Verification, verify_records
-from spark_slurm.headdb import HeadDb, StoredRecord, is_head_db
-from spark_slurm.merge import load_node_ledger
-from spark_slurm.tariff import MJ_PER_KWH, Cost, Tariff, price_energy
+from spark_slurm.head.tariff import MJ_PER_KWH, Cost, Tariff, price_energy
 
 ACTION_KINDS = ("cap", "restore", "throttle", "release")
 GPU_EVENT_KINDS = ("throttle", "release", "drift", "fault", "recovery", "reconcile", "facility")
@@ -377,7 +377,7 @@ def audit_job(db: Path, job_id: str, tariff: Tariff | None = None,
                 raise CheckFailed(f"{db}: job {job_id} cannot be audited: {f.code} seq "
                                   f"{f.seq}: {f.detail}") from None
     if plot is not None:
-        from spark_slurm.plot import plot_job  # noqa: PLC0415 (matplotlib is lazy)
+        from spark_slurm.head.plot import plot_job  # noqa: PLC0415 (matplotlib is lazy)
 
         plot_job(report, plot)
     return report

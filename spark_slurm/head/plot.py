@@ -12,8 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from spark_slurm.audit import AuditReport
 from spark_slurm.errors import InputError
+from spark_slurm.head.audit import AuditReport
 
 _NS = 1_000_000_000
 
