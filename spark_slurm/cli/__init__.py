@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "daemon": "spark_slurm.cli.daemon_cmd:daemon",
     "status": "spark_slurm.cli.daemon_cmd:status",
     "cap": "spark_slurm.cli.daemon_cmd:cap",
+    "intent": "spark_slurm.cli.intent_cmd:intent",
     "merge": "spark_slurm.cli.head_cmd:merge",
     "witness": "spark_slurm.cli.head_cmd:witness",
     "audit": "spark_slurm.cli.audit_cmd:audit",
