@@ -33,6 +33,8 @@ COMMANDS: dict[str, str] = {
     "audit": "spark_slurm.cli.audit_cmd:audit",
     "replay": "spark_slurm.cli.audit_cmd:replay",
     "demo": "spark_slurm.cli.demo_cmd:demo",
+    "evidence": "spark_slurm.cli.evidence_cmd:evidence",
+    "verify-evidence": "spark_slurm.cli.evidence_cmd:verify_evidence",
 }
 
 
