@@ -228,3 +228,49 @@ def test_a_pending_intent_survives_a_restart_and_lands_while_sparkd_is_down(
         assert {e["index"]: e["action"] for e in reconcile["gpus"]}[1] == "observe"
     finally:
         sparkd.stop()
+
+
+def test_a_validated_executor_action_travels_as_an_evidence_bundle(root: Path) -> None:
+    """The real power action's PERs (cap, executor verdict, restore), witnessed, bundled
+    and checked offline by the shell verifier with only the witness key pinned."""
+    sparkd = Sparkd(root, keys=True, extra_config=VALIDATE_ALL)
+    try:
+        sparkd.add_job("305", gpus=[0])
+        sparkd.start()
+        assert sparkd.prolog("305", watts=500, gpus=[0])["ok"]
+        executor(sparkd, "--job", "305", "--gpu", "0", "--watts", "500", "--name", "dcgm")
+        outcome(sparkd, "validated")
+        assert sparkd.request({"op": "epilog", "job_id": "305"})["ok"]
+        executor(sparkd, "--job", "305", "--gpu", "0", "--watts", "1000", "--no-announce")
+        sparkd.wait_record(lambda r: r["kind"] == "executor"
+                           and r["body"]["intent"]["source"] == "epilog", 15,
+                           "the epilog's validated restore")
+        assert sparkd.stop() == 0  # the shutdown checkpoint covers every record
+    finally:
+        sparkd.stop()
+    assert sparkd.keys is not None
+    trust = root / "trust"
+    trust.mkdir()
+    (trust / "n1.pub").write_bytes(sparkd.keys.public_key.read_bytes())
+    ledger = sparkd.state_dir / "ledger.db"
+    state = root / "witness"
+    checkpoint = root / "n1.checkpoint"
+    run = subprocess.run([SPARKCTL, "ledger", "checkpoint", str(ledger)], capture_output=True,
+                         text=True, timeout=60, check=True)
+    checkpoint.write_text(run.stdout)
+    subprocess.run([SPARKCTL, "witness", "--state", str(state), "--keys", str(trust),
+                    str(checkpoint)], capture_output=True, timeout=60, check=True)
+    bundle = root / "job305.evidence"
+    made = subprocess.run([SPARKCTL, "evidence", "305", "--db", str(ledger), "--out",
+                           str(bundle), "--witness-state", str(state), "--json"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert made.returncode == 0, made.stderr
+    kinds = json.loads(made.stdout)["kinds"]
+    assert kinds["executor"] == 2 and kinds["cap"] == 1 and kinds["restore"] == 1
+    assert kinds["policy"] == 1
+    script = Path(__file__).resolve().parents[3] / "contrib" / "verify-evidence.sh"
+    check = subprocess.run(["bash", str(script), "--witness-pub", str(state / "witness.pub"),
+                            str(bundle)], capture_output=True, text=True, timeout=240,
+                           check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "ok, job 305" in check.stdout
