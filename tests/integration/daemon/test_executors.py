@@ -105,6 +105,13 @@ def test_applying_a_denied_intent_is_a_recorded_policy_violation(validating: Spa
     assert body["paths"]["policy"] == "deny"
     assert body["gpus"][0]["readback_mw"] == 800 * W and body["gpus"][0]["landed"]
     assert sparkd.limit_mw(2) == 800 * W  # recorded, not undone: sparkd does not execute
+    audit = subprocess.run([SPARKCTL, "audit", "302", "--db", str(sparkd.state_dir /
+                            "ledger.db"), "--json"], capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert audit.returncode == 1, audit.stderr  # a policy violation is not validated
+    problems = json.loads(audit.stdout)["verdict"]["problems"]
+    assert any(f"seq {per['seq']} (executor) not validated" in p
+               and "verdict=denied-but-applied" in p for p in problems), problems
 
     # an obedient executor that is denied changes nothing, and nothing more is recorded
     obeyed = executor(sparkd, "--job", "302", "--gpu", "2", "--watts", "900")
@@ -190,6 +197,13 @@ def test_prolog_and_epilog_expect_the_executor_and_sparkd_sets_nothing(
                                   .get("seq") == end["seq"], 15, "the epilog's expectation")
     assert restored["body"]["verdict"] == "validated"
     assert restored["body"]["executor"] == {"name": "dps", "expected_by": "epilog"}
+    # replay from the ledger alone sees what the executor set, not what sparkd expected
+    replay = subprocess.run([SPARKCTL, "replay", "--db", str(sparkd.state_dir / "ledger.db"),
+                             "--at", str(time.time_ns()), "--json"], capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert replay.returncode == 0, replay.stderr
+    gpus = {g["gpu"]: g for g in json.loads(replay.stdout)["gpus"]}
+    assert gpus[6]["limit_mw"] == 1_000_000 and gpus[6]["per"]["kind"] == "executor"
 
 
 def test_who_may_announce_comes_from_the_kernel(validating: Sparkd) -> None:
