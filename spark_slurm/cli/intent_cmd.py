@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -51,7 +52,7 @@ def intent(*, job_id: str | None, gpus: tuple[int, ...], watts: float, executor:
         return
     shown = reply.get("intent") or {}
     gpu_list = ",".join(str(g) for g in shown.get("gpus", gpus))
+    left = max(0, int(shown.get("deadline_ns") or 0) - time.time_ns()) / 1e9
     click.echo(f"approved intent {shown.get('id')}: {executor} may set GPU {gpu_list} to "
                f"{watts:g} W" + (f" for job {job_id}" if job_id else "")
-               + f"; sparkd records it once the change is read back "
-               f"(deadline {shown.get('deadline_ns')})")
+               + f"; sparkd records it once read back (within {left:.0f} s)")

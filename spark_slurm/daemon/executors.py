@@ -27,12 +27,18 @@ from spark_slurm.daemon.config import ExecutorSettings
 from spark_slurm.daemon.context import JobFacts, gather
 from spark_slurm.daemon.contracts import LedgerLike, ReceiptLike
 from spark_slurm.daemon.executor_intents import (
-    APPLIED_WITHOUT_INTENT,
     DENIED_BUT_APPLIED,
     INTENT_EXPIRED,
     VALIDATED,
     ExecutorIntent,
     PendingIntents,
+)
+from spark_slurm.daemon.executor_records import (
+    after,
+    context_body,
+    job_facts,
+    outcome_body,
+    unannounced_body,
 )
 from spark_slurm.daemon.peers import Peer, uid_of
 from spark_slurm.daemon.pipeline import Origin, Pipeline, Refusal
@@ -42,31 +48,7 @@ from spark_slurm.gpu.backend import Sample
 
 log = logging.getLogger("sparkd.executors")
 _S = 1_000_000_000
-_AUTOMATION = {"uid": 0, "user": "sparkd", "role": "automation"}
 Cause = Callable[[Any, Sample], tuple[str, bool]]  # (limits, sample) -> (cause, energy reset)
-
-
-def _after(sample: Sample | None) -> dict[str, Any]:
-    if sample is None:
-        return {}
-    return {"time_ns": sample.time_ns, "power_mw": sample.power_mw,
-            "energy_mj": sample.energy_mj, "temp_mc": sample.temp_mc,
-            "util_pct": sample.util_pct, "enforced_mw": sample.enforced_mw,
-            "reasons": sample.reasons}
-
-
-def _context_body(facts: JobFacts) -> dict[str, Any]:
-    body = facts.body()
-    if not facts.job_id:
-        del body["job_id"]
-    return body
-
-
-def _telemetry(entries: list[dict[str, Any]]) -> str:
-    good = sum(1 for e in entries if e.get("before") and e.get("landed"))
-    if good == len(entries):
-        return "ok"
-    return "partial" if good else "failed"
 
 
 class ExecutorGate:
@@ -120,7 +102,7 @@ class ExecutorGate:
                           role="executor")
         gpus = list(request.gpus)
         facts = self._context(request, gpus)
-        decision = self.pipeline._decide("cap", facts, gpus, request.per_gpu_mw,
+        decision = self.pipeline.decide("cap", facts, gpus, request.per_gpu_mw,
                                          role="scheduler", current=None)
         approved = decision["action"] == "allow"
         actuator = self.pipeline.actuator
@@ -131,7 +113,7 @@ class ExecutorGate:
         intent = self._new(
             source="announce", executor=identity, requester=requester, authority=authority,
             job_id=request.job_id, targets={g: request.per_gpu_mw for g in gpus},
-            approved=approved, decision=decision, context=_context_body(facts),
+            approved=approved, decision=decision, context=context_body(facts),
             before={g: b[0] for g, b in befores.items()},
             previous={g: self.pipeline.state.governed.get(g) for g in gpus},
             request=request.echo(), deadline_s=request.deadline_s)
@@ -176,9 +158,7 @@ class ExecutorGate:
                 raise Refusal("denied", f"GPU {g} is held by job {owner}, not "
                               f"{job_id or '(no job named)'}", role="executor")
         if job is not None:
-            return JobFacts(job_id=job.job_id, user=job.user, uid=job.uid,
-                            account=job.account, partition=job.partition, qos=job.qos,
-                            workload_class=job.workload_class, gpus=tuple(job.gpus))
+            return job_facts(job)
         if job_id is None:
             return JobFacts(job_id="", gpus=tuple(gpus), status="partial",
                             notes=("no job named: site-wide policy limits only",))
@@ -295,7 +275,7 @@ class ExecutorGate:
                 # a denied value counts as applied only once it replaces what was there
                 if intent.approved or intent.previous.get(minor) != observed:
                     intent.landed[minor] = {"readback_mw": observed, "landed_ns": now,
-                                            "after": _after(sample)}
+                                            "after": after(sample)}
                     matched = True
             if governed is not None and observed != governed and not matched:
                 self._unannounced(minor, governed, observed, why=cause(limits, sample),
@@ -308,32 +288,18 @@ class ExecutorGate:
         state = self.pipeline.state
         owner = state.owner_of(minor)
         job = state.jobs.get(owner) if owner is not None else None
-        if job is not None:
-            facts = JobFacts(job_id=job.job_id, user=job.user, uid=job.uid,
-                             account=job.account, partition=job.partition, qos=job.qos,
-                             workload_class=job.workload_class, gpus=tuple(job.gpus))
-        else:
-            facts = JobFacts(job_id="", gpus=(minor,), status="partial",
-                             notes=("no job holds this GPU: site-wide policy limits only",))
-        decision = self.pipeline._decide("cap", facts, list(facts.gpus), observed,
-                                         role="scheduler", current=None)
-        others = [i.id for i in self.pending.values() if minor in i.targets]
-        body: dict[str, Any] = {
-            "v": 1, "node": self.pipeline.node, "source": "automation",
-            "authority": "automation:drift", "requester": _AUTOMATION,
-            "verdict": APPLIED_WITHOUT_INTENT, "cause": why[0], "energy_reset": why[1],
-            "decision": decision, "context": _context_body(facts),
-            "gpus": [{"index": minor, "uuid": self.pipeline.actuator.devices[minor].uuid,
-                      "previous_mw": governed, "readback_mw": observed, "landed": True,
-                      "landed_ns": now, "after": _after(sample), "ok": True}],
-            "changed_ns": now,
-            "paths": {"telemetry": "ok", "context": facts.status, "facility": "pending",
-                      "policy": "allow" if decision["action"] == "allow" else "deny",
-                      "ledger": "committed"}}
-        if owner is not None:
-            body["job_id"] = owner
-        if others:
-            body["pending_intents"] = others  # announced for other values: not these
+        facts = job_facts(job) if job is not None else JobFacts(
+            job_id="", gpus=(minor,), status="partial",
+            notes=("no job holds this GPU: site-wide policy limits only",))
+        decision = self.pipeline.decide("cap", facts, list(facts.gpus), observed,
+                                        role="scheduler", current=None)
+        gpu = {"index": minor, "uuid": self.pipeline.actuator.devices[minor].uuid,
+               "previous_mw": governed, "readback_mw": observed, "landed": True,
+               "landed_ns": now, "after": after(sample), "ok": True}
+        body = unannounced_body(node=self.pipeline.node, gpu=gpu, cause=why, facts=facts,
+                                decision=decision, owner=owner, now=now,
+                                others=[i.id for i in self.pending.values()
+                                        if minor in i.targets])
         self._submit(body, [minor], now, owner)
         log.warning("GPU %s: %s -> %s mW applied without an intent (%s)", minor, governed,
                     observed, why[0])
@@ -376,26 +342,8 @@ class ExecutorGate:
             ref = intent.resolved_ref(timeout_s=0)
         except Exception:  # its PER failed: the outcome is still recorded
             ref = None
-        body: dict[str, Any] = {
-            "v": 1, "node": self.pipeline.node, "source": "socket" if intent.source ==
-            "announce" else "automation", "authority": intent.authority,
-            "requester": intent.requester, "verdict": verdict, "executor": intent.executor,
-            "intent": {"id": intent.id, "source": intent.source, "approved": intent.approved,
-                       "created_ns": intent.created_ns, "deadline_ns": intent.deadline_ns},
-            "decision": intent.decision, "context": intent.context, "gpus": entries,
-            "paths": {"telemetry": _telemetry(entries),
-                      "context": str(intent.context.get("status", "partial")),
-                      "facility": "pending",
-                      "policy": "allow" if intent.approved else "deny",
-                      "ledger": "committed"}}
-        landed_ns = [e["landed_ns"] for e in entries if e.get("landed")]
-        body["changed_ns"] = min(landed_ns) if landed_ns else now
-        if intent.job_id:
-            body["job_id"] = intent.job_id
-        if intent.request is not None:
-            body["request"] = intent.request
-        if ref is not None:
-            body["ref"] = ref
+        body = outcome_body(intent, entries, node=self.pipeline.node, verdict=verdict, now=now,
+                            ref=ref)
         future = self._submit(body, [e["index"] for e in entries if e.get("landed")],
                               body["changed_ns"], intent.job_id)
         future.add_done_callback(

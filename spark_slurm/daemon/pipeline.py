@@ -178,7 +178,7 @@ class Pipeline:
                               context=facts.body())
         return targets
 
-    def _decide(self, op: str, facts: JobFacts, gpus: list[int], per_gpu: int | None, *,
+    def decide(self, op: str, facts: JobFacts, gpus: list[int], per_gpu: int | None, *,
                 role: str, current: int | None) -> dict[str, Any]:
         policy = self.policy()
         hw_min, hw_max = self.actuator.hw_range(gpus)
@@ -232,7 +232,7 @@ class Pipeline:
         facts = gather(request, self.context_source, self.node)
         gpus = self._check_gpus(facts)
         per_gpu = None if facts.node_mw is None else facts.node_mw // len(facts.gpus)
-        decision = self._decide("prolog", facts, gpus, per_gpu, role="scheduler", current=None)
+        decision = self.decide("prolog", facts, gpus, per_gpu, role="scheduler", current=None)
         if decision["action"] == "deny":
             raise Refusal("denied", f"policy rule {decision['rule']}: {decision['reason']}",
                           decision, facts.body())
@@ -396,7 +396,7 @@ class Pipeline:
         facts = JobFacts(job_id=job.job_id, user=job.user, uid=job.uid, account=job.account,
                          partition=job.partition, qos=job.qos,
                          workload_class=job.workload_class, gpus=tuple(job.gpus))
-        decision = self._decide("cap", facts, job.gpus, per_gpu, role=role,
+        decision = self.decide("cap", facts, job.gpus, per_gpu, role=role,
                                 current=job.granted_mw)
         if decision["action"] == "deny":
             raise Refusal("denied", f"policy rule {decision['rule']}: {decision['reason']}",

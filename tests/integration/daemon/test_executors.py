@@ -219,6 +219,17 @@ def test_who_may_announce_comes_from_the_kernel(validating: Sparkd) -> None:
     allowed = sparkd.request_as(EXECUTOR_UID, intent)
     assert allowed["ok"] and allowed["verdict"] == "approve", allowed
     assert sparkd.request_as(OWNER_UID, intent)["error"]["code"] == "forbidden"
+    # the documented CLI: exit 0 approve (go ahead), exit 1 deny, one line either way
+    cli = [SPARKCTL, "intent", "--gpu", "2", "--executor", "site-script", "--socket",
+           str(sparkd.socket)]
+    ok = subprocess.run([*cli, "--watts", "500"], capture_output=True, text=True, timeout=60,
+                        check=False)
+    assert ok.returncode == 0 and "approved intent" in ok.stdout, ok.stderr
+    no = subprocess.run([*cli, "--watts", "900"], capture_output=True, text=True, timeout=60,
+                        check=False)
+    assert no.returncode == 1 and no.stdout == ""
+    assert no.stderr.startswith("sparkctl: daemon refused the request (denied): policy rule "
+                                "gpu-limits"), no.stderr
 
 
 def test_a_pending_intent_survives_a_restart_and_lands_while_sparkd_is_down(
