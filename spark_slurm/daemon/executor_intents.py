@@ -109,6 +109,7 @@ class PendingIntents:
         self.path = state_dir / "executor-intents.jsonl"
         self._fd: int | None = None
         self._lock = threading.Lock()  # `done` runs on the ledger writer's thread
+        self.appended = 0  # lines written since the file was last rewritten
 
     def load(self) -> dict[str, ExecutorIntent]:
         out: dict[str, ExecutorIntent] = {}
@@ -142,6 +143,7 @@ class PendingIntents:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             os.write(self._fd, line)
             os.fdatasync(self._fd)
+            self.appended += 1
 
     def add(self, intent: ExecutorIntent) -> None:
         self._append({"op": "add", "intent": intent.to_json()})
@@ -157,11 +159,15 @@ class PendingIntents:
         self._append({"op": "done", "id": intent_id})
 
     def compact(self, live: dict[str, ExecutorIntent]) -> None:
-        """Rewrite the file to the live intents only (at start-up)."""
-        self.close()
+        """Rewrite the file to the live intents only (at start-up, and when idle)."""
         payload = b"".join(json.dumps({"op": "add", "intent": i.to_json()},
                                       sort_keys=True).encode() + b"\n" for i in live.values())
-        replace_file(self.path, payload, 0o600)
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            replace_file(self.path, payload, 0o600)
+            self.appended = len(live)
 
     def close(self) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import secrets
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -55,14 +56,18 @@ class ExecutorGate:
     """Announcements, expectations, landings and verdicts for validate-only GPUs."""
 
     def __init__(self, pipeline: Pipeline, settings: ExecutorSettings, book: PendingIntents,
-                 *, clock: Clock = SYSTEM_CLOCK, count: Callable[[str], None] | None = None
-                 ) -> None:
+                 *, clock: Clock = SYSTEM_CLOCK, count: Callable[[str], None] | None = None,
+                 compact_after: int = 1000) -> None:
         self.pipeline = pipeline
         self.settings = settings
         self.book = book
         self.clock = clock
         self.count = count or (lambda _verdict: None)
         self.pending: dict[str, ExecutorIntent] = {}
+        self.compact_after = compact_after  # pending-file lines before an idle rewrite
+        self._writing = 0  # outcome PERs queued, not yet durable (their `done` still due)
+        # its own lock: the writer thread's callback must never wait for the pipeline lock
+        self._writing_lock = threading.Lock()
 
     # -- configuration -------------------------------------------------------------
     def validate_only(self, gpu: int) -> bool:
@@ -158,6 +163,11 @@ class ExecutorGate:
                 raise Refusal("denied", f"GPU {g} is held by job {owner}, not "
                               f"{job_id or '(no job named)'}", role="executor")
         if job is not None:
+            outside = sorted(set(gpus) - set(job.gpus))
+            if outside:
+                raise Refusal("denied", f"job {job.job_id} does not hold GPU(s) {outside} on "
+                              f"node {self.pipeline.node} (it holds {job.gpus})",
+                              role="executor")
             return job_facts(job)
         if job_id is None:
             return JobFacts(job_id="", gpus=tuple(gpus), status="partial",
@@ -315,6 +325,10 @@ class ExecutorGate:
                     continue  # its cap/restore/reject PER is still being committed
                 del self.pending[intent.id]
                 self._outcome(intent, now)
+            with self._writing_lock:
+                idle = not self.pending and not self._writing
+            if idle and self.book.appended >= self.compact_after:
+                self.book.compact({})  # nothing pending: keep the file from growing forever
 
     def _outcome(self, intent: ExecutorIntent, now: int) -> None:
         if not intent.approved and not intent.landed:
@@ -346,8 +360,16 @@ class ExecutorGate:
                             ref=ref)
         future = self._submit(body, [e["index"] for e in entries if e.get("landed")],
                               body["changed_ns"], intent.job_id)
-        future.add_done_callback(
-            lambda f: self.book.done(intent.id) if f.exception() is None else None)
+        with self._writing_lock:
+            self._writing += 1
+
+        def durable(f: Future[ReceiptLike]) -> None:
+            if f.exception() is None:
+                self.book.done(intent.id)
+            with self._writing_lock:
+                self._writing -= 1
+
+        future.add_done_callback(durable)
         log.info("intent %s: %s", intent.id, verdict)
 
     def _submit(self, body: dict[str, Any], landed: list[int], changed_ns: int,

@@ -118,10 +118,11 @@ class World:
             intents=IntentStore(root), authority=Authority, context_source=None)
         self.gate = self.new_gate()
 
-    def new_gate(self) -> ExecutorGate:
+    def new_gate(self, compact_after: int = 1000) -> ExecutorGate:
         gate = ExecutorGate(self.pipeline, ExecutorSettings(validate_gpus=(0, 1, 2),
                                                             deadline_s=10),
-                            PendingIntents(self.root), clock=self.clock)
+                            PendingIntents(self.root), clock=self.clock,
+                            compact_after=compact_after)
         self.pipeline.executors = gate
         return gate
 
@@ -229,3 +230,29 @@ def test_a_torn_last_line_of_the_pending_file_is_ignored(world: World) -> None:
     with (world.root / "executor-intents.jsonl").open("ab") as fh:
         fh.write(b'{"op": "add", "intent": {"id": "torn')
     assert len(PendingIntents(world.root).load()) == 1
+
+
+def test_the_pending_file_is_rewritten_once_nothing_is_pending(world: World) -> None:
+    world.gate.book.close()
+    world.gate = world.new_gate(compact_after=4)
+    path = world.root / "executor-intents.jsonl"
+    for watts in (300, 350, 400):
+        world.intent([0], watts)
+        world.gpus.limit[0] = watts * 1000
+        world.tick()
+    world.verdicts()  # every outcome durable, so every `done` is written
+    world.tick()
+    assert path.read_bytes() == b""  # idle: compacted to nothing
+    world.intent([1], 450)
+    assert len(PendingIntents(world.root).load()) == 1
+
+
+def test_an_intent_for_a_gpu_the_named_job_does_not_hold_is_denied(world: World) -> None:
+    prolog = request_from({"op": "prolog", "job_id": "7", "uid": 1000, "user": "alice",
+                           "gpus": [0], "watts": 400})
+    assert world.pipeline.prolog(prolog, ROOT, Origin())["ok"]
+    assert world.gpus.sets == []  # validate-only: the prolog only expects
+    with pytest.raises(Refusal, match=r"job 7 does not hold GPU\(s\) \[1\]"):
+        world.intent([1], 400, job="7")
+    with pytest.raises(Refusal, match="GPU 0 is held by job 7"):
+        world.intent([0], 400, job="8")
