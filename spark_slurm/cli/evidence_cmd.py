@@ -11,16 +11,19 @@ from spark_slurm.errors import EvidenceInvalid, InputError
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 _DIR = click.Path(file_okay=False, path_type=Path)
+DEFAULT_DB = Path("/var/lib/spark/cluster.db")  # as `sparkctl audit`
+DEFAULT_WITNESS = Path("/var/lib/spark/witness")  # as contrib/collect-ledgers.sh
 
 
 @click.command()
 @click.argument("job_id")
-@click.option("--db", "db", required=True, type=_FILE,
-              help="A node ledger (or its snapshot) or the merged cluster ledger.")
+@click.option("--db", "db", type=_FILE, default=DEFAULT_DB, show_default=True,
+              help="The merged cluster ledger, or a node ledger (or its snapshot).")
 @click.option("--out", "out", required=True, type=_FILE, help="The bundle file to write.")
 @click.option("--witness-state", "witness_state", type=_DIR,
               help="The witness state directory: its cosigned checkpoints, and its key "
-                   "signs the bundle's statement.")
+                   f"signs the bundle's statement (default {DEFAULT_WITNESS} when neither "
+                   "this nor --checkpoint is given).")
 @click.option("--checkpoint", "checkpoints", type=_FILE, multiple=True,
               help="A cosigned checkpoint note (instead of --witness-state); repeatable.")
 @click.option("--witness-pub", "witness_pub", type=_FILE,
@@ -55,13 +58,15 @@ def evidence(*, job_id: str, db: Path, out: Path, witness_state: Path | None,
 
     if witness_state is not None and (checkpoints or witness_pub is not None):
         raise InputError("give --witness-state, or --checkpoint with --witness-pub, not both")
+    if witness_state is None and not checkpoints and witness_pub is None:
+        witness_state = DEFAULT_WITNESS
     if witness_state is not None:
         witness, signer = witness_from_state(witness_state)
     elif checkpoints and witness_pub is not None:
         witness, signer = witness_from_files(checkpoints, witness_pub), None
     else:
         raise InputError("evidence needs cosigned checkpoints: --witness-state DIR, or "
-                         "--checkpoint FILE... with --witness-pub FILE")
+                         "--checkpoint FILE... with --witness-pub FILE (both)")
     if sign_key is not None:
         signer = Signer(load_signing_key(sign_key), sign_name)
     elif signer is not None and sign_name is not None:

@@ -97,7 +97,7 @@ def test_refusals_name_the_problem(world: World) -> None:
     with pytest.raises(EvidenceError, match="no checkpoint of spark/spark/n1 cosigned"):
         make_evidence(world.n1, "100", world.root / "z", witness=bare, signer=bare_signer)
     code, _, err = _cli("evidence", "100", "--db", str(world.n1), "--out",
-                        str(world.root / "w"))
+                        str(world.root / "w"), "--checkpoint", str(world.n1))
     assert code == 2 and "needs cosigned checkpoints" in err
     code, _, err = _cli("evidence", "100", "--db", str(world.n1), "--out",
                         str(world.root / "w"), "--witness-state", str(world.root / "nowhere"))
