@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spark_slurm.errors import EvidenceError, EvidenceInvalid
 from spark_slurm.ledger.checkpoint import SIG_PREFIX, note_key_hash
+from spark_slurm.ledger.schema import SQLITE_MAGIC
 
 FORMAT = "spark-slurm-evidence"
 VERSION = 1
 STATEMENT_HEADER = "spark-evidence/v1"
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 DDL = """
 CREATE TABLE bundle (key TEXT PRIMARY KEY, value TEXT NOT NULL);
