@@ -9,20 +9,24 @@ moment is never mistaken for drift. Each action is a PER naming
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spark_slurm.daemon.actuation import Actuator, error_text
 from spark_slurm.daemon.contracts import PolicyLike, ReceiptLike
 from spark_slurm.daemon.pipeline import Pipeline
 from spark_slurm.daemon.state import Throttle
 from spark_slurm.errors import GpuError
-from spark_slurm.gpu.backend import Sample
+from spark_slurm.gpu.backend import PowerLimits, Sample
+
+if TYPE_CHECKING:
+    from spark_slurm.daemon.executors import ExecutorGate
 
 log = logging.getLogger("sparkd.automations")
 MIN_PERIOD_S = 0.05
@@ -53,8 +57,10 @@ class Monitor:
 
     def __init__(self, pipeline: Pipeline, policy: Callable[[], PolicyLike], *,
                  period_s: float = 0.5, count: Counter | None = None,
-                 on_sample: Callable[[int, Sample], None] | None = None) -> None:
+                 on_sample: Callable[[int, Sample], None] | None = None,
+                 executors: ExecutorGate | None = None) -> None:
         self.pipeline = pipeline
+        self.executors = executors
         self.actuator: Actuator = pipeline.actuator
         self.state = pipeline.state
         self.policy = policy
@@ -119,9 +125,17 @@ class Monitor:
             if self.on_sample is not None:
                 self.on_sample(minor, sample)
             recovered = self._recover(minor, sample)
-            self._thermal(minor, sample)
-            self._drift(minor, sample, recovered)
+            gate = self.executors
+            if gate is not None and gate.validate_only(minor):
+                # an external executor owns this GPU's limit: watch it, never set it
+                gate.watch(minor, sample, functools.partial(self._cause, minor,
+                                                            recovered=recovered))
+            else:
+                self._thermal(minor, sample)
+                self._drift(minor, sample, recovered)
             self._seen[minor] = _Seen(sample.time_ns, sample.energy_mj, sample.energy_epoch)
+        if self.executors is not None:
+            self.executors.settle()
 
     # -- driver faults -------------------------------------------------------
     def _fault(self, minor: int, exc: GpuError) -> None:
@@ -244,6 +258,16 @@ class Monitor:
                          release, throttle.base_mw)
 
     # -- drift ---------------------------------------------------------------
+    def _cause(self, minor: int, limits: PowerLimits, sample: Sample, *,
+               recovered: bool) -> tuple[str, bool]:
+        """Why a limit moved (audits tell these apart) and whether the energy counter reset."""
+        last = self._seen.get(minor)
+        reset = last is not None and (sample.energy_epoch != last.energy_epoch
+                                      or sample.energy_mj < last.energy_mj)
+        if reset and limits.enforced_mw == limits.default_mw:
+            return "driver-reload", reset
+        return ("gpu-lost" if recovered else "out-of-band"), reset
+
     def _drift(self, minor: int, sample: Sample, recovered: bool) -> None:
         governed = self.state.governed.get(minor)
         if governed is None or sample.enforced_mw == governed:
@@ -262,14 +286,7 @@ class Monitor:
             if governed is None or observed == governed:
                 return
             last = self._seen.get(minor)
-            reset = last is not None and (sample.energy_epoch != last.energy_epoch
-                                          or sample.energy_mj < last.energy_mj)
-            if reset and observed == limits.default_mw:
-                cause = "driver-reload"
-            elif recovered:
-                cause = "gpu-lost"
-            else:
-                cause = "out-of-band"
+            cause, reset = self._cause(minor, limits, sample, recovered=recovered)
             action = str(getattr(self.policy().settings, "drift", "reconcile"))
             body = self._body(minor, "automation:drift", expected_mw=governed,
                               observed_mw=observed, cause=cause, action=action,

@@ -22,6 +22,8 @@ from spark_slurm.daemon.actuation import Actuator
 from spark_slurm.daemon.automations import Monitor
 from spark_slurm.daemon.config import DaemonConfig, load_config
 from spark_slurm.daemon.contracts import PolicyLike, ReceiptLike
+from spark_slurm.daemon.executor_intents import PendingIntents
+from spark_slurm.daemon.executors import ExecutorGate
 from spark_slurm.daemon.facility import FacilityFollower
 from spark_slurm.daemon.ingest import Ingestor
 from spark_slurm.daemon.metrics import DaemonMetrics
@@ -57,6 +59,7 @@ class Daemon:
         self._policy: PolicyLike
         self.writer: LedgerWriter
         self._parts: list[Any] = []
+        self.executors: ExecutorGate | None = None
 
     # -- policy ----------------------------------------------------------------
     def policy(self) -> PolicyLike:
@@ -115,9 +118,14 @@ class Daemon:
         self.actuator = Actuator(self.gpu, self.sampler,
                                  parallel=1 if cfg.gpu_backend == "sim" else 8)
         intents = IntentStore(cfg.state_dir)
+        unknown = [g for g in cfg.executors.validate_gpus if not self.actuator.known(g)]
+        if unknown:
+            raise ConfigError(f"executors.validate_only: GPU {unknown[0]} does not exist on "
+                              f"node {cfg.node} (GPUs: {sorted(self.actuator.devices)})")
         self.startup = reconcile_at_start(node=cfg.node, ledger=self.ledger,
                                           actuator=self.actuator, intents=intents,
-                                          state=self.state, source=self.source)
+                                          state=self.state, source=self.source,
+                                          external=cfg.executors.validate_only)
         self.head = self.ledger.head()
         self.writer = LedgerWriter(self.ledger, maintain_period_s=cfg.maintain_period_s,
                                    on_commit=self._committed)
@@ -134,16 +142,23 @@ class Daemon:
             node=cfg.node, actuator=self.actuator, writer=self.writer, policy=self.policy,
             state=self.state, intents=intents, authority=self.authority,
             context_source=self.source, follow_up=self.facility.schedule)
+        if cfg.executors.enabled:  # validate-only mode on some or all GPUs
+            self.executors = ExecutorGate(self.pipeline, cfg.executors,
+                                          PendingIntents(cfg.state_dir), count=self.metrics.count)
+            self.executors.resume(self.ledger)
+            self.pipeline.executors = self.executors
         self.service = Service(self.pipeline, status=self.status, ingest=self.ingest,
                                observe=self.metrics.observe_latency,
                                limiter=self.limiter,
-                               rotate_key=self.rotate_key if cfg.signing_key else None)
+                               rotate_key=self.rotate_key if cfg.signing_key else None,
+                               intent=self.executors.announce if self.executors else None)
         self.ingestor = Ingestor(node=cfg.node, ledger=self.ledger, writer=self.writer,
                                  handle=self.service.handle, state_dir=cfg.state_dir,
                                  journal_path=cfg.journal_path, spool_path=cfg.spool_path)
         self.ingest()
         self.monitor = Monitor(self.pipeline, self.policy, period_s=cfg.monitor_period_s,
-                               count=self.metrics.count, on_sample=self._sampled)
+                               count=self.metrics.count, on_sample=self._sampled,
+                               executors=self.executors)
         self.monitor.start()
         self.server = SocketServer(cfg.socket_path, self.service, mode=cfg.socket_mode,
                                    max_request_bytes=cfg.max_request_bytes)
@@ -211,6 +226,8 @@ class Daemon:
         if self.stream is not None:
             out["karman"] = {k: v for k, v in self.stream.stats().items()
                              if isinstance(v, (int, str))}
+        if self.executors is not None:
+            out["executors"] = self.executors.status()
         return out
 
     def stop(self) -> None:
@@ -252,6 +269,9 @@ class Daemon:
             self.metrics.close()
         if getattr(self, "pipeline", None) is not None:
             self.pipeline.intents.close()
+        gate: ExecutorGate | None = getattr(self, "executors", None)
+        if gate is not None:
+            gate.book.close()
         if getattr(self, "ledger", None) is not None:
             self.ledger.close()
         if getattr(self, "gpu", None) is not None:
