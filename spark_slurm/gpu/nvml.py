@@ -10,8 +10,9 @@ utilisation, which then reads as unknown rather than failing the whole sample.
 One GPU that is lost or denied at enumeration is left out (and listed in
 `unavailable`) instead of failing the node. After a call fails because a GPU or
 the driver was lost, NVML is shut down and initialised again before the next
-call (at most every `reinit_interval_s`), and devices are matched again by UUID,
-so a GPU that comes back is governed again under the same index.
+call (at most every `reinit_interval_s`, as nvmlInit is slow), and devices are
+matched again by UUID, so a GPU that comes back is governed again under the same
+index. A GPU that was already missing at start is not added later.
 
 A wedged driver can block an NVML call indefinitely, so every batch of calls
 runs on a worker thread and the caller waits at most `call_timeout_s`; on a
@@ -146,7 +147,7 @@ class NvmlBackend:
     """GpuBackend over NVML. `nvml` is the pynvml module (injected in tests)."""
 
     def __init__(self, clock: Clock = SYSTEM_CLOCK, nvml: Any = None,
-                 call_timeout_s: float = 5.0, reinit_interval_s: float = 1.0) -> None:
+                 call_timeout_s: float = 5.0, reinit_interval_s: float = 10.0) -> None:
         if nvml is None:
             try:
                 import pynvml  # noqa: PLC0415 (lazy: only NVML nodes need it)
@@ -268,11 +269,14 @@ class NvmlBackend:
                                                                "re-initialisation")}
         except (GpuLost, n.NVMLError):
             return  # still gone: stay stale, try again after the interval
+        missing = False
         for old in self._handles:
             new = fresh.get(old.info.uuid)
-            if new is not None:
+            if new is None:
+                missing = True  # still lost: its calls fail until it is found again
+            else:
                 old.handle, old.power_handle = new.handle, new.power_handle
-        self._stale = False
+        self._stale = missing
         self.reinits += 1
 
     def _handle(self, index: int) -> _Handle:

@@ -19,6 +19,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -190,11 +191,13 @@ class RemoteNvml:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO)
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._in, self._out = self._proc.stdin, self._proc.stdout
+        self._lock = threading.Lock()  # the Actuator calls from several threads
         self.call("open", **options)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        _send(self._in, (method, args, kwargs))
-        status, value = _receive(self._out)
+        with self._lock:
+            _send(self._in, (method, args, kwargs))
+            status, value = _receive(self._out)
         if status == "error":
             raise rebuild_error(*value)
         if status == "crash":
