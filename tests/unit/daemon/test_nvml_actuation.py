@@ -8,6 +8,7 @@ from the fake driver's state, and what was recorded from a real ledger.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -182,6 +183,7 @@ def test_a_lost_gpu_is_a_fault_then_a_recovery_after_nvml_comes_back(start: Star
     (fault,) = node.bodies("fault")
     assert fault["gpu"] == 1 and "GpuLost" in fault["error"]
     assert fault["expected_mw"] == 400_000
+    time.sleep(0.5)  # an outage at least a monitor period long, as on a real node
     node.driver.set_gpu(1, lost=0, epoch=1)  # a GPU reset: old handles stay invalid
     node.monitor.tick()
     (recovery,) = node.bodies("recovery")

@@ -36,7 +36,11 @@ def main() -> int:
             if method == "open":
                 uid = kwargs.pop("as_uid", None)
                 if uid is not None:  # the interpreter is root's: drop to the uid only now
-                    import pynvml  # noqa: F401, PLC0415 (its ctypes is in root's tree)
+                    # What is imported after the switch must be readable by the uid:
+                    # pynvml's ctypes, and tomllib for mutmut's trampolines.
+                    import tomllib  # noqa: F401, PLC0415
+
+                    import pynvml  # noqa: F401, PLC0415
 
                     os.setgroups([])
                     os.setgid(uid)
