@@ -13,6 +13,9 @@ command -v lua5.3 >/dev/null 2>&1 || need+=(lua5.3)
 command -v lua5.4 >/dev/null 2>&1 || need+=(lua5.4)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# The fake libnvidia-ml.so.1 the NVML backend is tested against is built from C.
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+[ -e /usr/include/stdio.h ] || need+=(libc6-dev)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need+=(postgresql)

@@ -60,6 +60,9 @@ class DaemonConfig:
     signing_key: Path | None = None
     gpu_backend: str = "sim"
     gpu_state_dir: Path | None = None
+    gpu_gres_conf: Path | None = None  # Slurm index order (File=/MultipleFiles=); else minors
+    gpu_persistence: str = "check"  # check: record and warn when off; enable: also turn on
+    gpu_readback_tolerance_mw: int = 1000  # driver rounding accepted at read-back
     karman_endpoint: str | None = None
     karman_topic: str = "cycle-aligned"
     metrics_address: str = "127.0.0.1"
@@ -211,6 +214,9 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
     if backend == "sim" and gpu_state is None:
         raise reader.fail("gpu", "the sim backend needs gpu.state_dir "
                           "(made by `sparkctl sim init`)")
+    persistence = reader.text("gpu.persistence", "check") or "check"
+    if persistence not in ("check", "enable"):
+        raise reader.fail("gpu.persistence", f"expected check or enable, got {persistence!r}")
     policy = reader.path_("policy")
     if policy is None:
         raise ConfigError("policy: missing (path of the site policy YAML)", str(path), 1, 1)
@@ -236,6 +242,9 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         signing_key=reader.path_("keys.signing"),
         gpu_backend=backend,
         gpu_state_dir=gpu_state,
+        gpu_gres_conf=reader.path_("gpu.gres_conf"),
+        gpu_persistence=persistence,
+        gpu_readback_tolerance_mw=reader.whole("gpu.readback_tolerance_mw", 1000, 0, 50_000),
         karman_endpoint=reader.text("karman.endpoint"),
         karman_topic=reader.text("karman.topic", "cycle-aligned") or "cycle-aligned",
         metrics_address=reader.text("metrics.address", "127.0.0.1") or "127.0.0.1",

@@ -280,14 +280,19 @@ class ExecutorGate:
             governed = state.governed.get(minor)
             matched = False
             for intent in self.pending.values():
-                if intent.targets.get(minor) != observed or minor in intent.landed:
+                target = intent.targets.get(minor)
+                if target is None or not actuator.agrees(target, observed) \
+                        or minor in intent.landed:
                     continue
                 # a denied value counts as applied only once it replaces what was there
-                if intent.approved or intent.previous.get(minor) != observed:
+                previous = intent.previous.get(minor)
+                if intent.approved or previous is None \
+                        or not actuator.agrees(previous, observed):
                     intent.landed[minor] = {"readback_mw": observed, "landed_ns": now,
                                             "after": after(sample)}
                     matched = True
-            if governed is not None and observed != governed and not matched:
+            if governed is not None and not actuator.agrees(governed, observed) \
+                    and not matched:
                 self._unannounced(minor, governed, observed, why=cause(limits, sample),
                                   sample=sample, now=now)
             state.governed[minor] = observed  # sparkd accepts what is enforced, never resets

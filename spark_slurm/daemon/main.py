@@ -37,6 +37,7 @@ from spark_slurm.daemon.state import IntentStore, NodeState
 from spark_slurm.daemon.writer import LedgerWriter
 from spark_slurm.errors import EXIT_OK, EXIT_USAGE, ConfigError, LedgerKeyError, SparkError
 from spark_slurm.gpu import TelemetrySampler, open_backend
+from spark_slurm.gpu.mapping import gres_conf_devices, slurm_device_map
 from spark_slurm.karman import KarmanSubscriber
 from spark_slurm.ledger.keys import load_hmac_key
 from spark_slurm.ledger.rotation import open_rotating, rotate
@@ -116,7 +117,10 @@ class Daemon:
         # NVML calls are ctypes calls that drop the GIL, so a job's GPUs go in parallel;
         # the sim's calls are Python work under the GIL, where threads only add overhead.
         self.actuator = Actuator(self.gpu, self.sampler,
-                                 parallel=1 if cfg.gpu_backend == "sim" else 8)
+                                 parallel=1 if cfg.gpu_backend == "sim" else 8,
+                                 slurm_map=self._slurm_map(),
+                                 readback_tolerance_mw=cfg.gpu_readback_tolerance_mw)
+        self.actuator.check_persistence(enable=cfg.gpu_persistence == "enable")
         intents = IntentStore(cfg.state_dir)
         unknown = [g for g in cfg.executors.validate_gpus if not self.actuator.known(g)]
         if unknown:
@@ -168,6 +172,23 @@ class Daemon:
                  cfg.socket_path, cfg.node, len(self.actuator.devices),
                  self.head.seq if self.head else None, self.metrics_port or "off")
 
+    def _slurm_map(self) -> dict[int, int]:
+        """Slurm GPU index -> backend device, from gres.conf when configured."""
+        gres = None
+        if self.config.gpu_gres_conf is not None:
+            try:
+                text = self.config.gpu_gres_conf.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"gpu.gres_conf: cannot read: {exc.strerror}",
+                                  str(self.config.gpu_gres_conf)) from None
+            gres = gres_conf_devices(text, self.config.node)
+        for problem in getattr(self.gpu, "unavailable", []):
+            log.warning("GPU left out at start: NVML device %s: %s", *problem)
+        mapping, missing = slurm_device_map(self.gpu.devices(), gres)
+        for problem in missing:
+            log.warning("not governed: %s", problem)
+        return mapping
+
     def _committed(self, kind: str, body: Any, receipt: ReceiptLike) -> None:
         self.head = receipt
         self.metrics.observe_commit(kind, body, receipt.seq)
@@ -199,6 +220,7 @@ class Daemon:
         gpus = []
         for minor in sorted(self.actuator.devices):
             row: dict[str, Any] = {"index": minor, "uuid": self.actuator.devices[minor].uuid,
+                                   "persistence": self.actuator.persistence.get(minor),
                                    "governed_mw": self.state.governed.get(minor),
                                    "job": self.state.owner_of(minor),
                                    "throttled": minor in self.state.throttled,

@@ -207,6 +207,8 @@ class Pipeline:
 
     def _mismatch_faults(self, entries: list[dict[str, Any]], job_id: str) -> None:
         for e in entries:
+            if e.get("readback") == "lower-limiter":  # recorded in the entry: not drift
+                self.state.reported[e["index"]] = e["readback_mw"]
             if "error" not in e and not e.get("ok", True):
                 self.state.reported[e["index"]] = e["readback_mw"]
                 self.writer.submit("fault", {

@@ -99,6 +99,9 @@ class Gpus:
     def persistence_mode(self, index: int) -> bool | None:
         return True
 
+    def set_persistence_mode(self, index: int, enabled: bool) -> None:
+        raise AssertionError("validate-only tests never change persistence mode")
+
     def close(self) -> None:
         pass
 
