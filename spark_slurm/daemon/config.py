@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from spark_slurm.errors import ConfigError
+from spark_slurm.karman.config import parse_source
 
 _KNOWN = {
     "node", "cluster", "socket", "state_dir", "ledger", "keys", "gpu", "policy", "karman",
@@ -40,6 +41,8 @@ class DaemonConfig:
     gpu_state_dir: Path | None = None
     karman_endpoint: str | None = None
     karman_topic: str = "cycle-aligned"
+    karman_phases: str = "streams-are-phases"  # karman.phases (spark_slurm/karman/config.py)
+    karman_source: str | None = None  # live | replay when karman.source chose the endpoint
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 0
     job_context_source: str = "static"
@@ -200,6 +203,8 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
     if isinstance(options.get("path"), str) and not Path(options["path"]).is_absolute():
         options["path"] = str((path.parent / options["path"]).resolve())
     port = reader.whole("metrics.port", 0, 0, 65535, "a port number")
+    karman = parse_source(reader.section("karman") if "karman" in data else None,
+                          lambda key, why: reader.fail(f"karman.{key}", why))
     return DaemonConfig(
         node=node,
         cluster=reader.text("cluster", "spark") or "spark",
@@ -213,8 +218,10 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         signing_key=reader.path_("keys.signing"),
         gpu_backend=backend,
         gpu_state_dir=gpu_state,
-        karman_endpoint=reader.text("karman.endpoint"),
-        karman_topic=reader.text("karman.topic", "cycle-aligned") or "cycle-aligned",
+        karman_endpoint=karman.endpoint,
+        karman_topic=karman.topic,
+        karman_phases=karman.phases,
+        karman_source=karman.source,
         metrics_address=reader.text("metrics.address", "127.0.0.1") or "127.0.0.1",
         metrics_port=port,
         job_context_source=source,
