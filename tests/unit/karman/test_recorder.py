@@ -14,6 +14,7 @@ from spark_slurm.errors import InputError, KarmanError
 from spark_slurm.karman.recorder import (
     BIBIMBAP,
     TABLE,
+    PostgresSink,
     SqliteSink,
     bibimbap_data,
     open_sink,
@@ -114,3 +115,40 @@ def test_unwritable_target_and_bad_schema_are_clear_errors(tmp_path: Path) -> No
         SqliteSink(tmp_path / "no" / "such" / "dir.db")
     with pytest.raises(InputError, match="unknown recorder schema 'x'"):
         open_sink(str(tmp_path / "k.db"), "x")
+
+
+class _FakePg:
+    """Records the SQL a sink sends; says whether TimescaleDB is available."""
+
+    def __init__(self, timescale: bool) -> None:
+        self.timescale = timescale
+        self.sql: list[str] = []
+
+    def execute(self, sql: str) -> _FakePg:
+        self.sql.append(" ".join(sql.split()))
+        self._last = sql
+        return self
+
+    def fetchone(self) -> tuple[int] | None:
+        return (1,) if self.timescale and "pg_available_extensions" in self._last else None
+
+
+@pytest.mark.parametrize("timescale", [True, False])
+def test_bibimbap_becomes_a_hypertable_only_with_timescaledb(timescale: bool) -> None:
+    # Debian has no TimescaleDB to run, so the hypertable branch is checked on the SQL
+    # it sends: the reference init script's hypertable, partitioned by device into 4.
+    sink = PostgresSink.__new__(PostgresSink)
+    sink.schema = "bibimbap"
+    fake = _FakePg(timescale)
+    sink.db = fake  # type: ignore[assignment]  # a stand-in connection
+    assert sink._create_table() is timescale
+    assert fake.sql[0] == ("CREATE TABLE IF NOT EXISTS bibimbap (time TIMESTAMPTZ NOT NULL, "
+                           "device TEXT NOT NULL, data JSONB NOT NULL)")
+    hyper = [s for s in fake.sql if "create_hypertable" in s]
+    if timescale:
+        assert "CREATE EXTENSION IF NOT EXISTS timescaledb" in fake.sql
+        assert hyper == ["SELECT create_hypertable('bibimbap', 'time', partitioning_column => "
+                         "'device', number_partitions => 4, if_not_exists => TRUE)"]
+    else:
+        assert not hyper and not any("EXTENSION" in s for s in fake.sql)
+    assert "CREATE INDEX IF NOT EXISTS bibimbap_time_idx ON bibimbap (time DESC)" in fake.sql
