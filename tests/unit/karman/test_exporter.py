@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 from spark_slurm.karman.exporter import reference_stats, window_stats
-from spark_slurm.karman.schema import (
-    TWO_PHASE_PER_STREAM,
-    Cycle,
-    PhaseReading,
-    StreamReading,
-)
+from spark_slurm.karman.schema import TWO_PHASE_PER_STREAM, Cycle
+from tests.unit.karman.cycles import two_stream_cycle
 
 
 def _cycle(i: int, a_w: float, b_w: float | None) -> Cycle:
-    a = PhaseReading(real_power_w=a_w, voltage_rms=120.0 + i, current_rms=a_w / 120,
-                     power_factor=0.98, reactive_power_var=a_w / 10)
-    b = None if b_w is None else PhaseReading(real_power_w=b_w, voltage_rms=121.0)
-    return Cycle(1_000 + i, i, (StreamReading("k1", a, b), StreamReading("k2", a, None)))
+    return two_stream_cycle(i, a_w, b_w, ("k1", "k2"))
 
 
 CYCLES = [_cycle(0, 100.0, 50.0), _cycle(1, 300.0, 10.0), _cycle(2, 200.0, None)]

@@ -20,21 +20,10 @@ from spark_slurm.karman.recorder import (
     open_sink,
     record,
 )
-from spark_slurm.karman.schema import (
-    TWO_PHASE_PER_STREAM,
-    Cycle,
-    PhaseReading,
-    StreamReading,
-)
+from spark_slurm.karman.schema import TWO_PHASE_PER_STREAM
+from tests.unit.karman.cycles import two_stream_cycle
 
-
-def _cycle(i: int, a_w: float, b_w: float | None) -> Cycle:
-    a = PhaseReading(real_power_w=a_w, voltage_rms=120.0 + i, current_rms=a_w / 120,
-                     power_factor=0.98, reactive_power_var=a_w / 10)
-    b = None if b_w is None else PhaseReading(real_power_w=b_w, voltage_rms=121.0,
-                                              reactive_power_var=b_w / 10)
-    return Cycle(1_000 + i, i, (StreamReading("threephase/karman1", a, b),
-                                StreamReading("threephase/karman2", a, None)))
+_cycle = two_stream_cycle
 
 
 def test_streams_are_phases_stores_the_phase_a_readings(tmp_path: Path) -> None:
