@@ -16,6 +16,7 @@ import yaml
 
 from spark_slurm.daemon.requests import executor_name_ok
 from spark_slurm.errors import ConfigError
+from spark_slurm.karman.config import parse_source
 
 _KNOWN = {
     "node", "cluster", "socket", "state_dir", "ledger", "keys", "gpu", "policy", "karman",
@@ -65,6 +66,8 @@ class DaemonConfig:
     gpu_readback_tolerance_mw: int = 1000  # driver rounding accepted at read-back
     karman_endpoint: str | None = None
     karman_topic: str = "cycle-aligned"
+    karman_phases: str = "streams-are-phases"  # karman.phases (spark_slurm/karman/config.py)
+    karman_source: str | None = None  # live | replay when karman.source chose the endpoint
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 0
     job_context_source: str = "static"
@@ -229,6 +232,8 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
     if isinstance(options.get("path"), str) and not Path(options["path"]).is_absolute():
         options["path"] = str((path.parent / options["path"]).resolve())
     port = reader.whole("metrics.port", 0, 0, 65535, "a port number")
+    karman = parse_source(reader.section("karman") if "karman" in data else None,
+                          lambda key, why: reader.fail(f"karman.{key}", why))
     return DaemonConfig(
         node=node,
         cluster=reader.text("cluster", "spark") or "spark",
@@ -245,8 +250,10 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         gpu_gres_conf=reader.path_("gpu.gres_conf"),
         gpu_persistence=persistence,
         gpu_readback_tolerance_mw=reader.whole("gpu.readback_tolerance_mw", 1000, 0, 50_000),
-        karman_endpoint=reader.text("karman.endpoint"),
-        karman_topic=reader.text("karman.topic", "cycle-aligned") or "cycle-aligned",
+        karman_endpoint=karman.endpoint,
+        karman_topic=karman.topic,
+        karman_phases=karman.phases,
+        karman_source=karman.source,
         metrics_address=reader.text("metrics.address", "127.0.0.1") or "127.0.0.1",
         metrics_port=port,
         job_context_source=source,

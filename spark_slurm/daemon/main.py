@@ -108,7 +108,8 @@ class Daemon:
                                               **cfg.job_context_options)
         self.stream = None
         if cfg.karman_endpoint:
-            self.stream = KarmanSubscriber(cfg.karman_endpoint, cfg.karman_topic)
+            self.stream = KarmanSubscriber(cfg.karman_endpoint, cfg.karman_topic,
+                                           phases=cfg.karman_phases)
         self.limiter = RefusalLimiter(cfg.refusal_rate_per_s, cfg.refusal_burst)
         self.metrics = DaemonMetrics(cfg.node, self.stream.stats if self.stream else None,
                                      rate_limited=lambda: self.limiter.suppressed_total)
