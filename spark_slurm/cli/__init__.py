@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "audit": "spark_slurm.cli.audit_cmd:audit",
     "replay": "spark_slurm.cli.audit_cmd:replay",
     "demo": "spark_slurm.cli.demo_cmd:demo",
+    "files": "spark_slurm.cli.files_cmd:files",
 }
 
 

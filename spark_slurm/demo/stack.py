@@ -33,6 +33,7 @@ from spark_slurm.daemon import client
 from spark_slurm.demo.cluster import ClusterSpec, SlurmCluster, free_port
 from spark_slurm.demo.services import ServiceGroup, wait_for
 from spark_slurm.errors import DaemonUnavailable, InputError, ServiceError, SparkError
+from spark_slurm.files.shipped import data_root
 from spark_slurm.gpu.sim import SimFleet
 from spark_slurm.ledger.keys import HMAC_FILE, PUBLIC_FILE, SIGNING_FILE, keygen
 from spark_slurm.ledger.reader import read_records
@@ -47,7 +48,8 @@ STATE_FILE = "demo.json"
 
 
 def find_repo(start: Path | None = None) -> Path:
-    """The source checkout holding slurm/, etc/ and contrib/ (the demo installs from it)."""
+    """The tree holding slurm/, etc/ and contrib/ as shipped (the demo installs from it):
+    `start` or this package's checkout, else the admin files an installed wheel carries."""
     candidates = [Path(__file__).resolve().parents[2]]
     if start is not None:
         candidates.insert(0, start.resolve())
@@ -55,8 +57,7 @@ def find_repo(start: Path | None = None) -> Path:
         if (path / "slurm" / "job_submit.lua").is_file() and \
                 (path / "etc" / "policy.yaml").is_file():
             return path
-    raise InputError("sparkctl demo needs the spark-slurm source checkout (slurm/, etc/, "
-                     "contrib/); run it from the repository (make demo)")
+    return data_root()
 
 
 def tool(name: str) -> list[str]:
