@@ -8,12 +8,10 @@ wheel. Built once per session, with pip's cache, to keep `make test` cheap.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,13 +20,16 @@ import tempfile
 import time
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
+
+from tests.integration.daemon.conftest import _free_port, _wait
+from tests.proto_generator import load_generator
 
 pytestmark = pytest.mark.slow
 
@@ -48,22 +49,6 @@ def _run(argv: list[str], timeout: float = 300, *, cwd: Path | None = None,
 def _ok(done: subprocess.CompletedProcess[str]) -> str:
     assert done.returncode == 0, f"{done.args}: {done.stdout}\n{done.stderr}"
     return done.stdout
-
-
-def _wait(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -152,10 +137,7 @@ def venv(built: Built) -> Iterator[Venv]:
 
 
 def test_wheel_carries_bindings_admin_files_and_matching_metadata(built: Built) -> None:
-    spec = importlib.util.spec_from_file_location("proto_generate", REPO / "proto" / "generate.py")
-    assert spec is not None and spec.loader is not None
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
+    generate = load_generator()
     with zipfile.ZipFile(built.wheel) as zf:
         names = set(zf.namelist())
         meta = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
