@@ -42,7 +42,9 @@ class Entry:
 
 def _units() -> list[Entry]:
     out = [Entry("contrib/sparkd.service", "etc/systemd/system/sparkd.service", 0o644,
-                 "template", "controller, nodes", "the node daemon's systemd unit")]
+                 "template", "controller, nodes", "the node daemon's systemd unit"),
+           Entry("contrib/karman-exporter.service", "etc/systemd/system/karman-exporter.service",
+                 0o644, "template", "monitoring", "the Karman exporter's systemd unit")]
     for name, what in (("spark-merge", "nightly merge of every node ledger"),
                        ("spark-checkpoint", "checkpoint witness every 15 minutes")):
         out += [Entry(f"contrib/{name}.service", f"etc/systemd/system/{name}.service", 0o644,

@@ -24,7 +24,7 @@ from spark_slurm.karman.exporter import QUANTITIES
 from spark_slurm.karman.subscriber import COUNTERS
 from tests.unit.head.builders import build_node
 
-UNITS = ("sparkd.service", "spark-merge.service", "spark-merge.timer",
+UNITS = ("sparkd.service", "karman-exporter.service", "spark-merge.service", "spark-merge.timer",
          "spark-checkpoint.service", "spark-checkpoint.timer")
 SHARE = Path("usr/local/share/spark-slurm")
 

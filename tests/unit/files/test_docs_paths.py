@@ -53,7 +53,8 @@ def test_slurm_snippet_and_units_name_installed_files(tmp_path: Path) -> None:
             for key in ("ExecStart", "Documentation"):
                 if line.startswith(f"{key}="):
                     path = line.split("=", 1)[1].split()[0].removeprefix("file://")
-                    assert path in written or path == str(VENV / "bin" / "sparkd"), line
+                    assert path in written or path in (str(VENV / "bin" / "sparkd"),
+                                                       str(VENV / "bin" / "sparkctl")), line
     sparkd = (units / "sparkd.service").read_text()
     assert "ExecStart=/opt/spark/bin/sparkd --config /etc/spark/sparkd.yaml" in sparkd
     assert "/etc/spark/sparkd.yaml" in written
