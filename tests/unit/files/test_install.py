@@ -165,3 +165,10 @@ def test_rendered_health_check_runs_the_hook(tmp_path: Path) -> None:
                           check=False, env=dict(os.environ, SPARK_NHC_DRAIN="0"))
     assert done.returncode == 1
     assert done.stdout.startswith("spark-nhc-check: ") and "no.sock" in done.stdout
+
+
+def test_a_relative_prefix_or_a_missing_root_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="--prefix usr/local: must be an absolute path"):
+        Layout.current(Path("usr/local"))
+    with pytest.raises(InputError, match="not a directory"):
+        install(_layout(), tmp_path / "missing")
