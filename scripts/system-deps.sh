@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages spark-slurm's tests and demo run for real:
 # Slurm (slurmctld, slurmd), munge, Lua 5.1/5.3/5.4 (job_submit.lua checks), sqlite3 and
-# openssl (contrib/verify-ledger.sh), PostgreSQL (the Karman TimescaleDB sink path).
-# Idempotent and quiet when everything is already there.
+# openssl (contrib/verify-ledger.sh), PostgreSQL (the Karman TimescaleDB sink path),
+# promtool (the shipped alert rules), systemd-analyze (the shipped units) and rsync
+# (collect-ledgers.sh). Idempotent and quiet when everything is already there; exits 1
+# when something is missing and it is not root, so `make test` stops there.
 set -euo pipefail
 need=()
 command -v slurmctld >/dev/null 2>&1 || need+=(slurm-wlm)
@@ -17,14 +19,16 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 [ -e /usr/include/stdio.h ] || need+=(libc6-dev)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
-command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # Karman exporter test
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # promtool, and the Karman exporter test's server
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v rsync >/dev/null 2>&1 || need+=(rsync)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need+=(postgresql)
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "system-deps: missing ${need[*]}; run as root (or: sudo apt-get install ${need[*]})" >&2
-  exit 0
+  exit 1
 fi
 echo "system-deps: installing ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
