@@ -34,7 +34,7 @@ from tests.proto_generator import load_generator
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[3]
-DATASET = REPO / "datasets" / "b200-dynamic.csv.gz"
+DATASET = REPO / "datasets" / "sample3-b200-dynamic-powercap.csv"
 # what a source tree has that a release does not need (and that is big)
 NOT_BUILT = ("datasets/", "tests/", "benchmarks/")
 DEV_ONLY = ("grpcio-tools", "grpcio", "pytest", "hypothesis", "mypy", "ruff", "build")
