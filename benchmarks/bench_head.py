@@ -23,8 +23,8 @@ from pathlib import Path
 from benchmarks import gen_ledger, harness
 from spark_slurm.clock import ManualClock
 from spark_slurm.head.audit import audit_job
-from spark_slurm.head.headdb import HeadDb
 from spark_slurm.head.merge import merge_ledgers, worker_count
+from spark_slurm.head.sqlite_store import SqliteStore
 from spark_slurm.ledger import Ledger
 from spark_slurm.ledger.keys import keygen, load_hmac_key, load_signing_key
 
@@ -62,7 +62,7 @@ def _node_ledgers(root: Path) -> tuple[list[Path], Path]:
 
 
 def _raw_copy(into: Path, sources: list[Path]) -> None:
-    HeadDb.open(into, create=True).close()
+    SqliteStore.open(into, create=True).close()
     conn = sqlite3.connect(into)
     for i, src in enumerate(sources):
         conn.execute("ATTACH ? AS src", (str(src),))

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "cap": "spark_slurm.cli.daemon_cmd:cap",
     "intent": "spark_slurm.cli.intent_cmd:intent",
     "merge": "spark_slurm.cli.head_cmd:merge",
+    "positions": "spark_slurm.cli.head_cmd:positions",
     "witness": "spark_slurm.cli.head_cmd:witness",
     "audit": "spark_slurm.cli.audit_cmd:audit",
     "replay": "spark_slurm.cli.audit_cmd:replay",

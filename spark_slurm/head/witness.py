@@ -233,15 +233,28 @@ def witness_checkpoint(state: Path, text: str, keys: KeyRing, proof: list[bytes]
 
 
 def witness_file(state: Path, checkpoint: Path, keys_dir: Path | None = None,
-                 proof: Path | None = None, ledger: Path | None = None) -> WitnessResult:
-    """The CLI entry point: read files, then `witness_checkpoint`."""
+                 proof: Path | None = None, ledger: Path | None = None, *,
+                 db: str | Path | None = None) -> WitnessResult:
+    """The CLI entry point: read files, then `witness_checkpoint`; with `db`, keep the
+    cosigned checkpoint in that cluster store too."""
     try:
         text = checkpoint.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{checkpoint}: cannot read checkpoint: {exc}") from None
     keys = KeyRing.load(keys_dir if keys_dir is not None else state / "keys")
     try:
-        return witness_checkpoint(state, text, keys, read_proof(proof) if proof else None,
-                                  ledger)
+        result = witness_checkpoint(state, text, keys, read_proof(proof) if proof else None,
+                                    ledger)
     except OSError as exc:
         raise InputError(f"{state}: cannot use witness state: {exc.strerror or exc}") from None
+    if db is not None:
+        from spark_slurm.head.store import open_store  # noqa: PLC0415
+
+        cp = parse_checkpoint(result.text)
+        store = open_store(db, create=True)
+        try:
+            store.import_checkpoint(node_of(cp.origin), cp.origin, cp.size, cp.root.hex(),
+                                    cp.text, source="witness")
+        finally:
+            store.close()
+    return result

@@ -21,6 +21,8 @@ class Cluster:
     clock: ManualClock
     n1: Path
     n2: Path
+    db: str
+    """The cluster store these tests merge into (an SQLite path or a PostgreSQL URL)."""
 
 
 @pytest.fixture
@@ -31,4 +33,4 @@ def cluster(tmp_path: Path) -> Cluster:
                     [("100", [0, 1], ENERGY["n1"]), ("200", [1], {1: 7_000_000})], throttle=True)
     n2 = build_node(tmp_path, "n2", trust, clock,
                     [("100", [0], ENERGY["n2"]), ("201", [1], {1: 5_000_000})])
-    return Cluster(tmp_path, trust, clock, n1, n2)
+    return Cluster(tmp_path, trust, clock, n1, n2, str(tmp_path / "cluster.db"))

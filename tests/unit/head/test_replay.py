@@ -22,11 +22,14 @@ def merged(c: Cluster) -> Path:
 
 
 def times(c: Cluster, node: str, kind: str, job: str | None = None) -> list[int]:
-    from spark_slurm.head.headdb import HeadDb  # noqa: PLC0415
+    from spark_slurm.head.store import open_store  # noqa: PLC0415
 
-    with HeadDb.open(c.root / "cluster.db") as db:
+    db = open_store(c.root / "cluster.db")
+    try:
         return [r.time_ns for r in db.records_of_kind([kind], node)
                 if job is None or r.job_id == job]
+    finally:
+        db.close()
 
 
 def test_state_follows_cap_throttle_release_restore(cluster: Cluster) -> None:
