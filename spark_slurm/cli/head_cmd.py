@@ -24,16 +24,12 @@ DB_HELP = ("Cluster store: sqlite:///PATH, postgresql://..., or a file path (SQL
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--workers", type=click.IntRange(1, 64), default=None,
-              help="Processes that read and verify sources while the merge writes "
-                   "(default: up to 4, one per CPU, for 50,000 rows or more; 1: none).")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where private copies of new rows go (default: beside an SQLite "
-                   "store, else the temporary directory).")
+              help="PostgreSQL: processes merging different nodes at once (default: up "
+                   "to 4, one per CPU). SQLite has one writer: sources go in turn.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.argument("ledgers", nargs=-1, required=True)
 def merge(*, db: str, keys: Path | None, witness_state: Path | None, progress: bool | None,
-          workers: int | None, workdir: Path | None, as_json: bool,
-          ledgers: tuple[str, ...]) -> None:
+          workers: int | None, as_json: bool, ledgers: tuple[str, ...]) -> None:
     """Verify what nodes wrote since the last merge and append it to the cluster store.
 
     Each LEDGER is a node ledger snapshot or a segment (`sparkctl ledger export`),
@@ -49,10 +45,10 @@ def merge(*, db: str, keys: Path | None, witness_state: Path | None, progress: b
         with click.progressbar(length=len(ledgers), label="merging", file=sys.stderr,
                                show_pos=True) as bar:
             summary = merge_ledgers(db, ledgers, keys_dir=keys, witness_state=witness_state,
-                                    progress=bar.update, workers=workers, workdir=workdir)
+                                    progress=bar.update, workers=workers)
     else:
         summary = merge_ledgers(db, ledgers, keys_dir=keys, witness_state=witness_state,
-                                workers=workers, workdir=workdir)
+                                workers=workers)
     if as_json:
         echo_json(summary.to_json())
     else:

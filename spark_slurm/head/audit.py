@@ -294,7 +294,8 @@ def build_report(src: ClusterReads, job_id: str, tariff: Tariff | None = None,
                 followups[(rec.node, rec.seq)].append(f)
                 records.setdefault((f.node, f.seq), f)
     ordered = sorted(records.values(), key=lambda r: (r.time_ns, r.node, r.seq))
-    verifications = verify_records(src, ordered, keys)
+    prover = src.prover() if isinstance(src, NodeLedgerView) else None
+    verifications = verify_records(src, ordered, keys, prover)
     report = AuditReport(job_id=job_id, source=source, header=header, timeline=[],
                          energy=[], cost=None)
     cap_time: dict[str, int] = {}

@@ -14,7 +14,6 @@ memory (one block at a time).
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,18 +22,20 @@ from typing import Any
 
 from spark_slurm.errors import CheckpointError, CheckpointInvalid, LedgerError
 from spark_slurm.head.keyring import KeyRing
+from spark_slurm.head.proofs import MerkleProver, Prover
 from spark_slurm.head.scan import follow_rotation, identify
 from spark_slurm.head.store import Finding, NodeState, StoredCheckpoint, body_of
-from spark_slurm.ledger.checkpoint import verify_checkpoint
+from spark_slurm.ledger.checkpoint import Checkpoint, verify_checkpoint
 from spark_slurm.ledger.merkle import leaf_hash
-from spark_slurm.ledger.records import Record
-from spark_slurm.ledger.schema import open_existing, row_to_record
+from spark_slurm.ledger.records import Record, record_hash
+from spark_slurm.ledger.schema import open_existing
 
 NODE_ID = 1
 FOLLOWUP_ROWS = 512  # follow-ups are looked for in pages of rows after the action...
 FOLLOWUP_NS = 6 * 3600 * 1_000_000_000  # ...until records are this much newer than it
 CHECKPOINT_TRIES = 64  # newest checkpoints tried for a valid signature
-_COLS = "seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id"
+_COLS = ("seq, time_ns, kind, job_id, CAST(body AS BLOB), CAST(prev_hash AS BLOB),"
+         " CAST(hash AS BLOB), CAST(mac AS BLOB), key_id")
 
 
 class NodeLedgerView:
@@ -63,6 +64,8 @@ class NodeLedgerView:
         self.until: int | None = None
         """Replay reads only records before this seq (the first one verify rejects)."""
         self._checkpoint: StoredCheckpoint | bool | None = False
+        self._keys: list[Any] | None = None
+        self._rotated = False
 
     @property
     def name(self) -> str:
@@ -84,14 +87,7 @@ class NodeLedgerView:
                                      tuple(args)).fetchall()
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{self.path}: unreadable ledger: {exc}") from None
-        out = []
-        for row in rows:
-            try:
-                rec = row_to_record(row)
-            except (TypeError, ValueError):
-                continue  # a column of the wrong type: not a record anyone can check
-            out.append(dataclasses.replace(rec, node=self.node_name))
-        return out
+        return [_record(row, self.node_name) for row in rows]
 
     # -- the node ------------------------------------------------------------
     def node(self, name: str) -> NodeState | None:
@@ -222,43 +218,89 @@ class NodeLedgerView:
         return cp if isinstance(cp, StoredCheckpoint) and cp.size <= max_size else None
 
     def _signed_checkpoint(self) -> StoredCheckpoint | None:
-        signers = self._signers()
         rows = self.conn.execute("SELECT text FROM checkpoint WHERE size <= ? ORDER BY id DESC"
                                  " LIMIT ?", (self.size, CHECKPOINT_TRIES)).fetchall()
-        origin = self.origin
         for (text,) in rows:
-            for key in signers:
-                try:
-                    cp = verify_checkpoint(str(text), key, origin)
-                except (CheckpointInvalid, CheckpointError):
-                    continue
-                if cp.size > self.size or cp.size == 0:
-                    break
-                head = self.hash_at(NODE_ID, cp.size - 1)
-                if head is None or head.hex() != cp.head_hash:
-                    self.problems.append(Finding("FORK", self.node_name, None, (
-                        f"records differ from the ledger's own signed checkpoint of size "
-                        f"{cp.size}")))
-                    return None
-                return StoredCheckpoint(self.node_name, cp.size, cp.root.hex(), cp.text,
-                                        "ledger")
+            cp = self.signed(str(text))
+            if cp is None or cp.size > self.size or cp.size == 0:
+                continue
+            head = self.hash_at(NODE_ID, cp.size - 1)
+            if head is None or head.hex() != cp.head_hash:
+                self.problems.append(Finding("FORK", self.node_name, None, (
+                    f"records differ from the ledger's own signed checkpoint of size "
+                    f"{cp.size}")))
+                return None
+            return StoredCheckpoint(self.node_name, cp.size, cp.root.hex(), cp.text, "ledger")
         return None
 
-    def _signers(self) -> list[Any]:
-        """The node's signing keys: the trust store's (or the genesis one), then every
-        endorsed rotation (found by a scan, and only when a checkpoint needs it)."""
-        genesis = self._rows("WHERE seq = 0", ())
-        body = body_of(genesis[0]) if genesis else {}
-        ident, _, _ = identify(body, self.keys, None, self.path.stem)
-        signers = list(ident.signers) if ident is not None else []
-        if not signers:
-            return []
-        origin = ident.origin if ident is not None else ""
-        for rec in self._paged("kind = 'key' AND instr(body, '\"rotate\"') > 0", ()):
-            b = body_of(rec)
-            if b.get("event") == "rotate" and follow_rotation(b, origin or "", signers)[0]:
-                break
-        return signers
+    def checkpoint_after(self, seq: int) -> Checkpoint | None:
+        """The smallest kept checkpoint covering `seq` that the node's key signed."""
+        rows = self.conn.execute("SELECT text FROM checkpoint WHERE size > ? ORDER BY size"
+                                 " LIMIT ?", (seq, CHECKPOINT_TRIES)).fetchall()
+        for (text,) in rows:
+            cp = self.signed(str(text))
+            if cp is None:
+                continue
+            if cp.size > self.size:
+                self.problems.append(Finding("ROLLBACK", self.node_name, self.size, (
+                    f"ledger holds {self.size} records but its own checkpoint says "
+                    f"{cp.size}")))
+                return None
+            return cp
+        return None
+
+    def signed(self, text: str) -> Checkpoint | None:
+        """The checkpoint, when one of the node's keys signed it for its origin: the
+        trust store's or genesis key first, then endorsed rotations (found by a scan
+        of the ledger's key records, only when a checkpoint needs them)."""
+        for rotations in (False, True):
+            for key in self._signers(rotations):
+                try:
+                    return verify_checkpoint(text, key, self.origin)
+                except (CheckpointInvalid, CheckpointError):
+                    continue
+        return None
+
+    def _signers(self, rotations: bool) -> list[Any]:
+        """The first key (rotations False) or the keys endorsed after it."""
+        if self._keys is None:
+            genesis = self._rows("WHERE seq = 0", ())
+            body = body_of(genesis[0]) if genesis else {}
+            ident, _, _ = identify(body, self.keys, None, self.path.stem)
+            self._keys = list(ident.signers) if ident is not None else []
+        if not rotations:
+            return self._keys[:1]
+        if not self._rotated and self._keys:
+            self._rotated = True
+            for rec in self._paged("kind = 'key' AND instr(body, '\"rotate\"') > 0", ()):
+                b = body_of(rec)
+                if b.get("event") == "rotate" and follow_rotation(b, self.origin, self._keys)[0]:
+                    break
+        return self._keys[1:]
+
+    def chain_holds(self, seq: int, cp: Checkpoint) -> bool:
+        """Records seq..cp.size-1 are each the hash of the one before and their own
+        stored bytes, and the last one's hash is the checkpoint's head."""
+        prev: bytes | None = None
+        at = seq
+        while at < cp.size:
+            rows = self.conn.execute(
+                "SELECT seq, CAST(body AS BLOB), CAST(prev_hash AS BLOB), CAST(hash AS BLOB)"
+                " FROM per WHERE seq >= ? AND seq < ? ORDER BY seq LIMIT 4096",
+                (at, cp.size)).fetchall()
+            if not rows:
+                return False
+            for row_seq, body, prev_hash, value in rows:
+                if row_seq != at or (prev is not None and prev_hash != prev) \
+                        or record_hash(prev_hash, body) != value:
+                    return False
+                prev, at = value, at + 1
+        return prev is not None and prev.hex() == cp.head_hash
+
+    def prover(self) -> Prover:
+        """An RFC 6962 inclusion proof where the ledger keeps its subtrees (schema 2),
+        else the record's hash chain to the next signed checkpoint."""
+        return MerkleProver(self) if self.has_tree else ChainProver(self)
 
     def checkpoints(self, node_id: int) -> list[StoredCheckpoint]:
         cp = self.latest_checkpoint(node_id, self.size)
@@ -286,7 +328,44 @@ class NodeLedgerView:
         return None if row is None or not isinstance(row[0], bytes) else row[0]
 
 
+def _record(row: Sequence[Any], node: str) -> Record:
+    """A row as a Record, whatever an editor left in its columns: a column of the wrong
+    type becomes a value that fails verification (the envelope no longer matches)
+    instead of hiding the record."""
+    seq, time_ns, kind, job_id, body, prev, value, mac, key_id = row
+    return Record(int(seq), time_ns if isinstance(time_ns, int) else -1, str(kind),
+                  job_id if job_id is None or isinstance(job_id, str) else str(job_id),
+                  bytes(body or b""), bytes(prev or b"").hex(), bytes(value or b"").hex(),
+                  None if mac is None else bytes(mac).hex(),
+                  key_id if key_id is None or isinstance(key_id, str) else str(key_id), node)
+
+
 def _ref_seq(rec: Record) -> int | None:
     ref = body_of(rec).get("ref")
     seq = ref.get("seq") if isinstance(ref, dict) else None
     return seq if isinstance(seq, int) else None
+
+
+class ChainProver:
+    """Proves a node-ledger record by its hash chain to the first checkpoint after it
+    that the node's key signed: every record from it to the checkpoint's last one is
+    re-hashed over its stored bytes and linked, and the last hash is the checkpoint's
+    `head`. It rests on SHA-256 and the signature as an inclusion proof does, and
+    costs the records between the two (a checkpoint interval, 15 minutes by default)
+    instead of the stored subtrees a schema-1 ledger does not have."""
+
+    def __init__(self, view: NodeLedgerView) -> None:
+        self.view = view
+        self.proven: list[tuple[int, int]] = []  # (first seq, checkpoint size) walked
+
+    def prove(self, rec: Record) -> tuple[str, int | None]:
+        for first, size in self.proven:
+            if first <= rec.seq < size:
+                return "ok", size
+        cp = self.view.checkpoint_after(rec.seq)
+        if cp is None:
+            return "uncovered", None
+        if not self.view.chain_holds(rec.seq, cp):
+            return "failed", cp.size
+        self.proven.append((rec.seq, cp.size))
+        return "ok", cp.size

@@ -12,6 +12,7 @@ the ledger's own `verify_inclusion`; nothing here decides validity by itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from spark_slurm.head.frontier import BLOCK, BLOCK_LEVEL
 from spark_slurm.head.keyring import KeyRing
@@ -19,9 +20,10 @@ from spark_slurm.head.store import ClusterReads
 from spark_slurm.ledger import hmac_epochs
 from spark_slurm.ledger.keys import hmac_key_id
 from spark_slurm.ledger.merkle import leaf_hash, node_hash, root, verify_inclusion
-from spark_slurm.ledger.records import GENESIS_PREV, Record, record_hash
+from spark_slurm.ledger.records import GENESIS_PREV, Record, envelope_suffix, record_hash
 
-__all__ = ["BLOCK", "BLOCK_LEVEL", "NodeTree", "Verification", "verify_records"]
+__all__ = ["BLOCK", "BLOCK_LEVEL", "MerkleProver", "NodeTree", "Prover", "Verification",
+           "verify_records"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,38 +94,57 @@ class NodeTree:
         return proof
 
 
-def verify_records(db: ClusterReads, records: list[Record], keys: KeyRing | None = None
-                   ) -> dict[tuple[str, int], Verification]:
-    """Verify each record's link and hash, and prove it against its node's checkpoint;
-    with `keys`, also re-check the MAC of every record whose node has an HMAC key."""
+class Prover(Protocol):
+    """Proves a record is covered by a signed (or witnessed) checkpoint of its node:
+    returns the proof status ("ok", "failed", "uncovered") and the checkpoint size."""
+
+    def prove(self, rec: Record) -> tuple[str, int | None]: ...
+
+
+class MerkleProver:
+    """An RFC 6962 inclusion proof against the largest checkpoint held for the node
+    that covers only merged records (witnessed wins a tie)."""
+
+    def __init__(self, db: ClusterReads) -> None:
+        self.db = db
+        self._trees: dict[str, tuple[NodeTree, bytes] | None] = {}
+
+    def prove(self, rec: Record) -> tuple[str, int | None]:
+        if rec.node not in self._trees:
+            state = self.db.node(rec.node)
+            cp = self.db.latest_checkpoint(state.node_id, state.next_seq) \
+                if state is not None else None
+            self._trees[rec.node] = None if cp is None or state is None else (
+                NodeTree(self.db, state.node_id, cp.size), bytes.fromhex(cp.root))
+        held = self._trees[rec.node]
+        if held is None or rec.seq >= held[0].size:
+            return "uncovered", held[0].size if held is not None else None
+        tree, cp_root = held
+        good = verify_inclusion(leaf_hash(rec.body_bytes), rec.seq, tree.size,
+                                tree.inclusion_proof(rec.seq), cp_root)
+        return ("ok" if good else "failed"), tree.size
+
+
+def verify_records(db: ClusterReads, records: list[Record], keys: KeyRing | None = None,
+                   prover: Prover | None = None) -> dict[tuple[str, int], Verification]:
+    """Verify each record's link and hash, and prove it against its node's checkpoint
+    (`prover`, by default an RFC 6962 inclusion proof); with `keys`, also re-check the
+    MAC of every record whose node has an HMAC key."""
     out: dict[tuple[str, int], Verification] = {}
-    trees: dict[str, tuple[NodeTree | None, bytes | None]] = {}
     epoch_keys: dict[str, NodeMacKey | None] = {}
+    prover = prover if prover is not None else MerkleProver(db)
     for rec in records:
         state = db.node(rec.node)
         if state is None:
             out[(rec.node, rec.seq)] = Verification("node unknown", "failed", None)
             continue
-        if rec.node not in trees:
-            cp = db.latest_checkpoint(state.node_id, state.next_seq)
-            if cp is None:
-                trees[rec.node] = (None, None)
-            else:
-                trees[rec.node] = (NodeTree(db, state.node_id, cp.size), bytes.fromhex(cp.root))
-        tree, cp_root = trees[rec.node]
         chain = _chain_status(db, state.node_id, rec)
-        if tree is None or cp_root is None or rec.seq >= tree.size:
-            proof = "uncovered"
-        else:
-            good = verify_inclusion(leaf_hash(rec.body_bytes), rec.seq, tree.size,
-                                    tree.inclusion_proof(rec.seq), cp_root)
-            proof = "ok" if good else "failed"
+        proof, size = prover.prove(rec)
         if rec.node not in epoch_keys:
             k0 = keys.hmac(rec.node) if keys is not None else None
             epoch_keys[rec.node] = NodeMacKey(hmac_key_id(k0), hmac_epochs.EpochKeys(k0)) \
                 if k0 is not None else None
-        out[(rec.node, rec.seq)] = Verification(chain, proof,
-                                                tree.size if tree is not None else None,
+        out[(rec.node, rec.seq)] = Verification(chain, proof, size,
                                                 mac_status(rec, epoch_keys[rec.node]))
     return out
 
@@ -158,6 +179,8 @@ def mac_status(rec: Record, key: NodeMacKey | None) -> str:
 def _chain_status(db: ClusterReads, node_id: int, rec: Record) -> str:
     if record_hash(bytes.fromhex(rec.prev_hash), rec.body_bytes).hex() != rec.hash:
         return "hash mismatch"
+    if not rec.body_bytes.endswith(envelope_suffix(rec.seq, rec.time_ns, rec.kind, rec.job_id)):
+        return "columns differ from the hashed record"
     if rec.seq == 0:
         return "ok" if rec.prev_hash == GENESIS_PREV.hex() else "genesis does not start the chain"
     previous = db.hash_at(node_id, rec.seq - 1)  # a retention cut keeps the hash it cut at

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import hmac
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from hashlib import sha256
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from cryptography.exceptions import InvalidSignature
@@ -193,48 +193,55 @@ class ChainScan:
         self.mac_kid: str | None = None  # key id the inline test accepts, and its MAC
         self.mac_of: Callable[[bytes], bytes] | None = None
 
-    def feed(self, rows: Sequence[RawRecord]) -> int:
-        """Check the next rows in seq order; returns how many leading ones were accepted
-        (fewer than given once one fails; then `stopped` is set)."""
+    def accept(self, rec: RawRecord) -> bool:
+        """Check the next record; False (and `stopped`, with its finding) when it fails.
+        Called once per row from inside the store's INSERT ... SELECT, so the fast
+        test is inline."""
         if self.stopped:
-            return 0
-        prev, last_seq, last = self.prev, self.last_seq, self.last
-        epochs, mac_kid, mac_of = self.epochs, self.mac_kid, self.mac_of
-        sha = hashlib.sha256
-        suffix = _suffix
-        node_tag, fast = self.node_tag, self.fast
+            return False
+        seq, _t, kind, _job, body, prev_hash, rec_hash, mac, key_id = rec
+        epochs = self.epochs
+        if (self.fast and seq == self.last_seq + 1 and prev_hash == self.prev
+                and kind != "key" and sha256(prev_hash + body).digest() == rec_hash
+                and body.endswith(_suffix(rec)) and (seq == 0 or self.node_tag in body)
+                and (epochs is None or (key_id == self.mac_kid and mac is not None
+                                        and self.mac_of is not None
+                                        and self.mac_of(rec_hash) == mac))):
+            self.prev, self.last_seq, self.last = rec_hash, seq, rec
+            return True
+        code, bad_seq, why = _check(rec, self.prev, self.last_seq, self.lookups,
+                                    node_tag=self.node_tag)
+        if code is None and epochs is not None:
+            code, why, self.last_epoch = _check_mac(rec, epochs, self.hid, self.last_epoch,
+                                                    self.last)
+            bad_seq = rec.seq
+            if code is None and key_id != self.mac_kid:
+                self.mac_kid = key_id
+                self.mac_of = hmac_epochs.mac_function(epochs.key(self.last_epoch))
+        if code is None and rec.kind == "key" and self.signers:
+            body_obj = _body(rec)
+            if body_obj.get("event") == "rotate":
+                code, why = follow_rotation(body_obj, self.origin or "", self.signers)
+        if code is not None:
+            self.stop(code, bad_seq, why)
+            return False
+        self.prev, self.last_seq, self.last = rec.hash, rec.seq, rec
+        return True
+
+    def stop(self, code: str, seq: int | None, why: str) -> None:
+        """End the scan with a finding (also for what the caller found, e.g. a row the
+        database could not hand over)."""
+        if not self.stopped:
+            self.findings.append(Finding(code, self.node, seq, why))
+            self.stopped = True
+
+    def feed(self, rows: Sequence[RawRecord]) -> int:
+        """Check the next rows in seq order; returns how many leading ones were accepted."""
         taken = 0
         for rec in rows:
-            seq, _t, kind, _job, body, prev_hash, rec_hash, mac, key_id = rec
-            if (fast and seq == last_seq + 1 and prev_hash == prev and kind != "key"
-                    and sha(prev_hash + body).digest() == rec_hash
-                    and body.endswith(suffix(rec)) and (seq == 0 or node_tag in body)
-                    and (epochs is None or (key_id == mac_kid and mac is not None
-                                            and mac_of is not None
-                                            and mac_of(rec_hash) == mac))):
-                prev, last_seq, last = rec_hash, seq, rec
-                taken += 1
-                continue
-            code, bad_seq, why = _check(rec, prev, last_seq, self.lookups, node_tag=node_tag)
-            if code is None and epochs is not None:
-                code, why, self.last_epoch = _check_mac(rec, epochs, self.hid,
-                                                        self.last_epoch, last)
-                bad_seq = rec.seq
-                if code is None and key_id != mac_kid:
-                    mac_kid = key_id
-                    mac_of = hmac_epochs.mac_function(epochs.key(self.last_epoch))
-            if code is None and rec.kind == "key" and self.signers:
-                body_obj = _body(rec)
-                if body_obj.get("event") == "rotate":
-                    code, why = follow_rotation(body_obj, self.origin or "", self.signers)
-            if code is not None:
-                self.findings.append(Finding(code, self.node, bad_seq, why))
-                self.stopped = True
+            if not self.accept(rec):
                 break
-            prev, last_seq, last = rec.hash, rec.seq, rec
             taken += 1
-        self.prev, self.last_seq, self.last = prev, last_seq, last
-        self.mac_kid, self.mac_of = mac_kid, mac_of
         return taken
 
 

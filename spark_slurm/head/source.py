@@ -1,21 +1,18 @@
 """What merge reads from a node: a whole ledger snapshot or an exported segment.
 
-Merge reads only the records past what the head node already holds. In one read
-snapshot of the source it takes the node's size, the hash at the last seq both
-sides have, and copies the new rows and the checkpoints that cover them into a
-private file in a directory only the merging user can write. The check and the
-store both read that copy, so a source swapped or edited while the merge runs
-cannot slip rows in between; and the copy costs what the new rows cost, never
-the node's whole history. The verifier writes each checked row's Merkle leaf
-(and the `ref.seq` audit indexes) into the copy's `leaf` table, and the cluster
-store takes the rows from there in one `INSERT ... SELECT` (or COPY).
+Merge reads only the records past what the head node already holds. The rows
+themselves are read once, by the cluster store's own `INSERT ... SELECT` (or, for
+PostgreSQL, one pass feeding `COPY`), with every row checked on its way in: what
+is checked is what is stored, so a source edited or swapped while a merge runs
+cannot slip unchecked rows in, and no private copy of the source is needed.
+Everything else merge wants of a source — who it is, its size, the hash at the
+stored head, the checkpoints covering new rows, and on the rare slow paths a
+lookup or a fork search — comes from `SourceReader`, one read-only snapshot.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +22,10 @@ from spark_slurm.head.scan import RawRecord
 from spark_slurm.ledger.schema import check_file, connect, open_existing, read_meta
 from spark_slurm.ledger.segment import SEGMENT_FORMAT, segment_meta
 
-PAGE = 4096  # rows per verification page: bounded memory whatever the ledger size
+PAGE = 4096  # rows per page where rows are read in Python: bounded memory
 
-_COLUMNS = ("seq, time_ns, kind, job_id, CAST(body AS BLOB), CAST(prev_hash AS BLOB),"
-            " CAST(hash AS BLOB), CAST(mac AS BLOB), key_id")
-_COPY_DDL = """
-CREATE TABLE cp.per (seq INTEGER PRIMARY KEY, time_ns INTEGER NOT NULL, kind TEXT NOT NULL,
-    job_id TEXT, body BLOB NOT NULL, prev_hash BLOB NOT NULL, hash BLOB NOT NULL, mac BLOB,
-    key_id TEXT);
-CREATE TABLE cp.checkpoint (id INTEGER PRIMARY KEY, text TEXT NOT NULL);
-CREATE TABLE cp.leaf (seq INTEGER PRIMARY KEY, leaf BLOB NOT NULL, ref_seq INTEGER);
-"""
+COLUMNS = ("seq, time_ns, kind, job_id, CAST(body AS BLOB), CAST(prev_hash AS BLOB),"
+           " CAST(hash AS BLOB), CAST(mac AS BLOB), key_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,19 +43,6 @@ class Source:
     @property
     def name(self) -> str:
         return str(self.path)
-
-
-@dataclass
-class Snapshot:
-    """What one read snapshot of a source gave: the node's size, the source's hash at
-    the seq asked for, and the private copy of the rows from `first` on (None when
-    there were none to copy)."""
-
-    size: int
-    hash_at: bytes | None
-    copy: Path | None
-    rows: int
-    first: int
 
 
 def split_arg(arg: str) -> tuple[str | None, Path]:
@@ -89,7 +66,7 @@ def open_source(arg: str) -> Source:
             kind = "segment"
         else:
             meta, after, kind = read_meta(conn, path), -1, "ledger"
-        row = _fetch_one(conn, f"SELECT {_COLUMNS} FROM per WHERE seq = 0",  # noqa: S608
+        row = _fetch_one(conn, f"SELECT {COLUMNS} FROM per WHERE seq = 0",  # noqa: S608
                          (), path)
         genesis = None if row is None else RawRecord._make(row)
     finally:
@@ -113,163 +90,81 @@ def _fetch_one(conn: sqlite3.Connection, sql: str, args: tuple[object, ...], pat
     return None if row is None else tuple(row)
 
 
-def snapshot(source: Source, first: int, hash_seq: int | None, workdir: Path) -> Snapshot:
-    """In one read snapshot of the source: its size (newest seq + 1; for a segment,
-    the size the node had at export when it holds no newer row), the hash at
-    `hash_seq` (or at its last seq, when it ends before), and a private copy of the
-    rows from `first` on with the checkpoints covering any of them. No copy is made
-    when there is nothing from `first` on."""
-    conn = connect(source.path, readonly=True)
-    copy: Path | None = None
-    try:
-        snap = _read(conn, source, first, hash_seq, copy=False)
-        if snap.rows:  # SQLite attaches only outside a transaction: read again with it
-            copy = _new_copy(workdir)
-            conn.execute("ATTACH DATABASE ? AS cp", (f"{copy.resolve().as_uri()}?mode=rw",))
-            conn.execute("PRAGMA cp.journal_mode=OFF")
-            conn.execute("PRAGMA cp.synchronous=OFF")
-            snap = _read(conn, source, first, hash_seq, copy=True)
-            snap.copy = copy
-    except sqlite3.DatabaseError as exc:
-        discard(copy)
-        raise LedgerError(f"{source.path}: cannot read the ledger: {exc}") from None
-    except BaseException:
-        discard(copy)
-        raise
-    finally:
-        conn.close()
-    if snap.copy is None:
-        discard(copy)
-    return snap
+class SourceReader:
+    """A source, read-only, in one read snapshot: its size and what merge looks up."""
 
-
-def _read(conn: sqlite3.Connection, source: Source, first: int, hash_seq: int | None, *,
-          copy: bool) -> Snapshot:
-    conn.execute("BEGIN")
-    try:
-        last = _fetch_one(conn, "SELECT max(seq) FROM per", (), source.path)
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.path = source.path
+        self.conn = connect(source.path, readonly=True)
+        try:
+            self.conn.execute("BEGIN")
+            last = _fetch_one(self.conn, "SELECT max(seq) FROM per", (), self.path)
+        except BaseException:
+            self.conn.close()
+            raise
         size = 0 if last is None or last[0] is None else int(str(last[0])) + 1
-        if source.kind == "segment":
+        if source.kind == "segment":  # an empty segment still says how big the node was
             size = max(size, int(source.meta.get("size", "0")))
-        value = None
-        if hash_seq is not None and min(hash_seq, size - 1) >= 0:
-            row = _fetch_one(conn, "SELECT CAST(hash AS BLOB) FROM per WHERE seq = ?",
-                             (min(hash_seq, size - 1),), source.path)
-            value = None if row is None or not isinstance(row[0], bytes) else row[0]
-        if not copy:
-            found = _fetch_one(conn, "SELECT count(*) FROM (SELECT 1 FROM per WHERE seq >= ?"
-                               " LIMIT 1)", (first,), source.path)
-            return Snapshot(size, value, None, int(str(found[0])) if found else 0, first)
-        for statement in _COPY_DDL.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        rows = conn.execute("INSERT INTO cp.per SELECT seq, time_ns, kind, job_id, body,"
-                            " prev_hash, hash, mac, key_id FROM main.per WHERE seq >= ?"
-                            " ORDER BY seq", (first,)).rowcount
-        conn.execute("INSERT INTO cp.checkpoint(text) SELECT text FROM main.checkpoint"
-                     " WHERE size > ? ORDER BY id", (first,))
-        return Snapshot(size, value, None, rows, first)
-    finally:
-        conn.execute("COMMIT")
-
-
-def _new_copy(workdir: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix="node-", suffix=".db", dir=workdir)  # mode 0600
-    os.close(fd)
-    return Path(name)
-
-
-def discard(copy: Path | None) -> None:
-    if copy is not None:
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(f"{copy}{suffix}").unlink(missing_ok=True)
-
-
-class CopyReader:
-    """The private copy, read a page at a time in seq order, with the lookups the
-    verifier's slow path needs and the `leaf` table it fills."""
-
-    def __init__(self, copy: Path) -> None:
-        self.path = copy
-        self.conn = sqlite3.connect(copy, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=OFF")
-        self.conn.execute("PRAGMA synchronous=OFF")
-        self.lenient_pages = 0
-
-    def pages(self, first: int, size: int = PAGE) -> Iterator[list[RawRecord]]:
-        """Rows with seq >= first, in pages. Text columns are decoded strictly; a page
-        that holds invalid UTF-8 is read again leniently (U+FFFD), as the verifier
-        reads it, and counted in `lenient_pages`."""
-        at = first
-        sql = f"SELECT {_COLUMNS} FROM per WHERE seq >= ? ORDER BY seq LIMIT ?"  # noqa: S608
-        while True:
-            self.conn.text_factory = str
-            try:
-                rows = self.conn.execute(sql, (at, size)).fetchall()
-            except sqlite3.OperationalError:
-                self.conn.text_factory = _lenient
-                rows = self.conn.execute(sql, (at, size)).fetchall()
-                self.lenient_pages += 1
-            if not rows:
-                return
-            yield list(map(RawRecord._make, rows))
-            if len(rows) < size:
-                return
-            at = int(rows[-1][0]) + 1
-
-    def checkpoints(self) -> list[str]:
-        self.conn.text_factory = _lenient
-        return [str(r[0]) for r in self.conn.execute("SELECT text FROM checkpoint ORDER BY id")]
-
-    def hash_at(self, seq: int) -> bytes | None:
-        row = self.conn.execute("SELECT CAST(hash AS BLOB) FROM per WHERE seq = ?",
-                                (seq,)).fetchone()
-        return None if row is None else bytes(row[0])
-
-    def seq_of_hash(self, value: bytes) -> int | None:
-        """The newest seq whose stored hash is `value` (a scan: only damage asks)."""
-        row = self.conn.execute("SELECT max(seq) FROM per WHERE CAST(hash AS BLOB) = ?",
-                                (value,)).fetchone()
-        return None if row is None or row[0] is None else int(row[0])
-
-    def add_leaves(self, rows: list[tuple[int, bytes, int | None]]) -> None:
-        self.conn.executemany("INSERT INTO leaf VALUES (?, ?, ?)", rows)
-
-    def begin(self) -> None:
-        self.conn.execute("BEGIN")
-
-    def commit(self) -> None:
-        self.conn.execute("COMMIT")
+        self.size = size
+        """Records the node ledger holds (its newest seq + 1), in this snapshot."""
 
     def close(self) -> None:
         self.conn.close()
 
+    def hash_at(self, seq: int) -> bytes | None:
+        row = _fetch_one(self.conn, "SELECT CAST(hash AS BLOB) FROM per WHERE seq = ?", (seq,),
+                         self.path)
+        return None if row is None or not isinstance(row[0], bytes) else row[0]
 
-def _lenient(data: bytes) -> str:
-    return data.decode("utf-8", "replace")
+    def seq_of_hash(self, value: bytes) -> int | None:
+        """The newest seq whose stored hash is `value` (a scan: only damage asks)."""
+        row = _fetch_one(self.conn, "SELECT max(seq) FROM per WHERE CAST(hash AS BLOB) = ?",
+                         (value,), self.path)
+        return None if row is None or row[0] is None else int(str(row[0]))
 
+    def first_seq(self) -> int | None:
+        row = _fetch_one(self.conn, "SELECT min(seq) FROM per", (), self.path)
+        return None if row is None or row[0] is None else int(str(row[0]))
 
-def source_hashes(path: Path, first: int, last: int) -> Iterator[list[tuple[int, bytes]]]:
-    """(seq, stored hash) of a source's rows first..last, a page at a time (only a fork
-    search reads old rows)."""
-    conn = connect(path, readonly=True)
-    try:
-        at = first
-        while at <= last:
-            rows = conn.execute("SELECT seq, CAST(hash AS BLOB) FROM per WHERE seq BETWEEN ? AND ?"
-                                " ORDER BY seq LIMIT ?", (at, last, PAGE)).fetchall()
+    def pages(self, first: int, last: int | None = None) -> Iterator[list[RawRecord]]:
+        """Rows with first <= seq (<= last), in pages, text decoded as the verifier reads
+        it (U+FFFD for invalid UTF-8)."""
+        at, end = first, (2**63 - 1 if last is None else last)
+        sql = f"SELECT {COLUMNS} FROM per WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"  # noqa: S608
+        while at <= end:
+            try:
+                rows = self.conn.execute(sql, (at, end, PAGE)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise LedgerError(f"{self.path}: unreadable ledger: {exc}") from None
             if not rows:
                 return
-            yield [(int(s), bytes(h) if isinstance(h, bytes) else b"") for s, h in rows]
+            yield list(map(RawRecord._make, rows))
             at = int(rows[-1][0]) + 1
-    except sqlite3.DatabaseError as exc:
-        raise LedgerError(f"{path}: unreadable ledger: {exc}") from None
-    finally:
-        conn.close()
+
+    def hashes(self, first: int, last: int) -> Iterator[list[tuple[int, bytes]]]:
+        """(seq, stored hash) of rows first..last, a page at a time (a fork search)."""
+        at = first
+        while at <= last:
+            rows = self.conn.execute("SELECT seq, CAST(hash AS BLOB) FROM per WHERE seq"
+                                     " BETWEEN ? AND ? ORDER BY seq LIMIT ?",
+                                     (at, last, PAGE)).fetchall()
+            if not rows:
+                return
+            yield [(int(s), h if isinstance(h, bytes) else b"") for s, h in rows]
+            at = int(rows[-1][0]) + 1
+
+    def checkpoints(self, after: int) -> list[str]:
+        """The checkpoint notes covering any record with seq >= after."""
+        try:
+            return [str(r[0]) for r in self.conn.execute(
+                "SELECT text FROM checkpoint WHERE size > ? ORDER BY id", (after,))]
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self.path}: unreadable ledger: {exc}") from None
 
 
 def node_size(arg: str) -> int:
-    """How many records a source says its node holds (for a progress bar's length)."""
+    """How many records a source says its node holds."""
     _, path = split_arg(arg)
     try:
         conn, _meta = open_existing(path)

@@ -9,8 +9,9 @@ chosen for `audit JOBID` on ten million rows: the job index finds a job's
 records, the ref index finds follow-ups, and the stored leaves plus the stored
 perfect subtrees let inclusion proofs be built from O(log n) hashes.
 
-New rows arrive from merge's private copy of a node ledger, attached as `src`,
-by one `INSERT ... SELECT` joined with the leaves the verifier wrote there.
+New rows arrive from the source (node ledger or segment), attached read-only as
+`src`, by one `INSERT ... SELECT` that hands every row to merge's check on its way
+in and stores only the rows the check returned a Merkle leaf for.
 WAL mode: audits read while a merge writes.
 """
 
@@ -19,18 +20,20 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from spark_slurm.errors import HeadDbError
+from spark_slurm.head.scan import RawRecord, ref_seq_of
 from spark_slurm.head.store import (
     MAGIC,
     SCHEMA_VERSION,
     Advance,
     Finding,
     NodeState,
+    RowCheck,
     StoredCheckpoint,
 )
 from spark_slurm.ledger.records import Record
@@ -122,18 +125,29 @@ _NODE_COLS = ("node_id, name, origin, head_seq, head_hash, count, frontier, sign
 _NODE = f"SELECT {_NODE_COLS} FROM nodes "  # noqa: S608 (fixed columns)
 _SELECT = ("SELECT n.name, r.seq, r.time_ns, r.kind, r.job_id, r.body, r.prev_hash, r.hash,"
            " r.mac, r.key_id FROM records r JOIN nodes n ON n.node_id = r.node_id ")
-_ROWS = (
-    "INSERT INTO records(node_id, seq, time_ns, kind, job_id, body, prev_hash, hash, mac,"
-    " key_id, ref_seq, leaf) SELECT ?1, p.seq, p.time_ns, p.kind, p.job_id,"
-    " CAST(p.body AS BLOB), CAST(p.prev_hash AS BLOB), CAST(p.hash AS BLOB),"
-    " CAST(p.mac AS BLOB), p.key_id, l.ref_seq, l.leaf"
-    " FROM src.per p JOIN src.leaf l ON l.seq = p.seq WHERE p.seq BETWEEN ?2 AND ?3"
-    " ORDER BY p.seq")
-_FORKS = (
-    "INSERT OR IGNORE INTO forks(node_id, seq, time_ns, kind, body, prev_hash, hash, mac,"
-    " key_id, source) SELECT ?1, seq, time_ns, kind, CAST(body AS BLOB),"
-    " CAST(prev_hash AS BLOB), CAST(hash AS BLOB), CAST(mac AS BLOB), key_id, ?4"
-    " FROM src.per WHERE seq BETWEEN ?2 AND ?3 ORDER BY seq")
+_REF = ("CASE WHEN instr(CAST(body AS BLOB), X'22726566223a') > 0"  # '"ref":'
+        " THEN spark_ref_seq(CAST(body AS BLOB)) END")
+_CHECKED = (
+    "INSERT OR IGNORE INTO records(node_id, seq, time_ns, kind, job_id, body, prev_hash,"  # noqa: S608
+    " hash, mac, key_id, ref_seq, leaf) SELECT ?1, seq, time_ns, kind, job_id,"
+    " CAST(body AS BLOB), CAST(prev_hash AS BLOB), CAST(hash AS BLOB), CAST(mac AS BLOB),"
+    f" key_id, {_REF}, spark_check"
+    "(seq, time_ns, kind, job_id, CAST(body AS BLOB),"
+    " CAST(prev_hash AS BLOB), CAST(hash AS BLOB), CAST(mac AS BLOB), key_id)"
+    " FROM src.per WHERE seq >= ?2 ORDER BY seq")
+"""Every source row from `first` on, through the check: a row whose leaf comes back
+NULL (the first that fails, and every one after it) breaks the NOT NULL constraint
+on `leaf` and OR IGNORE skips it, so exactly the checked prefix is stored."""
+_CHECKED_TEXT = _CHECKED.replace(
+    "spark_check(seq, time_ns, kind, job_id,",
+    "spark_check_blobs(seq, CASE typeof(time_ns) WHEN 'integer' THEN time_ns ELSE"
+    " CAST(time_ns AS BLOB) END, CAST(kind AS BLOB), typeof(kind), CAST(job_id AS BLOB),"
+    " typeof(job_id),").replace("CAST(mac AS BLOB), key_id)",
+                                "CAST(mac AS BLOB), CAST(key_id AS BLOB), typeof(key_id))")
+"""The same for a source holding text that is not UTF-8 (sqlite3 cannot hand such a
+column to Python as text): every text column goes as bytes and its type."""
+_FORK = ("INSERT OR IGNORE INTO forks(node_id, seq, time_ns, kind, body, prev_hash, hash, mac,"
+         " key_id, source) VALUES (?,?,?,?,?,?,?,?,?,?)")
 
 
 def signers_text(keys: Iterable[bytes]) -> str:
@@ -304,7 +318,8 @@ class SqliteReads:
 
 
 class SqliteWriter(SqliteReads):
-    """One merge transaction (BEGIN IMMEDIATE: concurrent merges serialise)."""
+    """One merge transaction (BEGIN IMMEDIATE: concurrent merges serialise), the
+    source attached as `src`."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -319,24 +334,43 @@ class SqliteWriter(SqliteReads):
         assert state is not None
         return state
 
-    def advance(self, state: NodeState, step: Advance) -> int:
-        count = 0
-        if step.last >= step.first:
-            count = self.conn.execute(_ROWS, (state.node_id, step.first, step.last)).rowcount
-            if count != step.last - step.first + 1:  # the copy is private: a bug, not input
-                raise HeadDbError(f"stored {count} rows for seqs {step.first}..{step.last} "
-                                  "of the checked copy")
+    def append(self, state: NodeState, first: int, check: RowCheck) -> int:
+        def checked(*cols: Any) -> bytes | None:
+            return check(RawRecord(*cols))
+
+        self.conn.create_function("spark_check", 9, checked)
+        self.conn.create_function("spark_ref_seq", 1, ref_seq_of, deterministic=True)
+        self.conn.execute("SAVEPOINT rows_in")
+        try:
+            count = self.conn.execute(_CHECKED, (state.node_id, first)).rowcount
+        except sqlite3.OperationalError:
+            # a text column sqlite3 cannot decode: nothing of this statement was stored
+            # and the check has seen the rows before it; start again with bytes
+            self.conn.execute("ROLLBACK TO rows_in")
+            check.restart()
+            self.conn.create_function("spark_check_blobs", 12, _as_text(check))
+            count = self.conn.execute(_CHECKED_TEXT, (state.node_id, first)).rowcount
+        self.conn.execute("RELEASE rows_in")
+        return count
+
+    def mark(self) -> None:
+        self.conn.execute("SAVEPOINT merged_rows")
+
+    def undo(self) -> None:
+        self.conn.execute("ROLLBACK TO merged_rows")
+
+    def set_head(self, state: NodeState, step: Advance) -> None:
         self.conn.execute(
             "UPDATE nodes SET head_seq=?, head_hash=?, count=count+?, frontier=?, signers=?"
             " WHERE node_id=?",
-            (step.last, step.head_hash.hex(), count, step.frontier,
+            (step.last, step.head_hash.hex(), step.last - step.first + 1, step.frontier,
              signers_text(step.signers), state.node_id))
         self.conn.executemany("INSERT OR REPLACE INTO subtrees VALUES (?,?,?,?)",
                               [(state.node_id, lv, i, h) for lv, i, h in step.subtrees])
-        return count
 
-    def keep_forks(self, node_id: int, first: int, last: int, source: str) -> None:
-        self.conn.execute(_FORKS, (node_id, first, last, source))
+    def keep_forks(self, node_id: int, rows: Sequence[Any], source: str) -> None:
+        self.conn.executemany(_FORK, [(node_id, r[0], r[1], r[2], r[4], r[5], r[6], r[7], r[8],
+                                       source) for r in rows])
 
     def add_checkpoint(self, node_id: int, size: int, root: str, text: str,
                        source: str) -> None:
@@ -350,6 +384,27 @@ class SqliteWriter(SqliteReads):
             " VALUES (?,?,?,?,?,?)",
             (finding.code, finding.node, finding.seq, finding.detail, source, now_ns))
         return cur.rowcount > 0
+
+
+def _as_text(check: RowCheck) -> Callable[..., bytes | None]:
+    """`spark_check_blobs`: a row whose text columns came as bytes (and their types)
+    rebuilt as the verifier reads it; text that is not UTF-8 fails the row."""
+    def checked(*cols: Any) -> bytes | None:
+        seq, time_ns, kind, kind_t, job, job_t, body, prev, value, mac, key_id, key_t = cols
+        try:
+            text = [_text(kind, kind_t), _text(job, job_t), _text(key_id, key_t)]
+        except UnicodeDecodeError:
+            check.stop("TAMPERED", seq, "a text column is not valid UTF-8")
+            return None
+        return check(RawRecord(seq, time_ns, text[0], text[1], body, prev, value, mac, text[2]))
+
+    return checked
+
+
+def _text(value: bytes | None, kind: str) -> Any:
+    if kind == "text" and value is not None:
+        return value.decode("utf-8")
+    return None if kind == "null" else value
 
 
 class SqliteStore(SqliteReads):
@@ -371,7 +426,9 @@ class SqliteStore(SqliteReads):
         if not create and not path.exists():
             raise HeadDbError(f"{path}: no such cluster ledger")
         try:
-            conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
+            # URI filenames: the source is attached read-only (`file:...?mode=ro`)
+            conn = sqlite3.connect(path.resolve().as_uri(), uri=True, timeout=30.0,
+                                   isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
@@ -412,11 +469,12 @@ class SqliteStore(SqliteReads):
         self.close()
 
     @contextmanager
-    def writer(self, copy: Path | None) -> Iterator[SqliteWriter]:
-        """BEGIN IMMEDIATE (after attaching `copy` as `src`, which SQLite allows only
-        outside a transaction), COMMIT on success."""
-        if copy is not None:
-            self.conn.execute("ATTACH DATABASE ? AS src", (str(copy),))
+    def writer(self, source: Path | None) -> Iterator[SqliteWriter]:
+        """BEGIN IMMEDIATE (after attaching `source` read-only as `src`, which SQLite
+        allows only outside a transaction), COMMIT on success."""
+        if source is not None:
+            self.conn.execute("ATTACH DATABASE ? AS src",
+                              (f"{source.resolve().as_uri()}?mode=ro",))
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
@@ -426,7 +484,7 @@ class SqliteStore(SqliteReads):
                 raise
             self.conn.execute("COMMIT")
         finally:
-            if copy is not None:
+            if source is not None:
                 self.conn.execute("DETACH DATABASE src")
 
     @contextmanager

@@ -18,11 +18,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from spark_slurm.errors import HeadDbError
 from spark_slurm.ledger.records import Record
+
+if TYPE_CHECKING:
+    from spark_slurm.head.scan import RawRecord
 
 MAGIC = "spark-head"
 SCHEMA_VERSION = 2
@@ -91,10 +94,9 @@ class Finding:
 
 @dataclass
 class Advance:
-    """What one merge adds to a node: verified seqs `first..last` of the private copy
-    (attached as `src`, their Merkle leaves in its `leaf` table), the node's new head
-    and compact range, the perfect subtrees completed (level, index, hash), and the
-    signing keys followed."""
+    """Where one merge leaves a node: verified seqs `first..last` stored, the new head
+    hash and compact range, the perfect subtrees completed (level, index, hash), and
+    the signing keys followed."""
 
     first: int
     last: int
@@ -102,6 +104,22 @@ class Advance:
     frontier: bytes
     signers: tuple[bytes, ...]
     subtrees: list[tuple[int, int, bytes]] = field(default_factory=list)
+
+
+class RowCheck(Protocol):
+    """Checks one source row (seq order) and returns its Merkle leaf, or None from the
+    first row that fails: the store stores the rows it got a leaf for, and no other."""
+
+    def __call__(self, rec: RawRecord) -> bytes | None: ...
+
+    def stop(self, code: str, seq: int, why: str) -> None:
+        """Fail at this row for a reason found outside the check (its columns could
+        not be read as text)."""
+        ...
+
+    def restart(self) -> None:
+        """Forget every row seen: the store is feeding them again from the first."""
+        ...
 
 
 class ClusterReads(Protocol):
@@ -166,18 +184,31 @@ class ClusterReads(Protocol):
 
 
 class NodeWriter(Protocol):
-    """One merge transaction on the cluster store, with one private copy attached."""
+    """One merge transaction on the cluster store, the source's file at hand."""
 
     def lock_node(self, name: str, origin: str | None) -> NodeState:
         """Create the node when new, lock it against other merges, return its state."""
         ...
 
-    def advance(self, state: NodeState, step: Advance) -> int:
-        """Store the step's rows and move the node's head; returns rows stored."""
+    def append(self, state: NodeState, first: int, check: RowCheck) -> int:
+        """Copy the source's rows with seq >= first, each through `check`, into the
+        node's records until `check` refuses one; returns how many were stored."""
         ...
 
-    def keep_forks(self, node_id: int, first: int, last: int, source: str) -> None:
-        """Keep seqs first..last of the private copy as the other side of a fork."""
+    def mark(self) -> None:
+        """Remember this point of the transaction (before `append`)."""
+        ...
+
+    def undo(self) -> None:
+        """Drop what was written since `mark` (rows a checkpoint then contradicted)."""
+        ...
+
+    def set_head(self, state: NodeState, step: Advance) -> None:
+        """Move the node's head, compact range, keys and stored subtrees."""
+        ...
+
+    def keep_forks(self, node_id: int, rows: Sequence[Any], source: str) -> None:
+        """Keep checked source rows (raw columns) as the other side of a fork."""
         ...
 
     def add_checkpoint(self, node_id: int, size: int, root: str, text: str,
@@ -191,8 +222,9 @@ class ClusterStore(ClusterReads, Protocol):
 
     url: str
 
-    def writer(self, copy: Path | None) -> AbstractContextManager[NodeWriter]:
-        """One write transaction (committed on success), with `copy` attached as `src`."""
+    def writer(self, source: Path | None) -> AbstractContextManager[NodeWriter]:
+        """One write transaction (committed on success); `source` is the node ledger
+        or segment `append` reads rows from."""
         ...
 
     def bulk(self) -> AbstractContextManager[None]:

@@ -1,27 +1,25 @@
 """What merge reads of a source, and that what it stores is exactly what it checked.
 
-Merge copies the rows past the stored head into a private file, checks that copy
-page by page (an inline fast test, or every record through the full checks) and
-stores from it. Whatever the damage, the fast path and the full checks leave
-byte-identical stores with the same findings; a source edited after the check
-cannot change what is stored; and the copy holds only the new rows.
+The store reads the rows past the node's stored head once, handing each to merge's
+check on its way in (an inline fast test, or every record through the full
+checks). Whatever the damage, the fast path and the full checks leave
+byte-identical stores with the same findings; the rows stored are the rows the
+check saw, no more; and only the new rows are read.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
-import stat
 from contextlib import closing
+from hashlib import sha256
 from pathlib import Path
 
 import pytest
 
 from spark_slurm.head.keyring import KeyRing
-from spark_slurm.head.merge import apply_plan, merge_into, merge_ledgers
-from spark_slurm.head.plan import prepare
-from spark_slurm.head.scan import ref_seq_of
+from spark_slurm.head.merge import merge_into, merge_ledgers
+from spark_slurm.head.scan import RawRecord, ref_seq_of
 from spark_slurm.head.store import open_store
 from spark_slurm.ledger import Ledger, verify_ledger
 from spark_slurm.ledger.keys import keygen, load_hmac_key, load_signing_key
@@ -53,13 +51,11 @@ DAMAGE = [
 ]
 
 
-def _merged(c: Cluster, name: str, *, fast: bool, sources: list[str] | None = None) -> Path:
+def _merged(c: Cluster, name: str, *, fast: bool) -> Path:
     into = c.root / f"{name}.db"
-    work = c.root / f"work-{name}"
-    work.mkdir(mode=0o700)
-    with closing(open_store(into, create=True)) as store:
-        merge_into(store, sources or [str(c.n1), str(c.n2)], KeyRing.load(c.trust),
-                   workdir=work, clock=c.clock, fast=fast)
+    with closing(open_store(into, create=True)) as store, closing(open_store(into)) as reads:
+        merge_into(store, reads, [str(c.n1), str(c.n2)], KeyRing.load(c.trust),
+                   clock=c.clock, fast=fast)
     return into
 
 
@@ -114,25 +110,43 @@ def test_merged_rows_are_stored_as_blobs_and_nulls(cluster: Cluster) -> None:
     assert stored == [(r[0], r[4], r[6], r[7]) for r in tamper.rows(cluster.n1)]
 
 
-def test_what_is_stored_is_the_copy_that_was_checked(cluster: Cluster) -> None:
-    """Edit the source after it was checked: the checked bytes are stored, not the edit."""
-    work = cluster.root / "work"
-    work.mkdir(mode=0o700)
-    keys = KeyRing.load(cluster.trust)
+class Spy:
+    """A check that accepts the first `limit` rows and remembers what it was shown."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: list[RawRecord] = []
+
+    def __call__(self, rec: RawRecord) -> bytes | None:
+        if len(self.seen) >= self.limit:
+            return None
+        self.seen.append(rec)
+        return sha256(b"\x00" + rec.body).digest()
+
+    def stop(self, code: str, seq: int, why: str) -> None:
+        self.limit = 0
+
+    def restart(self) -> None:
+        self.seen = []
+
+
+@pytest.mark.parametrize("limit", [0, 1, 7, 10_000])
+def test_the_rows_stored_are_the_rows_the_check_saw(cluster: Cluster, limit: int) -> None:
+    """The store's half of the contract: rows go in through the check, the prefix it
+    accepts is stored byte for byte, nothing after the first refusal."""
+    spy = Spy(limit)
     with closing(open_store(cluster.db, create=True)) as store:
-        plan = prepare(store, str(cluster.n1), keys, work)
-        assert plan.copy is not None and stat.S_IMODE(plan.copy.stat().st_mode) == 0o600
-        copy = plan.copy
-        original = tamper.rows(cluster.n1)
-        tamper.sql(cluster.n1, "UPDATE per SET body = CAST('swapped' AS BLOB) WHERE seq = 3")
-        result = apply_plan(store, plan, str(cluster.n1), keys, work, clock=cluster.clock)
-        stored = query(store, "SELECT seq, body FROM records ORDER BY seq")
-    assert result.ok and result.appended == len(original)
-    assert stored == [(r[0], r[4]) for r in original]
-    assert not copy.exists()  # removed once stored
+        with store.writer(cluster.n1) as w:
+            state = w.lock_node("n1", None)
+            count = w.append(state, 0, spy)
+        stored = query(store, "SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac,"
+                       " key_id FROM records ORDER BY seq")
+    source = [tuple(r) for r in tamper.rows(cluster.n1)]
+    assert count == min(limit, len(source)) == len(spy.seen)
+    assert stored == source[:count] == [tuple(r) for r in spy.seen]
 
 
-def test_only_the_new_rows_are_copied_and_read(cluster: Cluster, tmp_path: Path) -> None:
+def test_only_the_new_rows_are_read(cluster: Cluster, tmp_path: Path) -> None:
     assert merge_ledgers(cluster.db, [str(cluster.n1)], keys_dir=cluster.trust).ok
     held = len(tamper.rows(cluster.n1))
     with Ledger.open(cluster.n1, load_hmac_key(tmp_path / "keys-n1" / "hmac.key"),
@@ -143,17 +157,9 @@ def test_only_the_new_rows_are_copied_and_read(cluster: Cluster, tmp_path: Path)
     # an already-merged record damaged on the node is not read again: the head's copy
     # is the verified one (the witness and `sparkctl verify` watch the node's history)
     tamper.sql(cluster.n1, "UPDATE per SET body = CAST('old' AS BLOB) WHERE seq = 3")
-    work = cluster.root / "work"
-    work.mkdir(mode=0o700)
-    with closing(open_store(cluster.db)) as store:
-        plan = prepare(store, str(cluster.n1), KeyRing.load(cluster.trust), work)
-        assert plan.read_rows == added and plan.advance is not None
-        assert plan.copy is not None
-        copied = sqlite3.connect(plan.copy).execute("SELECT min(seq), count(*) FROM per"
-                                                    ).fetchone()
-        assert copied == (held, added)
-        result = apply_plan(store, plan, str(cluster.n1), KeyRing.load(cluster.trust), work)
-    assert result.ok and result.appended == added
+    summary = merge_ledgers(cluster.db, [str(cluster.n1)], keys_dir=cluster.trust)
+    assert summary.ok and summary.appended == added
+    assert summary.results[0].read == added
 
 
 def test_unmerged_wal_frames_are_read(tmp_path: Path) -> None:
@@ -170,20 +176,6 @@ def test_unmerged_wal_frames_are_read(tmp_path: Path) -> None:
         assert wal.exists() and wal.stat().st_size > 0
         summary = merge_ledgers(tmp_path / "cluster.db", [str(path)], keys_dir=trust)
         assert summary.ok and summary.appended == led.size
-
-
-def test_the_working_directory_is_private_and_removed(cluster: Cluster) -> None:
-    seen: list[tuple[str, int]] = []
-
-    def look(_n: int) -> None:
-        for entry in cluster.root.iterdir():
-            if entry.name.startswith(".spark-merge-"):
-                seen.append((entry.name, stat.S_IMODE(entry.stat().st_mode)))
-
-    merge_ledgers(cluster.root / "cluster.db", [str(cluster.n1), str(cluster.n2)],
-                  keys_dir=cluster.trust, progress=look, workers=2)
-    assert seen and {mode for _, mode in seen} == {0o700}
-    assert not [e for e in os.listdir(cluster.root) if e.startswith(".spark-merge-")]
 
 
 @pytest.mark.parametrize(("body", "want"), [
