@@ -173,7 +173,9 @@ def _merge(store: ClusterStore, reads: ClusterReads, src: Source, reader: Source
     if ident is None:
         assert finding is not None
         return _findings_only(store, src, name, [finding], now_ns)
-    with store.writer(src.path) as w:
+    seen = reads.node(name)
+    after = seen.head_seq if seen is not None and seen.head_seq is not None else -1
+    with store.writer(src.path, node=name, after=after) as w:
         held = w.lock_node(name, ident.origin)
         merge = _NodeMerge(w, reads, src, reader, ident, held=held, fast=fast)
         merge.run()

@@ -469,7 +469,8 @@ class SqliteStore(SqliteReads):
         self.close()
 
     @contextmanager
-    def writer(self, source: Path | None) -> Iterator[SqliteWriter]:
+    def writer(self, source: Path | None, *, node: str | None = None, after: int = -1
+               ) -> Iterator[SqliteWriter]:
         """BEGIN IMMEDIATE (after attaching `source` read-only as `src`, which SQLite
         allows only outside a transaction), COMMIT on success."""
         if source is not None:

@@ -222,9 +222,11 @@ class ClusterStore(ClusterReads, Protocol):
 
     url: str
 
-    def writer(self, source: Path | None) -> AbstractContextManager[NodeWriter]:
+    def writer(self, source: Path | None, *, node: str | None = None, after: int = -1
+               ) -> AbstractContextManager[NodeWriter]:
         """One write transaction (committed on success); `source` is the node ledger
-        or segment `append` reads rows from."""
+        or segment `append` reads rows from, for `node`, whose rows past `after` (the
+        head as last seen: a hint, never trusted) are what may be added."""
         ...
 
     def bulk(self) -> AbstractContextManager[None]:
@@ -284,8 +286,9 @@ def open_store(url: str | Path, *, create: bool = False) -> ClusterStore:
     """Open (or, with create, initialise) the cluster store a `--db` value names."""
     scheme, target = parse_url(url)
     if scheme == "postgresql":
-        raise HeadDbError(f"{display_url(target)}: the PostgreSQL cluster store is not in this "
-                          "build yet")
+        from spark_slurm.head.pg_store import PgStore  # noqa: PLC0415 (psycopg is optional)
+
+        return PgStore.open(target, create=create)
     from spark_slurm.head.sqlite_store import SqliteStore  # noqa: PLC0415
 
     return SqliteStore.open(Path(target), create=create)

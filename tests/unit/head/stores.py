@@ -16,9 +16,6 @@ from typing import Any
 from spark_slurm.head.store import ClusterStore, open_store
 
 TABLES = ("nodes", "records", "subtrees", "cut_leaves", "checkpoints", "findings", "forks")
-_ORDER = {"nodes": "name", "records": "node_id, seq", "subtrees": "node_id, level, idx",
-          "cut_leaves": "node_id, seq", "checkpoints": "node_id, size, source, root",
-          "findings": "code, node, seq, detail", "forks": "node_id, seq, hash"}
 _SKIP = {"findings": ("id", "source", "first_seen_ns"), "records": ("part_ns",),
          "nodes": ("part_ns",)}
 
@@ -55,15 +52,21 @@ def node_rows(db: str | Path, node: str) -> list[list[Any]]:
 
 
 def dump(db: str | Path) -> list[str]:
-    """Everything a store holds, in a fixed order (findings without when and from
-    where they were seen), to compare two stores or one store before and after."""
+    """Everything a store holds, in a fixed order, nodes named rather than numbered
+    (ids follow the order nodes were first seen), findings without when and from
+    where they were seen: to compare two stores, or one before and after."""
     out: list[str] = []
     with closing(open_store(db)) as store:
+        names = dict(query(store, "SELECT node_id, name FROM nodes"))
         for table in TABLES:
             cols = [c for c in _columns(store, table) if c not in _SKIP.get(table, ())]
-            rows = query(store, f"SELECT {', '.join(cols)} FROM {table} "
-                         f"ORDER BY {_ORDER[table]}")
-            out.extend(f"{table}: {r!r}" for r in rows)
+            rows = query(store, f"SELECT {', '.join(cols)} FROM {table}")
+            if "node_id" in cols:
+                at = cols.index("node_id")
+                rows = [(*r[:at], names.get(r[at], r[at]), *r[at + 1:]) for r in rows]
+                if table == "nodes":
+                    rows = [r[:at] + r[at + 1:] for r in rows]
+            out.extend(sorted(f"{table}: {r!r}" for r in rows))
     return out
 
 

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from spark_slurm.cli import run
 from spark_slurm.head.merge import MergeSummary, merge_ledgers, positions
+from spark_slurm.head.store import open_store
 from spark_slurm.ledger import Ledger
 from spark_slurm.ledger.keys import load_hmac_key, load_signing_key
 from spark_slurm.ledger.segment import export_segment
 from tests.unit.head import tamper
 from tests.unit.head.builders import write_job
 from tests.unit.head.conftest import Cluster
-from tests.unit.head.stores import dump
+from tests.unit.head.stores import dump, query
+
+pytestmark = pytest.mark.both_stores
 
 
 def merge(c: Cluster, *sources: Path | str, db: str | None = None) -> MergeSummary:
@@ -50,7 +53,7 @@ def found(summary: MergeSummary) -> list[tuple[str, str, int | None]]:
 
 
 def test_a_segment_merges_to_the_store_the_whole_ledger_gives(cluster: Cluster) -> None:
-    whole = str(cluster.root / "whole.db")
+    whole = cluster.another_store("whole")
     assert merge(cluster, cluster.n1, cluster.n2).ok
     assert merge(cluster, cluster.n1, cluster.n2, db=whole).ok
     more(cluster, "n1", cluster.n1, "300")
@@ -69,8 +72,9 @@ def test_a_segment_merges_to_the_store_the_whole_ledger_gives(cluster: Cluster) 
 def test_a_full_segment_into_an_empty_store(cluster: Cluster) -> None:
     seg = export_segment(cluster.n1, cluster.root / "n1.seg", -1)
     assert merge(cluster, seg.path).ok
-    assert merge(cluster, cluster.n1, db=str(cluster.root / "whole.db")).ok
-    assert dump(cluster.db) == dump(cluster.root / "whole.db")
+    whole = cluster.another_store("whole")
+    assert merge(cluster, cluster.n1, db=whole).ok
+    assert dump(cluster.db) == dump(whole)
 
 
 @pytest.mark.parametrize("form", ["ledger", "segment"])
@@ -140,10 +144,9 @@ def test_an_overlapping_segment_is_compared_with_what_is_held(cluster: Cluster) 
     tamper.rewrite(other, rows, load_hmac_key(cluster.root / "keys-n1" / "hmac.key"))
     forked = merge(cluster, export_segment(other, cluster.root / "fork.seg", held - 5).path)
     assert found(forked) == [("FORK", "n1", held - 2)]
-    conn = sqlite3.connect(cluster.db)
-    kept = conn.execute("SELECT min(seq), count(*) FROM forks").fetchone()
-    conn.close()
-    assert kept[0] == held - 2 and kept[1] > 0  # the node's other side, as evidence
+    with closing(open_store(cluster.db)) as store:
+        ((first, kept),) = query(store, "SELECT min(seq), count(*) FROM forks")
+    assert first == held - 2 and kept > 0  # the node's other side, as evidence
 
 
 def test_a_record_edited_in_a_segment_is_tampered(cluster: Cluster) -> None:
@@ -169,7 +172,8 @@ def test_a_segment_pinned_to_another_node_is_foreign(cluster: Cluster) -> None:
 
 def test_positions_and_export_from_the_cli(cluster: Cluster,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(["merge", "--db", f"sqlite://{cluster.db}", str(cluster.n1)]) == 0
+    url = f"sqlite://{cluster.db}" if cluster.kind == "sqlite" else cluster.db
+    assert run(["merge", "--db", url, str(cluster.n1)]) == 0
     capsys.readouterr()
     assert run(["positions", "--db", cluster.db, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -194,10 +198,11 @@ def test_export_to_stdout_is_the_same_segment(cluster: Cluster,
     piped = cluster.root / "piped.seg"
     piped.write_bytes(data)
     assert data.startswith(b"SQLite format 3\x00")
-    assert merge(cluster, cluster.n1, db=str(cluster.root / "a.db")).ok
-    assert merge(cluster, cluster.n1, db=str(cluster.root / "b.db")).ok
-    assert merge(cluster, piped, db=str(cluster.root / "b.db")).ok  # rows 5.. already held
-    assert dump(cluster.root / "a.db") == dump(cluster.root / "b.db")
+    a, b = cluster.another_store("a"), cluster.another_store("b")
+    assert merge(cluster, cluster.n1, db=a).ok
+    assert merge(cluster, cluster.n1, db=b).ok
+    assert merge(cluster, piped, db=b).ok  # rows 5.. already held
+    assert dump(a) == dump(b)
 
 
 def test_export_refuses_bad_input_with_one_line(cluster: Cluster, tmp_path: Path,
