@@ -95,6 +95,89 @@ def positions(*, db: str, seq_only: bool, as_json: bool, nodes: tuple[str, ...])
 
 
 @click.command()
+@click.option("--db", "db", required=True, help=DB_HELP)
+@click.option("--before", "before", required=True,
+              help="Remove records older than this: ISO-8601 (UTC if no zone), Unix seconds "
+                   "or Unix ns. PostgreSQL drops the monthly partitions wholly before it.")
+@click.option("--archive", "archive", type=click.Path(dir_okay=False, path_type=Path),
+              help="First copy what goes into this SQLite cluster store (created, or "
+                   "extended): `sparkctl audit --db ARCHIVE` still proves it.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def prune(*, db: str, before: str, archive: Path | None, as_json: bool) -> None:
+    """Retention: drop old records from the cluster store; what is kept still verifies.
+
+    Per node, the genesis and the head record always stay; the hash of the last
+    record removed and the leaves of its Merkle block are kept so the first kept
+    record's link and every kept record's inclusion proof check as before.
+    """
+    from spark_slurm.head.replay import parse_time  # noqa: PLC0415 (lazy CLI)
+    from spark_slurm.head.retention import prune as run_prune  # noqa: PLC0415
+
+    report = run_prune(db, parse_time(before), archive)
+    if as_json:
+        echo_json(report.to_json())
+        return
+    for n in report.nodes:
+        click.echo(f"{n.node:<16} removed {n.removed} records, first kept seq {n.first_seq}"
+                   + (f", {n.archived} archived" if archive is not None else ""))
+    for name in report.partitions:
+        click.echo(f"dropped partition {name}")
+    click.echo(f"pruned {report.removed} records from {report.db}")
+
+
+@click.command()
+@click.option("--db", "db", required=True, help=DB_HELP)
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="New (or empty) directory to write the backup into.")
+@click.option("--witness-state", "witness_state",
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Witness state directory to back up too (under its lock).")
+@click.option("--keys", "keys", type=click.Path(file_okay=False, path_type=Path),
+              help="Trust directory of node keys to back up too (modes kept).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def backup(*, db: str, out: Path, witness_state: Path | None, keys: Path | None,
+           as_json: bool) -> None:
+    """Back up the cluster store, witness state and keys, consistently, while merges run.
+
+    SQLite: an online backup; PostgreSQL: pg_dump. A manifest with every file's
+    SHA-256 is written last; `sparkctl restore` checks it.
+    """
+    from spark_slurm.head.backup import backup as run_backup  # noqa: PLC0415 (lazy CLI)
+
+    report = run_backup(db, out, witness_state=witness_state, keys=keys)
+    if as_json:
+        echo_json(report.to_json())
+    else:
+        click.echo(f"backed up {len(report.files)} files ({len(report.nodes)} nodes) to "
+                   f"{report.path}")
+
+
+@click.command()
+@click.option("--from", "source", required=True,
+              type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Backup directory (sparkctl backup --out).")
+@click.option("--db", "db", required=True, help=DB_HELP + " Restored into.")
+@click.option("--witness-state", "witness_state",
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Where to restore the witness state.")
+@click.option("--keys", "keys", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to restore the trust directory.")
+@click.option("--force", is_flag=True, help="Replace a store or directory that holds data.")
+def restore(*, source: Path, db: str, witness_state: Path | None, keys: Path | None,
+            force: bool) -> None:
+    """Restore a backup after checking every file against its manifest.
+
+    Refuses a damaged or incomplete backup (exit 2), and never replaces a store or
+    directory holding anything without --force.
+    """
+    from spark_slurm.head.backup import restore as run_restore  # noqa: PLC0415 (lazy CLI)
+
+    manifest = run_restore(source, db, witness_state=witness_state, keys=keys, force=force)
+    click.echo(f"restored {len(manifest.get('files', {}))} files from {source} "
+               f"({len(manifest.get('nodes', {}))} nodes)")
+
+
+@click.command()
 @click.option("--state", "state", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Witness state directory (witnessed checkpoints, witness key).")
 @click.option("--keys", "keys", type=click.Path(file_okay=False, path_type=Path),

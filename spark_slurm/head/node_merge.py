@@ -312,8 +312,8 @@ class _NodeMerge:
         """Whether the held chain has the witnessed root at its size: a matching
         verified node checkpoint answers it, else the stored range or tree."""
         held = self.held
-        if cp.size > held.next_seq or cp.size == 0:
-            return True
+        if cp.size > held.next_seq or cp.size == 0 or cp.size <= held.first_seq:
+            return True  # not all held yet, or archived (it was checked when merged)
         if any(c.root == cp.root and c.source == "ledger"
                for c in self.reads.checkpoints_at(held.node_id, cp.size)):
             return True

@@ -375,6 +375,83 @@ class PgWriter(PgReads):
             return bool(cur.rowcount)
 
 
+class PgMaintenance(PgReads):
+    """Retention inside one transaction, every node's row locked (merges wait)."""
+
+    def __init__(self, store: PgStore) -> None:
+        self.conn = store.conn
+        self.store = store
+        self.cut_part = 0
+
+    @property
+    def name(self) -> str:
+        return self.store.name
+
+    def close(self) -> None:
+        """The store owns the connection."""
+
+    def rows(self, node_id: int, first: int, last: int) -> Iterator[list[tuple[Any, ...]]]:
+        at = first
+        while at <= last:
+            page = self._all(
+                "SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id, ref_seq,"
+                " leaf FROM records WHERE node_id=%s AND seq BETWEEN %s AND %s ORDER BY seq"
+                " LIMIT %s", (node_id, at, last, PAGE))
+            if not page:
+                return
+            yield [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in page]
+            at = int(page[-1][0]) + 1
+
+    def cut_points(self, before_ns: int) -> tuple[dict[int, int], list[str]]:
+        """The monthly partitions wholly before `before_ns`, and per node the first
+        record kept: the first in a later partition, never past the head."""
+        gone = [p for p in self.store.partitions() if p[2] <= before_ns]
+        if not gone:
+            return {}, []
+        self.cut_part = max(p[2] for p in gone)
+        self.store.ensure_partitions(self.cut_part, self.cut_part)  # what is carried goes there
+        cuts = {}
+        for state in self.nodes():
+            if state.head_seq is None:
+                continue
+            row = self._one("SELECT min(seq) FROM records WHERE node_id=%s AND seq > 0 AND"
+                            " part_ns >= %s", (state.node_id, self.cut_part))
+            first = state.head_seq if row is None or row[0] is None else int(row[0])
+            cuts[state.node_id] = min(first, state.head_seq)
+        return cuts, [p[0] for p in gone]
+
+    def set_cut(self, state: NodeState, first: int, anchor: bytes | None,
+                leaves: Sequence[tuple[int, bytes]]) -> int:
+        """As SQLite's, except that the rows go with their partitions: the genesis and
+        a head that sits in one are first carried into the oldest partition kept (only
+        `part_ns`, which no hash covers, changes)."""
+        self._exec("DELETE FROM cut_leaves WHERE node_id=%s", (state.node_id,))
+        with self.conn.cursor() as cur:
+            cur.executemany("INSERT INTO cut_leaves VALUES (%s, %s, %s)",
+                            [(state.node_id, s, leaf) for s, leaf in leaves])
+        row = self._one("SELECT count(*) FROM records WHERE node_id=%s AND seq > 0 AND"
+                        " seq < %s", (state.node_id, first))
+        removed = int(row[0]) if row else 0
+        self._exec("UPDATE records SET part_ns=%s WHERE node_id=%s AND part_ns < %s AND"
+                   " (seq = 0 OR seq >= %s)", (self.cut_part, state.node_id, self.cut_part,
+                                                first))
+        self._exec("DELETE FROM records WHERE node_id=%s AND seq > 0 AND seq < %s AND"
+                   " part_ns >= %s", (state.node_id, first, self.cut_part))
+        self._exec("UPDATE nodes SET first_seq=%s, anchor=%s, count=count-%s,"
+                   " part_ns=greatest(part_ns, %s) WHERE node_id=%s",
+                   (first, anchor, removed, self.cut_part, state.node_id))
+        return removed
+
+    def _exec(self, sql: str, args: Sequence[Any] = ()) -> None:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, tuple(args))
+
+    def drop(self, partitions: Sequence[str]) -> None:
+        """Retention proper: each partition wholly before the cut is dropped."""
+        for name in partitions:
+            self._exec(f'DROP TABLE "{name}"')
+
+
 class PgStore(PgReads):
     """The cluster store in a PostgreSQL database."""
 
@@ -492,6 +569,20 @@ class PgStore(PgReads):
     @contextmanager
     def bulk(self) -> Iterator[None]:
         yield
+
+    @contextmanager
+    def maintenance(self) -> Iterator[PgMaintenance]:
+        """Retention's transaction: every node's row locked, so merges wait."""
+        with self.conn.transaction():
+            m = PgMaintenance(self)
+            m._all("SELECT node_id FROM nodes ORDER BY node_id FOR UPDATE")
+            yield m
+
+    def drop_tables(self) -> None:
+        """Remove every table of the store (a restore with --force replaces them)."""
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS head_meta, nodes, records, subtrees, cut_leaves,"
+                        " checkpoints, findings, forks CASCADE")
 
     def import_checkpoint(self, node: str, origin: str, size: int, root: str, text: str, *,
                           source: str) -> None:

@@ -21,12 +21,13 @@ import base64
 import json
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from spark_slurm.errors import HeadDbError
 from spark_slurm.head.scan import RawRecord, ref_seq_of
+from spark_slurm.head.source import PAGE
 from spark_slurm.head.store import (
     MAGIC,
     SCHEMA_VERSION,
@@ -502,8 +503,83 @@ class SqliteStore(SqliteReads):
             self.conn.execute(f"PRAGMA wal_autocheckpoint={int(old)}")
             self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
+    def maintenance(self) -> AbstractContextManager[SqliteMaintenance]:
+        """Retention's transaction: merges wait until it ends."""
+        return cast("AbstractContextManager[SqliteMaintenance]", maintenance(self))
+
     def import_checkpoint(self, node: str, origin: str, size: int, root: str, text: str, *,
                           source: str) -> None:
         with self.writer(None) as w:
             state = w.lock_node(node, origin)
             w.add_checkpoint(state.node_id, size, root, text, source)
+
+
+class SqliteMaintenance(SqliteReads):
+    """Retention inside one BEGIN IMMEDIATE transaction (merges wait for it)."""
+
+    def __init__(self, conn: sqlite3.Connection, name: str = "") -> None:
+        self.conn = conn
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def close(self) -> None:
+        """The store owns the connection."""
+
+    def rows(self, node_id: int, first: int, last: int) -> Iterator[list[tuple[Any, ...]]]:
+        """Stored rows first..last (all columns but node_id), a page at a time."""
+        at = first
+        while at <= last:
+            page = self.conn.execute(
+                "SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id, ref_seq,"
+                " leaf FROM records WHERE node_id=? AND seq BETWEEN ? AND ? ORDER BY seq"
+                " LIMIT ?", (node_id, at, last, PAGE)).fetchall()
+            if not page:
+                return
+            yield [tuple(r) for r in page]
+            at = int(page[-1][0]) + 1
+
+    def cut_points(self, before_ns: int) -> tuple[dict[int, int], list[str]]:
+        """Per node, the first record kept (the first at or after `before_ns`, never past
+        the head), and no partitions (one file: rows are deleted)."""
+        cuts = {}
+        for state in self.nodes():
+            if state.head_seq is None:
+                continue
+            row = self.conn.execute("SELECT min(seq) FROM records WHERE node_id=? AND seq > 0"
+                                    " AND time_ns >= ?", (state.node_id, before_ns)).fetchone()
+            first = state.head_seq if row is None or row[0] is None else int(row[0])
+            cuts[state.node_id] = min(first, state.head_seq)
+        return cuts, []
+
+    def set_cut(self, state: NodeState, first: int, anchor: bytes | None,
+                leaves: Sequence[tuple[int, bytes]]) -> int:
+        """Keep records from `first` on (and the genesis), the leaves that anchor proofs
+        across the cut, and the hash of the record before it; returns rows removed."""
+        self.conn.execute("DELETE FROM cut_leaves WHERE node_id=?", (state.node_id,))
+        self.conn.executemany("INSERT INTO cut_leaves VALUES (?,?,?)",
+                              [(state.node_id, s, leaf) for s, leaf in leaves])
+        removed = self.conn.execute("DELETE FROM records WHERE node_id=? AND seq > 0 AND"
+                                    " seq < ?", (state.node_id, first)).rowcount
+        self.conn.execute("UPDATE nodes SET first_seq=?, anchor=?, count=count-? WHERE"
+                          " node_id=?", (first, anchor, removed, state.node_id))
+        return int(removed)
+
+    def drop(self, partitions: Sequence[str]) -> None:
+        """Nothing to drop in one file (freed pages are reused; VACUUM shrinks it)."""
+
+
+def maintenance(store: SqliteStore) -> Any:
+    """`SqliteStore.maintenance`: a context manager holding the write lock."""
+    @contextmanager
+    def held() -> Iterator[SqliteMaintenance]:
+        store.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield SqliteMaintenance(store.conn, store.name)
+        except BaseException:
+            store.conn.execute("ROLLBACK")
+            raise
+        store.conn.execute("COMMIT")
+    return held()

@@ -217,6 +217,27 @@ class NodeWriter(Protocol):
     def add_finding(self, finding: Finding, source: str, now_ns: int) -> bool: ...
 
 
+class Maintenance(ClusterReads, Protocol):
+    """Retention's view of the store, inside one transaction merges wait for."""
+
+    def rows(self, node_id: int, first: int, last: int) -> Iterator[list[tuple[Any, ...]]]:
+        """Stored rows first..last (seq, time_ns, kind, job_id, body, prev_hash, hash,
+        mac, key_id, ref_seq, leaf), a page at a time."""
+        ...
+
+    def cut_points(self, before_ns: int) -> tuple[dict[int, int], list[str]]:
+        """Per node id, the first seq to keep, and the partitions that go."""
+        ...
+
+    def set_cut(self, state: NodeState, first: int, anchor: bytes | None,
+                leaves: Sequence[tuple[int, bytes]]) -> int:
+        """Remove the node's records before `first` (the genesis stays), keep `leaves`
+        and `anchor` (the hash of record first-1); returns the rows removed."""
+        ...
+
+    def drop(self, partitions: Sequence[str]) -> None: ...
+
+
 class ClusterStore(ClusterReads, Protocol):
     """A cluster store: the reads, plus merge transactions, retention and backup."""
 
@@ -236,6 +257,10 @@ class ClusterStore(ClusterReads, Protocol):
     def import_checkpoint(self, node: str, origin: str, size: int, root: str, text: str, *,
                           source: str) -> None:
         """Record a checkpoint outside a merge (the witness's cosigned ones)."""
+        ...
+
+    def maintenance(self) -> AbstractContextManager[Maintenance]:
+        """Retention's transaction (merges wait until it ends)."""
         ...
 
 

@@ -73,7 +73,8 @@ def node_of(origin: str) -> str:
 
 
 @contextmanager
-def _locked(state: Path) -> Iterator[None]:
+def locked_state(state: Path) -> Iterator[None]:
+    """The witness state's exclusive lock (adds serialise under it; so does a backup)."""
     state.mkdir(parents=True, exist_ok=True)
     fd = os.open(state / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -88,7 +89,7 @@ def witness_key(state: Path) -> tuple[str, Ed25519PrivateKey]:
     """The witness's name and key, created on first use (key file mode 0600)."""
     key_path = state / KEY_FILE
     name_path = state / NAME_FILE
-    with _locked(state):
+    with locked_state(state):
         if not key_path.exists():
             key = Ed25519PrivateKey.generate()
             replace_file(key_path, private_pem(key), 0o600)
@@ -207,7 +208,7 @@ def witness_checkpoint(state: Path, text: str, keys: KeyRing, proof: list[bytes]
         raise WitnessError(f"{node}: {problem.message}") from None
     name, key = witness_key(state)
     folder = state / "checkpoints"
-    with _locked(state):
+    with locked_state(state):
         folder.mkdir(exist_ok=True)
         old = latest(state, cp.origin)
         if old is not None:

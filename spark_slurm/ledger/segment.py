@@ -70,14 +70,18 @@ def segment_meta(meta: dict[str, str], path: Path) -> tuple[dict[str, str], int]
 
 
 def export_segment(ledger: str | os.PathLike[str], out: str | os.PathLike[str] | BinaryIO,
-                   after: int) -> Segment:
-    """Write the rows of `ledger` with seq > `after` (-1: all of them) and the
-    checkpoints covering them to `out`: a path (replaced atomically) or a binary
-    stream (e.g. stdout, for `ssh node sparkctl ledger export ... --out -`)."""
+                   after: int, until: int | None = None) -> Segment:
+    """Write the rows of `ledger` with seq > `after` (-1: all of them), up to `until`
+    when given (an archive of one range), and the checkpoints covering them, to
+    `out`: a path (replaced atomically) or a binary stream (e.g. stdout, for
+    `ssh node sparkctl ledger export ... --out -`)."""
     from spark_slurm.ledger.schema import open_existing  # noqa: PLC0415 (keeps import light)
 
     if after < -1:
         raise LedgerError(f"--after {after}: a seq is -1 (everything) or more")
+    if until is not None and until <= after:
+        raise LedgerError(f"--until {until}: must come after --after {after}")
+    last = 2**62 if until is None else until
     target = Path(out) if isinstance(out, (str, os.PathLike)) else None
     folder = target.parent if target is not None else None
     conn, meta = open_existing(ledger)
@@ -96,14 +100,14 @@ def export_segment(ledger: str | os.PathLike[str], out: str | os.PathLike[str] |
         for statement in _DDL.split(";"):
             if statement.strip():
                 conn.execute(statement)
-        row = conn.execute("SELECT max(seq) FROM per").fetchone()
+        row = conn.execute("SELECT max(seq) FROM per WHERE seq <= ?", (last,)).fetchone()
         size = 0 if row is None or row[0] is None else int(row[0]) + 1
         rows = conn.execute("INSERT INTO seg.per SELECT seq, time_ns, kind, job_id, body,"
-                            " prev_hash, hash, mac, key_id FROM main.per WHERE seq > ?"
-                            " ORDER BY seq", (after,)).rowcount
+                            " prev_hash, hash, mac, key_id FROM main.per WHERE seq > ? AND"
+                            " seq <= ? ORDER BY seq", (after, last)).rowcount
         cps = conn.execute("INSERT INTO seg.checkpoint SELECT id, size, time_ns, key_id, text"
-                           " FROM main.checkpoint WHERE size > ? ORDER BY id",
-                           (after + 1,)).rowcount
+                           " FROM main.checkpoint WHERE size > ? AND size <= ? ORDER BY id",
+                           (after + 1, last + 1)).rowcount
         values = {k: meta[k] for k in _KEPT_META if k in meta}
         values.update(format=SEGMENT_FORMAT, segment_version=str(SEGMENT_VERSION),
                       after=str(after), size=str(size))

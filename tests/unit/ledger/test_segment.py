@@ -82,3 +82,24 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(ledger: Ledger,
     led.close()
     with pytest.raises(LedgerError, match="cannot write"):
         export_segment(Path(led.path), tmp_path / "missing" / "out.seg", -1)
+
+
+def test_archived_ranges_chain_and_verify_by_merging_in_order(
+        ledger: Ledger, keys: Keys, tmp_path: Path) -> None:
+    """Node-ledger archives: consecutive ranges, checked end to end by a scratch merge."""
+    from spark_slurm.head.merge import merge_ledgers  # noqa: PLC0415
+
+    led = ledger
+    for i in range(60):
+        led.append("cap", {"v": 1, "node": "n1", "job_id": str(i)})
+        if i % 20 == 19:
+            led.checkpoint()
+    led.close()
+    cuts = [(-1, 19), (19, 40), (40, None)]
+    parts = [export_segment(Path(led.path), tmp_path / f"part{i}.seg", a, u)
+             for i, (a, u) in enumerate(cuts)]
+    assert [p.rows for p in parts] == [20, 21, led.size - 41]
+    summary = merge_ledgers(tmp_path / "scratch.db", [p.path for p in parts])
+    assert summary.ok and summary.appended == led.size
+    out_of_order = merge_ledgers(tmp_path / "other.db", [parts[1].path, parts[0].path])
+    assert [f.code for f in out_of_order.findings] == ["GAP"]
