@@ -17,9 +17,10 @@ row; a root that differs undoes the rows (FORK).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
+from typing import Any
 
 from spark_slurm.errors import SparkError
 from spark_slurm.head.frontier import NodeFrontier
@@ -34,7 +35,7 @@ from spark_slurm.head.scan import (
     identify,
     signed_checkpoints,
 )
-from spark_slurm.head.source import PAGE, Source, SourceReader, open_source, split_arg
+from spark_slurm.head.source import PAGE, Source, SourceReader, split_arg
 from spark_slurm.head.store import (
     Advance,
     ClusterReads,
@@ -84,19 +85,21 @@ class RowCheck:
 
     def restart(self) -> None:
         self.scan = self.make_scan()
+        self.accept = self.scan.accept
         self.frontier = NodeFrontier.from_bytes(self.start, self.initial)
         self.buffer: list[bytes] = []
         self.heads: dict[int, bytes] = {}  # mark size -> hash of record size - 1
         self.read = 0
 
-    def __call__(self, rec: RawRecord) -> bytes | None:
+    def __call__(self, rec: Sequence[Any]) -> bytes | None:
+        """`rec` is a RawRecord or a plain tuple of the same columns (SQLite's call)."""
         self.read += 1
-        if not self.scan.accept(rec):
+        if not self.accept(rec):
             return None
-        leaf = sha256(b"\x00" + rec.body).digest()
+        leaf = sha256(b"\x00" + rec[4]).digest()
         self.buffer.append(leaf)
-        if rec.seq + 1 in self.marks:
-            self.heads[rec.seq + 1] = rec.hash
+        if rec[0] + 1 in self.marks:
+            self.heads[rec[0] + 1] = rec[6]
         if len(self.buffer) >= PAGE:
             self.flush()
         return leaf
@@ -144,14 +147,11 @@ def merge_source(store: ClusterStore, reads: ClusterReads, arg: str, keys: KeyRi
     connection to the same store for lookups while rows stream. `fast=False` sends
     every record through the full checks (tests compare the two)."""
     try:
-        src = open_source(arg)
+        reader = SourceReader.open(arg)
     except SparkError as exc:
         expected, path = split_arg(arg)
         return NodeResult(str(path), expected, error=exc.message)
-    try:
-        reader = SourceReader(src)
-    except SparkError as exc:
-        return NodeResult(src.name, src.expected, error=exc.message)
+    src = reader.source
     try:
         return _merge(store, reads, src, reader, keys, now_ns=now_ns, fast=fast)
     except SparkError as exc:
@@ -175,6 +175,8 @@ def _merge(store: ClusterStore, reads: ClusterReads, src: Source, reader: Source
         return _findings_only(store, src, name, [finding], now_ns)
     seen = reads.node(name)
     after = seen.head_seq if seen is not None and seen.head_seq is not None else -1
+    if seen is not None and after >= 0 and _nothing_new(reads, src, reader, seen):
+        return NodeResult(src.name, name, 0, after, [])
     with store.writer(src.path, node=name, after=after) as w:
         held = w.lock_node(name, ident.origin)
         merge = _NodeMerge(w, reads, src, reader, ident, held=held, fast=fast)
@@ -184,6 +186,30 @@ def _merge(store: ClusterStore, reads: ClusterReads, src: Source, reader: Source
     return NodeResult(src.name, name, merge.appended,
                       merge.head if merge.head >= 0 else None, merge.findings,
                       read=merge.read)
+
+
+def _nothing_new(reads: ClusterReads, src: Source, reader: SourceReader,
+                 held: NodeState) -> bool:
+    """The common nightly case, answered without a write transaction: the source ends
+    exactly at the stored head, with the stored hash there, and the largest witnessed
+    checkpoint neither exceeds it nor disagrees with it. Anything else (new rows, a
+    rollback, a fork, a segment overlapping the head) takes the full path."""
+    head = held.head_seq
+    if head is None or reader.size != held.next_seq or held.head_hash is None:
+        return False
+    if src.kind == "segment" and src.after != head:
+        return False
+    if src.kind == "ledger" and reader.hash_at(head) != bytes.fromhex(held.head_hash):
+        return False
+    wit = reads.largest_checkpoint(held.node_id, "witness")
+    if wit is None or wit.size <= held.first_seq:
+        return True
+    if wit.size > reader.size:
+        return False  # shorter than what the witness saw: the full path names it
+    if wit.size == held.next_seq:
+        return NodeFrontier.from_bytes(wit.size, held.frontier).root().hex() == wit.root
+    return any(c.root == wit.root and c.source == "ledger"
+               for c in reads.checkpoints_at(held.node_id, wit.size))
 
 
 def _findings_only(store: ClusterStore, src: Source, name: str, findings: list[Finding],
@@ -375,8 +401,10 @@ class _NodeMerge:
 
     def _judge(self, texts: list[str], check: RowCheck, *, last: RawRecord | None,
                accepted: int) -> tuple[list[tuple[int, str, str]], bool]:
-        """The node's own new checkpoints against the records: those to keep, and
-        whether one contradicts them (a FORK: nothing is merged)."""
+        """The node's own new checkpoints against the records: those to keep (every one
+        the node's key signed that the accepted records reach: each is a proof anchor,
+        e.g. for an archive cut later), and whether one contradicts the records (a
+        FORK: nothing is merged)."""
         start, size = self.start, self.reader.size
         scan, frontier = check.scan, check.frontier
         valid, bad = signed_checkpoints(self.node, self.ident.origin, texts, scan.signers)

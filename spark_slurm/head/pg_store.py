@@ -25,7 +25,7 @@ from typing import Any
 
 from spark_slurm.errors import HeadDbError
 from spark_slurm.head.scan import REF_TAG, RawRecord, ref_seq_of
-from spark_slurm.head.source import COLUMNS, PAGE
+from spark_slurm.head.source import COLUMNS, PAGE, open_read_only
 from spark_slurm.head.sqlite_store import node_state, signers_text
 from spark_slurm.head.store import (
     MAGIC,
@@ -38,7 +38,6 @@ from spark_slurm.head.store import (
     display_url,
 )
 from spark_slurm.ledger.records import Record
-from spark_slurm.ledger.schema import connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS head_meta (key text PRIMARY KEY, value text NOT NULL);
@@ -304,7 +303,7 @@ class PgWriter(PgReads):
 
     def append(self, state: NodeState, first: int, check: RowCheck) -> int:
         assert self.source is not None
-        src = connect(self.source, readonly=True)  # text read as the verifier reads it
+        src = open_read_only(self.source)  # text read as the verifier reads it
         count, part = 0, self.part_ns
         try:
             with self.conn.cursor() as cur, cur.copy(_COPY) as copy:
@@ -551,7 +550,7 @@ class PgStore(PgReads):
     def _partitions_for(self, source: Path, node: str | None, after: int) -> None:
         """Partitions for the rows past `after` this merge may add: their times, and
         the node's running maximum they are folded into (a superset is harmless)."""
-        conn = connect(source, readonly=True)
+        conn = open_read_only(source)
         try:
             row = conn.execute("SELECT min(time_ns), max(time_ns) FROM per WHERE seq > ?"
                                " AND typeof(time_ns) = 'integer'", (after,)).fetchone()

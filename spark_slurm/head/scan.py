@@ -183,7 +183,7 @@ class ChainScan:
         self.epochs = hmac_epochs.EpochKeys(ident.k0) if ident.k0 is not None else None
         self.hid = hmac_key_id(ident.k0) if ident.k0 is not None else None
         self.node_tag = b'"node":' + json.dumps(ident.node, ensure_ascii=False).encode()
-        self.last = last
+        self.last: Sequence[Any] | None = last
         self.prev = last.hash if last is not None else GENESIS_PREV
         self.last_seq = last.seq if last is not None else -1
         self.last_epoch = 0
@@ -193,27 +193,35 @@ class ChainScan:
         self.mac_kid: str | None = None  # key id the inline test accepts, and its MAC
         self.mac_of: Callable[[bytes], bytes] | None = None
 
-    def accept(self, rec: RawRecord) -> bool:
-        """Check the next record; False (and `stopped`, with its finding) when it fails.
-        Called once per row from inside the store's INSERT ... SELECT, so the fast
-        test is inline."""
+    def accept(self, rec: Sequence[Any]) -> bool:
+        """Check the next record (a RawRecord, or a plain tuple of its columns); False
+        (and `stopped`, with its finding) when it fails. Called once per row from
+        inside the store's INSERT ... SELECT, so the fast test is inline."""
         if self.stopped:
             return False
-        seq, _t, kind, _job, body, prev_hash, rec_hash, mac, key_id = rec
+        seq, time_ns, kind, job, body, prev_hash, rec_hash, mac, key_id = rec
         epochs = self.epochs
         if (self.fast and seq == self.last_seq + 1 and prev_hash == self.prev
                 and kind != "key" and sha256(prev_hash + body).digest() == rec_hash
-                and body.endswith(_suffix(rec)) and (seq == 0 or self.node_tag in body)
+                and body.endswith(_suffix_of(seq, time_ns, kind, job))
+                and (seq == 0 or self.node_tag in body)
                 and (epochs is None or (key_id == self.mac_kid and mac is not None
                                         and self.mac_of is not None
                                         and self.mac_of(rec_hash) == mac))):
             self.prev, self.last_seq, self.last = rec_hash, seq, rec
             return True
+        return self._slow(rec if isinstance(rec, RawRecord) else RawRecord._make(rec))
+
+    def _slow(self, rec: RawRecord) -> bool:
+        epochs, key_id = self.epochs, rec.key_id
+        last = self.last
+        if last is not None and not isinstance(last, RawRecord):
+            last = RawRecord._make(last)
         code, bad_seq, why = _check(rec, self.prev, self.last_seq, self.lookups,
                                     node_tag=self.node_tag)
         if code is None and epochs is not None:
             code, why, self.last_epoch = _check_mac(rec, epochs, self.hid, self.last_epoch,
-                                                    self.last)
+                                                    last)
             bad_seq = rec.seq
             if code is None and key_id != self.mac_kid:
                 self.mac_kid = key_id
@@ -252,25 +260,28 @@ _NO_SUFFIX = b"\x00"  # no envelope ends with it: a column of the wrong type nev
 
 
 def _suffix(rec: RawRecord) -> bytes:
+    return _suffix_of(rec.seq, rec.time_ns, rec.kind, rec.job_id)
+
+
+def _suffix_of(seq: Any, time_ns: Any, kind_text: Any, job: Any) -> bytes:
     """`envelope_suffix` with the kind's JSON cached: it runs once per record. A
     column rewritten with another type (a BLOB kind, a TEXT time) gives `_NO_SUFFIX`."""
-    kind = _KIND_JSON.get(rec.kind)
+    kind = _KIND_JSON.get(kind_text)
     if kind is None:
-        if type(rec.kind) is not str:
+        if type(kind_text) is not str:
             return _NO_SUFFIX
         if len(_KIND_JSON) > 256:
             _KIND_JSON.clear()
-        kind = _KIND_JSON.setdefault(rec.kind, json.dumps(rec.kind).encode())
-    job = rec.job_id
-    if type(rec.time_ns) is not int or type(rec.seq) is not int or not (
+        kind = _KIND_JSON.setdefault(kind_text, json.dumps(kind_text).encode())
+    if type(time_ns) is not int or type(seq) is not int or not (
             job is None or type(job) is str):
         return _NO_SUFFIX
     if job is None:
-        return b',"job":null,"kind":%b,"seq":%d,"time_ns":%d}' % (kind, rec.seq, rec.time_ns)
+        return b',"job":null,"kind":%b,"seq":%d,"time_ns":%d}' % (kind, seq, time_ns)
     if job.isascii() and job.isprintable() and '"' not in job and "\\" not in job:
         return b',"job":"%b","kind":%b,"seq":%d,"time_ns":%d}' % (
-            job.encode(), kind, rec.seq, rec.time_ns)
-    return envelope_suffix(rec.seq, rec.time_ns, rec.kind, rec.job_id)
+            job.encode(), kind, seq, time_ns)
+    return envelope_suffix(seq, time_ns, kind_text, job)
 
 
 def _check(rec: RawRecord, prev: bytes, last_seq: int, lookups: Lookups, *,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from spark_slurm.errors import LedgerError, SparkError
 from spark_slurm.head.scan import RawRecord
-from spark_slurm.ledger.schema import check_file, connect, open_existing, read_meta
+from spark_slurm.ledger.schema import check_file, open_existing, read_meta
 from spark_slurm.ledger.segment import SEGMENT_FORMAT, segment_meta
 
 PAGE = 4096  # rows per page where rows are read in Python: bounded memory
@@ -45,6 +45,35 @@ class Source:
         return str(self.path)
 
 
+def read_only_uri(path: Path) -> str:
+    """The SQLite URI merge reads a source with: read-only, and `immutable` (no locks,
+    no shared memory: several times cheaper to open) unless a writer still has frames
+    in its WAL, whose rows must be seen. Sources are snapshots or segments; should one
+    change anyway, rows are still checked on their way into the store."""
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    wal = Path(f"{path}-wal")
+    try:
+        live = wal.stat().st_size > 0
+    except OSError:
+        live = False
+    return uri if live else uri + "&immutable=1"
+
+
+def open_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to a source, text read as the verifier reads it."""
+    try:
+        conn = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None,
+                               check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{path}: cannot open as SQLite: {exc}") from None
+    conn.text_factory = _lenient
+    return conn
+
+
+def _lenient(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
 def split_arg(arg: str) -> tuple[str | None, Path]:
     """`NODE=PATH` pins the node a file must belong to; a bare PATH trusts its genesis."""
     name, sep, path = arg.partition("=")
@@ -58,19 +87,23 @@ def open_source(arg: str) -> Source:
     expected, path = split_arg(arg)
     if not check_file(path, allow_empty=False):
         raise LedgerError(f"{path}: no such ledger file")
-    conn = connect(path, readonly=True)
+    conn = open_read_only(path)
     try:
-        raw_meta = _meta_rows(conn, path)
-        if raw_meta.get("format") == SEGMENT_FORMAT:
-            meta, after = segment_meta(raw_meta, path)
-            kind = "segment"
-        else:
-            meta, after, kind = read_meta(conn, path), -1, "ledger"
-        row = _fetch_one(conn, f"SELECT {COLUMNS} FROM per WHERE seq = 0",  # noqa: S608
-                         (), path)
-        genesis = None if row is None else RawRecord._make(row)
+        return _identify(conn, arg, expected, path)
     finally:
         conn.close()
+
+
+def _identify(conn: sqlite3.Connection, arg: str, expected: str | None, path: Path) -> Source:
+    raw_meta = _meta_rows(conn, path)
+    if raw_meta.get("format") == SEGMENT_FORMAT:
+        meta, after = segment_meta(raw_meta, path)
+        kind = "segment"
+    else:
+        meta, after, kind = read_meta(conn, path), -1, "ledger"
+    row = _fetch_one(conn, f"SELECT {COLUMNS} FROM per WHERE seq = 0",  # noqa: S608
+                     (), path)
+    genesis = None if row is None else RawRecord._make(row)
     return Source(arg, path, expected, kind, meta, genesis, after)
 
 
@@ -93,12 +126,13 @@ def _fetch_one(conn: sqlite3.Connection, sql: str, args: tuple[object, ...], pat
 class SourceReader:
     """A source, read-only, in one read snapshot: its size and what merge looks up."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, conn: sqlite3.Connection | None = None) -> None:
         self.source = source
         self.path = source.path
-        self.conn = connect(source.path, readonly=True)
+        self.conn = conn if conn is not None else open_read_only(source.path)
         try:
-            self.conn.execute("BEGIN")
+            if not self.conn.in_transaction:
+                self.conn.execute("BEGIN")
             last = _fetch_one(self.conn, "SELECT max(seq) FROM per", (), self.path)
         except BaseException:
             self.conn.close()
@@ -108,6 +142,21 @@ class SourceReader:
             size = max(size, int(source.meta.get("size", "0")))
         self.size = size
         """Records the node ledger holds (its newest seq + 1), in this snapshot."""
+
+    @classmethod
+    def open(cls, arg: str) -> SourceReader:
+        """`open_source` and the snapshot on one connection."""
+        expected, path = split_arg(arg)
+        if not check_file(path, allow_empty=False):
+            raise LedgerError(f"{path}: no such ledger file")
+        conn = open_read_only(path)
+        try:
+            conn.execute("BEGIN")
+            source = _identify(conn, arg, expected, path)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(source, conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -155,10 +204,14 @@ class SourceReader:
             at = int(rows[-1][0]) + 1
 
     def checkpoints(self, after: int) -> list[str]:
-        """The checkpoint notes covering any record with seq >= after."""
+        """The checkpoint notes covering any record with seq >= after: those written
+        since the newest that does not (ids follow sizes), so the cost follows the new
+        checkpoints, not the node's history of them."""
         try:
             return [str(r[0]) for r in self.conn.execute(
-                "SELECT text FROM checkpoint WHERE size > ? ORDER BY id", (after,))]
+                "SELECT text FROM checkpoint WHERE id > coalesce((SELECT id FROM checkpoint"
+                " WHERE size <= ?1 ORDER BY id DESC LIMIT 1), -1) AND size > ?1 ORDER BY id",
+                (after,))]
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{self.path}: unreadable ledger: {exc}") from None
 

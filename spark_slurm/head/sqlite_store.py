@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from spark_slurm.errors import HeadDbError
-from spark_slurm.head.scan import RawRecord, ref_seq_of
-from spark_slurm.head.source import PAGE
+from spark_slurm.head.scan import RawRecord
+from spark_slurm.head.source import PAGE, read_only_uri
 from spark_slurm.head.store import (
     MAGIC,
     SCHEMA_VERSION,
@@ -127,7 +127,11 @@ _NODE = f"SELECT {_NODE_COLS} FROM nodes "  # noqa: S608 (fixed columns)
 _SELECT = ("SELECT n.name, r.seq, r.time_ns, r.kind, r.job_id, r.body, r.prev_hash, r.hash,"
            " r.mac, r.key_id FROM records r JOIN nodes n ON n.node_id = r.node_id ")
 _REF = ("CASE WHEN instr(CAST(body AS BLOB), X'22726566223a') > 0"  # '"ref":'
-        " THEN spark_ref_seq(CAST(body AS BLOB)) END")
+        " AND json_valid(CAST(body AS TEXT))"
+        " AND typeof(json_extract(CAST(body AS TEXT), '$.body.ref.seq')) = 'integer'"
+        " THEN json_extract(CAST(body AS TEXT), '$.body.ref.seq') END")
+"""`scan.ref_seq_of` in SQL: body.ref.seq when it is an integer that fits (a JSON
+true is 1, false 0; an integer too big for 64 bits comes back as a REAL)."""
 _CHECKED = (
     "INSERT OR IGNORE INTO records(node_id, seq, time_ns, kind, job_id, body, prev_hash,"  # noqa: S608
     " hash, mac, key_id, ref_seq, leaf) SELECT ?1, seq, time_ns, kind, job_id,"
@@ -326,33 +330,28 @@ class SqliteWriter(SqliteReads):
         self.conn = conn
 
     def lock_node(self, name: str, origin: str | None) -> NodeState:
-        self.conn.execute("INSERT OR IGNORE INTO nodes(name, origin) VALUES (?, ?)",
-                          (name, origin))
-        if origin is not None:
-            self.conn.execute("UPDATE nodes SET origin=? WHERE name=? AND origin IS NULL",
-                              (origin, name))
-        state = self.node(name)
+        state = self.node(name)  # BEGIN IMMEDIATE already holds the write lock
+        if state is None or (state.origin is None and origin is not None):
+            self.conn.execute("INSERT INTO nodes(name, origin) VALUES (?, ?) ON CONFLICT (name)"
+                              " DO UPDATE SET origin = coalesce(origin, excluded.origin)",
+                              (name, origin))
+            state = self.node(name)
         assert state is not None
         return state
 
     def append(self, state: NodeState, first: int, check: RowCheck) -> int:
         def checked(*cols: Any) -> bytes | None:
-            return check(RawRecord(*cols))
+            return check(cols)
 
         self.conn.create_function("spark_check", 9, checked)
-        self.conn.create_function("spark_ref_seq", 1, ref_seq_of, deterministic=True)
-        self.conn.execute("SAVEPOINT rows_in")
         try:
-            count = self.conn.execute(_CHECKED, (state.node_id, first)).rowcount
+            return int(self.conn.execute(_CHECKED, (state.node_id, first)).rowcount)
         except sqlite3.OperationalError:
-            # a text column sqlite3 cannot decode: nothing of this statement was stored
-            # and the check has seen the rows before it; start again with bytes
-            self.conn.execute("ROLLBACK TO rows_in")
+            # a text column sqlite3 cannot decode: SQLite undid the statement and the
+            # check has seen the rows before it; start again, text as bytes
             check.restart()
             self.conn.create_function("spark_check_blobs", 12, _as_text(check))
-            count = self.conn.execute(_CHECKED_TEXT, (state.node_id, first)).rowcount
-        self.conn.execute("RELEASE rows_in")
-        return count
+            return int(self.conn.execute(_CHECKED_TEXT, (state.node_id, first)).rowcount)
 
     def mark(self) -> None:
         self.conn.execute("SAVEPOINT merged_rows")
@@ -475,8 +474,7 @@ class SqliteStore(SqliteReads):
         """BEGIN IMMEDIATE (after attaching `source` read-only as `src`, which SQLite
         allows only outside a transaction), COMMIT on success."""
         if source is not None:
-            self.conn.execute("ATTACH DATABASE ? AS src",
-                              (f"{source.resolve().as_uri()}?mode=ro",))
+            self.conn.execute("ATTACH DATABASE ? AS src", (read_only_uri(source),))
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             try:

@@ -25,7 +25,7 @@ from spark_slurm.errors import HeadDbError
 from spark_slurm.ledger.records import Record
 
 if TYPE_CHECKING:
-    from spark_slurm.head.scan import RawRecord
+    pass
 
 MAGIC = "spark-head"
 SCHEMA_VERSION = 2
@@ -110,7 +110,9 @@ class RowCheck(Protocol):
     """Checks one source row (seq order) and returns its Merkle leaf, or None from the
     first row that fails: the store stores the rows it got a leaf for, and no other."""
 
-    def __call__(self, rec: RawRecord) -> bytes | None: ...
+    def __call__(self, rec: Sequence[Any]) -> bytes | None:
+        """`rec`: a RawRecord, or a plain tuple of the same nine columns."""
+        ...
 
     def stop(self, code: str, seq: int, why: str) -> None:
         """Fail at this row for a reason found outside the check (its columns could

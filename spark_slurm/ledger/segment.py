@@ -105,8 +105,12 @@ def export_segment(ledger: str | os.PathLike[str], out: str | os.PathLike[str] |
         rows = conn.execute("INSERT INTO seg.per SELECT seq, time_ns, kind, job_id, body,"
                             " prev_hash, hash, mac, key_id FROM main.per WHERE seq > ? AND"
                             " seq <= ? ORDER BY seq", (after, last)).rowcount
+        # those written since the newest that covers nothing new (ids follow sizes):
+        # the cost follows the new checkpoints, not every one the node ever wrote
         cps = conn.execute("INSERT INTO seg.checkpoint SELECT id, size, time_ns, key_id, text"
-                           " FROM main.checkpoint WHERE size > ? AND size <= ? ORDER BY id",
+                           " FROM main.checkpoint WHERE id > coalesce((SELECT id FROM"
+                           " main.checkpoint WHERE size <= ?1 ORDER BY id DESC LIMIT 1), -1)"
+                           " AND size > ?1 AND size <= ?2 ORDER BY id",
                            (after + 1, last + 1)).rowcount
         values = {k: meta[k] for k in _KEPT_META if k in meta}
         values.update(format=SEGMENT_FORMAT, segment_version=str(SEGMENT_VERSION),

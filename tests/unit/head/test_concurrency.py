@@ -8,14 +8,15 @@ its uncommitted rows.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from contextlib import closing
 from hashlib import sha256
+from typing import Any
 
 import pytest
 
 from spark_slurm.head.audit import audit_job
 from spark_slurm.head.merge import merge_ledgers, positions
-from spark_slurm.head.scan import RawRecord
 from spark_slurm.head.store import open_store
 from tests.unit.head.conftest import Cluster
 
@@ -32,14 +33,14 @@ class Holding:
         self.timed_out = False
         self.seen = 0
 
-    def __call__(self, rec: RawRecord) -> bytes | None:
+    def __call__(self, rec: Sequence[Any]) -> bytes | None:
         self.seen += 1
         if self.seen > 3:
             return None
         if self.seen == 3:
             self.holding.set()
             self.timed_out = not self.release.wait(WAIT_S)
-        return sha256(b"\x00" + rec.body).digest()
+        return sha256(b"\x00" + rec[4]).digest()
 
     def stop(self, code: str, seq: int, why: str) -> None:
         self.seen = 99

@@ -10,9 +10,11 @@ check saw, no more; and only the new rows are read.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from contextlib import closing
 from hashlib import sha256
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,11 +99,11 @@ class Spy:
         self.limit = limit
         self.seen: list[RawRecord] = []
 
-    def __call__(self, rec: RawRecord) -> bytes | None:
+    def __call__(self, rec: Sequence[Any]) -> bytes | None:
         if len(self.seen) >= self.limit:
             return None
-        self.seen.append(rec)
-        return sha256(b"\x00" + rec.body).digest()
+        self.seen.append(RawRecord._make(rec))
+        return sha256(b"\x00" + rec[4]).digest()
 
     def stop(self, code: str, seq: int, why: str) -> None:
         self.limit = 0

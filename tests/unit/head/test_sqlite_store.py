@@ -75,3 +75,21 @@ def test_db_urls(url: str, want: tuple[str, str]) -> None:
 def test_db_urls_that_are_refused(url: str) -> None:
     with pytest.raises(HeadDbError):
         parse_url(url)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"body":{"ref":{"seq":7}}}', b'{"body":{"ref":{"seq":true}}}',
+    b'{"body":{"ref":{"seq":false}}}', b'{"body":{"ref":{"seq":99999999999999999999}}}',
+    b'{"body":{"ref":{"seq":"7"}}}', b'{"body":{"ref":{"seq":1.5}}}', b'{"body":{"ref":7}}',
+    b'{"body":{"ref":', b'{"body":{}}', b'["ref":]', b'{"body":{"x":{"ref":{"seq":3}}}}',
+    b'{"body":{"ref":{"hash":"ab","seq":12}},"job":null}',
+])
+def test_the_stored_ref_seq_is_the_one_audit_looks_up(body: bytes) -> None:
+    """The store indexes body.ref.seq in SQL; it must be what scan.ref_seq_of reads."""
+    from spark_slurm.head.scan import ref_seq_of  # noqa: PLC0415
+    from spark_slurm.head.sqlite_store import _REF  # noqa: PLC0415
+
+    conn = sqlite3.connect(":memory:")
+    (got,) = conn.execute(f"SELECT {_REF} FROM (SELECT ? AS body)", (body,)).fetchone()
+    want = ref_seq_of(body)
+    assert got == (None if want is None else int(want))
