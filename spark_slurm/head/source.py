@@ -96,6 +96,10 @@ def open_source(arg: str) -> Source:
 
 def _identify(conn: sqlite3.Connection, arg: str, expected: str | None, path: Path) -> Source:
     raw_meta = _meta_rows(conn, path)
+    kinds = dict(conn.execute("SELECT name, type FROM sqlite_master WHERE name IN"
+                              " ('per', 'checkpoint')").fetchall())
+    if kinds != {"per": "table", "checkpoint": "table"}:  # a view could run anything
+        raise LedgerError(f"{path}: not a ledger (per and checkpoint must be tables)")
     if raw_meta.get("format") == SEGMENT_FORMAT:
         meta, after = segment_meta(raw_meta, path)
         kind = "segment"

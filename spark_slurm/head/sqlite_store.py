@@ -431,6 +431,9 @@ class SqliteStore(SqliteReads):
                                    isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            # sources are attached to this connection: their schema is not trusted to
+            # call functions (merge's check among them) from views or triggers
+            conn.execute("PRAGMA trusted_schema=OFF")
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         except sqlite3.DatabaseError as exc:
             raise HeadDbError(f"{path}: cannot open as SQLite ({exc})") from None

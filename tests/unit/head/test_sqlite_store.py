@@ -93,3 +93,12 @@ def test_the_stored_ref_seq_is_the_one_audit_looks_up(body: bytes) -> None:
     (got,) = conn.execute(f"SELECT {_REF} FROM (SELECT ? AS body)", (body,)).fetchone()
     want = ref_seq_of(body)
     assert got == (None if want is None else int(want))
+
+
+def test_a_source_whose_per_is_a_view_is_refused(cluster: Cluster) -> None:
+    """An attached file's schema must not run merge's functions (or anything else)."""
+    tamper.sql(cluster.n1, "ALTER TABLE per RENAME TO per_rows")
+    tamper.sql(cluster.n1, "CREATE VIEW per AS SELECT * FROM per_rows")
+    summary = merge_ledgers(cluster.db, [str(cluster.n1)], keys_dir=cluster.trust)
+    assert summary.results[0].error is not None
+    assert "must be tables" in summary.results[0].error and summary.appended == 0
