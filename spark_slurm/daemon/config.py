@@ -52,6 +52,7 @@ class DaemonConfig:
     monitor_period_s: float = 0.5
     maintain_period_s: float = 5.0
     ingest_period_s: float = 1.0
+    checkpoint_interval_s: float = 900.0
     max_request_bytes: int = 65536
     refusal_rate_per_s: float = 1.0
     refusal_burst: int = 20
@@ -230,6 +231,8 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         monitor_period_s=reader.number("automations.period_s", 0.5, 0.05, 1.0),
         maintain_period_s=reader.number("automations.maintain_period_s", 5.0, 0.5, 3600.0),
         ingest_period_s=reader.number("automations.ingest_period_s", 1.0, 0.2, 3600.0),
+        checkpoint_interval_s=reader.number("automations.checkpoint_interval_s", 900.0, 1.0,
+                                            86400.0),
         max_request_bytes=int(reader.number("max_request_bytes", 65536, 256, 1 << 24)),
         refusal_rate_per_s=reader.number("refusal_limit.rate_per_s", 1.0, 0.0, 1000.0),
         refusal_burst=reader.whole("refusal_limit.burst", 20, 0, 100_000),

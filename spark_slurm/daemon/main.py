@@ -94,7 +94,8 @@ class Daemon:
         hmac_key = load_hmac_key(cfg.hmac_key) if cfg.hmac_key else None
         # settles a signing-key rotation that a crash interrupted, then opens
         self.ledger = open_rotating(cfg.ledger_path, hmac_key, cfg.signing_key,
-                                    node=cfg.node, cluster=cfg.cluster)
+                                    node=cfg.node, cluster=cfg.cluster,
+                                    checkpoint_interval_s=cfg.checkpoint_interval_s)
         self._parts.append(self.ledger)
         self.gpu = open_backend(cfg.gpu_backend, state_dir=cfg.gpu_state_dir)
         self.sampler = TelemetrySampler(self.gpu, rate_hz=cfg.sampler_hz,

@@ -20,7 +20,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +65,7 @@ class ClusterSpec:
     job_submit_files: Sequence[Path] = ()   # job_submit.lua and what it loads
     health_check: Path | None = None
     extra_conf: Sequence[str] = ()
+    node_gpupower_w: Mapping[str, int] = field(default_factory=dict)  # per-node budgets
     partitions: Sequence[str] = ("gpu", "debug")
 
 
@@ -187,18 +188,25 @@ class SlurmCluster:
                      f"NodeAddr={self.topology.address(node)} NodeHostname={node}")
             lines.append(
                 f"NodeName={node} {where} CPUs={spec.cpus} RealMemory=1000 "
-                f"Gres=gpu:{typed}{spec.gpus},gpupower:{spec.gpupower_w} State=UNKNOWN")
+                f"Gres=gpu:{typed}{spec.gpus},gpupower:{self.budget_w(node)} State=UNKNOWN")
         for i, part in enumerate(spec.partitions):
             default = "YES" if i == 0 else "NO"
             lines.append(f"PartitionName={part} Nodes={','.join(self.nodes)} "
                          f"Default={default} MaxTime=INFINITE State=UP OverSubscribe=NO")
         return "\n".join(lines) + "\n"
 
+    def budget_w(self, node: str) -> int:
+        """The node's gpupower (watts): its override, else the spec's."""
+        return int(self.spec.node_gpupower_w.get(node, self.spec.gpupower_w))
+
     def gres_conf_text(self) -> str:
         last = self.spec.gpus - 1
         typed = f"Type={self.spec.gpu_type} " if self.spec.gpu_type else ""
-        return (f"Name=gpu {typed}File={self.dev_dir}/nvidia[0-{last}]\n"
-                f"Name=gpupower Count={self.spec.gpupower_w} Flags=CountOnly\n")
+        text = f"Name=gpu {typed}File={self.dev_dir}/nvidia[0-{last}]\n"
+        if not self.spec.node_gpupower_w:
+            return text + f"Name=gpupower Count={self.spec.gpupower_w} Flags=CountOnly\n"
+        return text + "".join(f"NodeName={n} Name=gpupower Count={self.budget_w(n)} "
+                              "Flags=CountOnly\n" for n in self.nodes)
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> SlurmCluster:

@@ -17,7 +17,7 @@ def test_a_controller_config_needs_no_gpu_state() -> None:
     cfg = parse_config(BASE + "gpu: {backend: none}\nspool_path: /var/spool/spark/d.jsonl\n",
                        Path("/etc/spark/sparkd.yaml"))
     assert cfg.gpu_backend == "none" and cfg.gpu_state_dir is None
-    assert cfg.ingest_period_s == 1.0
+    assert cfg.ingest_period_s == 1.0 and cfg.checkpoint_interval_s == 900.0
 
 
 def test_the_ingest_period_is_checked() -> None:
@@ -42,3 +42,9 @@ def test_the_none_backend_has_no_devices_and_says_so() -> None:
     with pytest.raises(GpuNotFound):
         backend.set_power_limit(1, 300_000)
     backend.close()
+
+
+def test_the_checkpoint_interval_is_configurable() -> None:
+    cfg = parse_config(BASE + "gpu: {backend: none}\n"
+                       "automations: {checkpoint_interval_s: 60}\n", Path("p"))
+    assert cfg.checkpoint_interval_s == 60.0
