@@ -16,7 +16,6 @@ import subprocess
 import time
 from typing import TYPE_CHECKING
 
-from spark_slurm.demo.services import wait_for
 from spark_slurm.errors import SparkError
 from spark_slurm.head.audit import audit_job
 
@@ -34,13 +33,6 @@ def _gres_used(sc: Scenario, node: str) -> str:
         if token.startswith("GresUsed="):
             return token.split("=", 1)[1]
     return ""
-
-
-def _settled(sc: Scenario) -> None:
-    """Every node's facility follow-ups written, so the audit sees each action validated."""
-    def idle() -> bool:
-        return all(int(n.status().get("facility_pending", 0)) == 0 for n in sc.stack.nodes)
-    wait_for(idle, sc.stack.facility_after_s + 15, 0.3)
 
 
 def run_multi_node(sc: Scenario) -> None:
@@ -95,7 +87,7 @@ def run_multi_node(sc: Scenario) -> None:
         restore = node.find_records("restore", job, timeout=30)
         sc.check(f"{node.name}: epilog restore recorded", bool(restore),
                  f"seq {restore[0].seq}" if restore else "no restore PER")
-    _settled(sc)
+    st.settle()
 
     started = time.monotonic()
     run = st.collect()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import json
 import os
 import random
 import re
@@ -166,6 +167,7 @@ class Topology:
                 f"{m.address} {m.name}\n" for m in self.members.values()))
             for member in self.members.values():
                 self._start_holder(member)
+            (self.root / "topology.json").write_text(json.dumps(self.to_json(), indent=2))
         except BaseException:
             self.down()
             raise

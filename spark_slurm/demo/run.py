@@ -22,17 +22,15 @@ from typing import Any
 
 import yaml
 
-from spark_slurm.daemon import client
 from spark_slurm.demo import netns
 from spark_slurm.demo.report import audit_jobs, verify_both
 from spark_slurm.demo.saved import STATE_FILE, stop_saved
 from spark_slurm.demo.scenarios import MIN_NODES, SCENARIOS, Check, ScenarioResult, run_scenario
-from spark_slurm.demo.services import wait_for
 from spark_slurm.demo.stack import ClusterStack, StackSpec, find_repo
 from spark_slurm.errors import InputError, SparkError
 
 Say = Callable[[str], None]
-RUNTIME_DIRS = ("slurm", "sim", "run", "spool", "lua", "bin", "net", "ssh")
+RUNTIME_DIRS = ("slurm", "sim", "run", "spool", "lua", "bin", "ssh")
 DEFAULT_NODES = 3
 SMALL_FEED_W = {"n2": 4000}   # n2 sits on a smaller power feed (the multi-node story)
 
@@ -174,14 +172,6 @@ def keep_instructions(stack: ClusterStack) -> list[str]:
     return [*lines, f"  stop everything: sparkctl demo --stop {r}"]
 
 
-def _settle(stack: ClusterStack, timeout: float) -> None:
-    """Wait for pending facility follow-ups, so audits see every action validated."""
-    def idle() -> bool:
-        return all(int(client.status(n.socket).get("facility_pending", 0)) == 0
-                   for n in stack.nodes)
-    wait_for(idle, timeout, 0.3)
-
-
 def _head_audits(stack: ClusterStack, jobs: list[str], say: Say,
                  result: DemoResult) -> None:
     """Multi-node: collect every host's ledger on the head node, then audit each job
@@ -236,7 +226,7 @@ def run_demo(names: Sequence[str] = (), workdir: Path | None = None, keep: bool 
             res = run_scenario(name, stack, say)
             # the rack meter sees every GPU: let this story's facility windows close
             # before the next one moves power, or its follow-ups would see both
-            _settle(stack, stack.facility_after_s + 5)
+            stack.settle(stack.facility_after_s + 5)
             result.scenarios.append(res)
             say(f"== scenario {name}: {'PASSED' if res.ok else 'FAILED'} "
                 f"({(res.ended_ns - res.started_ns) / 1e9:.1f} s)")

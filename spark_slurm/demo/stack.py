@@ -35,7 +35,7 @@ from spark_slurm.demo.node import SparkNode, tool
 from spark_slurm.demo.saved import STATE_FILE, save_state
 from spark_slurm.demo.services import ServiceGroup, wait_for
 from spark_slurm.demo.sshd import ClusterSsh
-from spark_slurm.errors import InputError, SparkError
+from spark_slurm.errors import DaemonUnavailable, InputError, SparkError
 from spark_slurm.ledger.records import Record
 from spark_slurm.policy.lua import write_lua
 
@@ -86,7 +86,8 @@ class StackSpec:
     gpu_model: str = GPU_MODEL
     budget_w: int = NODE_BUDGET_W       # gpupower per node
     node_budgets_w: Mapping[str, int] = field(default_factory=dict)  # per-node overrides
-    facility: bool = True               # a Karman rack stream per node + facility path
+    facility: bool = True               # the policy's facility path (follow-up PERs)
+    karman: bool = True                 # a Karman rack stream per node (else `unavailable`)
     exporter: bool = True               # the Karman exporter (first node's stream)
     metrics: bool = True                # sparkd /metrics
     facility_before_s: float = 3.0
@@ -149,7 +150,7 @@ class ClusterStack:
 
     def _node(self, name: str, root: Path, gpus: int, spool: Path | None = None) -> SparkNode:
         ns = self.namespaced
-        karman = self.spec.facility and gpus > 0
+        karman = self.spec.facility and self.spec.karman and gpus > 0
         return SparkNode(
             name, root, gpus=gpus, model=self.spec.gpu_model, services=self.services,
             in_ns=lambda argv: self.cluster.in_ns(name, argv), namespaced=ns, spool=spool,
@@ -199,7 +200,7 @@ class ClusterStack:
         for host in self.hosts:
             host.build(policy=self.policy, cluster=self.spec.cluster_name,
                        trust_dir=self.trust_dir, automations=self.spec.automations)
-        if self.spec.exporter and self.spec.facility:
+        if self.spec.exporter and self.spec.facility and self.spec.karman:
             self.exporter_port = EXPORTER_PORT if self.namespaced else free_port()
         if self.namespaced:
             assert self.topology is not None
@@ -264,6 +265,18 @@ class ClusterStack:
             if self.topology is not None:
                 self.topology.down()
             (self.root / STATE_FILE).unlink(missing_ok=True)
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until no node has a facility follow-up pending (audits then see every
+        action validated); False when some still are after `timeout`."""
+        def pending(node: SparkNode) -> int:
+            try:
+                return int(node.status().get("facility_pending", 0))
+            except DaemonUnavailable:   # a daemon that is down has nothing in flight
+                return 0
+
+        return wait_for(lambda: not any(pending(n) for n in self.nodes),
+                        timeout or self.spec.facility_after_s + 15, 0.3)
 
     # ------------------------------------------------------------ the head node
     def collect(self, *, cosign: bool = True, merge: bool = True, dest: Path | None = None,
