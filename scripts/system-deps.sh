@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages spark-slurm's tests and demo run for real:
 # Slurm (slurmctld, slurmd), munge, Lua 5.1/5.3/5.4 (job_submit.lua checks), sqlite3 and
-# openssl (contrib/verify-ledger.sh), PostgreSQL (the Karman TimescaleDB sink path).
+# openssl (contrib/verify-ledger.sh), PostgreSQL (the Karman TimescaleDB sink path), and
+# for the multi-node cluster (network namespaces, a bridge, ssh between the hosts):
+# iproute2 (ip), util-linux (nsenter, unshare), openssh-server and openssh-client.
 # Idempotent and quiet when everything is already there.
 set -euo pipefail
 need=()
@@ -14,6 +16,10 @@ command -v lua5.4 >/dev/null 2>&1 || need+=(lua5.4)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need+=(postgresql)
 fi
@@ -27,6 +33,6 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # Debian starts daemons on install; our tests run their own in temp dirs.
-for svc in slurmctld slurmd munge postgresql; do
+for svc in slurmctld slurmd munge postgresql ssh; do
   systemctl stop "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1 || true
 done

@@ -54,13 +54,14 @@ exec sleep infinity
 
 
 def unavailable_reason() -> str | None:
-    """Why this host cannot run namespaced nodes (None when it can): checked by making,
-    and removing, one throwaway network namespace."""
+    """Why this host cannot run a namespaced cluster (None when it can): the tools, ssh
+    between the hosts, and a throwaway network namespace made and removed."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    for tool in ("ip", "nsenter", "unshare", "mount"):
+    for tool in ("ip", "nsenter", "unshare", "mount", "ssh", "ssh-keygen", "/usr/sbin/sshd"):
         if shutil.which(tool) is None:
-            return f"{tool} not installed (make system-deps installs iproute2 and util-linux)"
+            return (f"{tool} not installed (make system-deps installs iproute2, util-linux, "
+                    "openssh-server and openssh-client)")
     probe = f"{PREFIX}probe{os.urandom(3).hex()}"
     res = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
                          timeout=10, check=False)
