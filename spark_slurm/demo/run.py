@@ -198,6 +198,8 @@ def run_demo(names: Sequence[str] = (), workdir: Path | None = None, keep: bool 
     """Start everything, run the chosen scenarios, audit, verify, plot; stop unless `keep`.
     `nodes`: compute nodes (default 3 where network namespaces work, else 1)."""
     choose(names)
+    if nodes is not None and nodes < 1:
+        raise InputError(f"--nodes must be at least 1, not {nodes}")
     preflight()
     say = stamped(say)
     count = node_count(nodes, say)

@@ -82,7 +82,7 @@ class Scenario:
         job = self.stack.cluster.submit(["-J", name, *pinned, *args],
                                         wrap=f"sleep {seconds:g}")
         self.result.job_ids.append(job)
-        self.say(f"  sbatch {' '.join(args)}  -> job {job}")
+        self.say(f"  sbatch {' '.join([*pinned, *args])}  -> job {job}")
         return job
 
     def running(self, job: str, load: float) -> list[int]:

@@ -94,7 +94,7 @@ class StackSpec:
     facility_after_s: float = 4.0
     cluster_name: str = "spark-demo"
     automations: Mapping[str, float] = field(default_factory=lambda: {
-        "maintain_period_s": 1.0, "checkpoint_interval_s": 3.0})
+        "maintain_period_s": 1.0, "checkpoint_interval_s": 10.0})
 
 
 @dataclass
@@ -320,6 +320,21 @@ class ClusterStack:
     @property
     def journal(self) -> Path:
         return self.nodes[0].journal
+
+    @property
+    def state_dir(self) -> Path:
+        return self.nodes[0].state_dir
+
+    @property
+    def daemon_config(self) -> Path:
+        return self.nodes[0].daemon_config
+
+    @property
+    def daemon(self) -> subprocess.Popen[bytes] | None:
+        """The first node's running sparkd process, if any."""
+        name = self.nodes[0].service("sparkd")
+        return next((s.process for s in self.services.services
+                     if s.name == name and s.process.poll() is None), None)
 
     @property
     def socket(self) -> Path:

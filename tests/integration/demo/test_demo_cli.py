@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from spark_slurm.cli import cli, run
 from spark_slurm.demo.cluster import ClusterSpec, SlurmCluster, job_id_of
-from spark_slurm.demo.run import choose, prometheus_config
+from spark_slurm.demo.run import choose, node_count, prometheus_config
 from spark_slurm.demo.scenarios import SCENARIOS
 from spark_slurm.demo.stack import ClusterStack, StackSpec, find_repo, render_wrapper
 from spark_slurm.errors import InputError, SlurmCommandFailed
@@ -42,6 +42,15 @@ def test_the_multi_node_scenario_needs_three_nodes() -> None:
     assert choose([], 1) == [n for n in SCENARIOS if n != "multi-node"]
     with pytest.raises(InputError, match="'multi-node' needs --nodes 3"):
         choose(["multi-node"], 1)
+
+
+def test_node_count_is_checked_before_anything_starts(capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    assert node_count(1, print) == 1              # one node needs no namespaces
+    with pytest.raises(InputError, match="at least 1"):
+        node_count(0, print)
+    assert run(["demo", "--nodes", "0", "thermal"]) == 2
+    assert "--nodes must be at least 1" in capsys.readouterr().err
 
 
 def test_stop_without_a_running_demo_says_so(tmp_path: Path,
