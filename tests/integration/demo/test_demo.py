@@ -44,7 +44,10 @@ def _namespaces_of(root: Path) -> list[str]:
     """Network namespaces and links the demo in `root` made that still exist."""
     saved = root / "net" / "topology.json"
     assert saved.is_file(), "the demo recorded no namespaces"
-    return netns.Topology.from_json(json.loads(saved.read_text())).leftovers()
+    topo = netns.Topology.from_json(json.loads(saved.read_text()))
+    mounts = [line for line in Path("/proc/self/mounts").read_text().splitlines()
+              if topo.prefix in line]
+    return topo.leftovers() + mounts
 
 
 def _processes_under(root: Path) -> list[str]:
