@@ -19,9 +19,7 @@ process (saved.py), leaving no process, namespace, bridge or mount behind.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any, Self
 import yaml
 
 from spark_slurm.demo.cluster import CONTROLLER, ClusterSpec, SlurmCluster, free_port
+from spark_slurm.demo.install import find_repo, render_wrapper
 from spark_slurm.demo.netns import Topology
 from spark_slurm.demo.node import SparkNode, tool
 from spark_slurm.demo.saved import STATE_FILE, save_state
@@ -47,34 +46,6 @@ RUN_DIR = "/run/spark"                  # on a namespaced host: hook.json, spark
 STATE_DIR = "/run/spark/state"          # on a namespaced host: ledger.db, journal.jsonl
 KARMAN_PORT, METRICS_PORT, EXPORTER_PORT = 5557, 9400, 9557  # per namespace
 __all__ = ["STATE_FILE", "ClusterStack", "StackSpec", "find_repo", "render_wrapper", "tool"]
-
-
-def find_repo(start: Path | None = None) -> Path:
-    """The source checkout holding slurm/, etc/ and contrib/ (the demo installs from it)."""
-    candidates = [Path(__file__).resolve().parents[2]]
-    if start is not None:
-        candidates.insert(0, start.resolve())
-    for path in candidates:
-        if (path / "slurm" / "job_submit.lua").is_file() and \
-                (path / "etc" / "policy.yaml").is_file():
-            return path
-    raise InputError("sparkctl demo needs the spark-slurm source checkout (slurm/, etc/, "
-                     "contrib/); run it from the repository (make demo)")
-
-
-def render_wrapper(template: Path, out: Path, hook_config: Path | str) -> Path:
-    """A slurm/ wrapper with its install placeholders filled for this interpreter."""
-    pkg = Path(__file__).resolve().parents[1]
-    values = {"PYTHON": sys.executable, "PKGDIR": str(pkg.parent),
-              "HOOK": str(pkg / "hook.py"), "HOOK_CONFIG": str(hook_config)}
-    text = re.sub(r"@([A-Z_]+)@", lambda m: values.get(m.group(1), m.group(0)),
-                  template.read_text())
-    left = re.findall(r"@[A-Z_]+@", text)
-    if left:
-        raise InputError(f"{template}: unknown install placeholder {left[0]}")
-    out.write_text(text)
-    out.chmod(0o755)
-    return out
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def test_bad_config_and_bad_policy_refuse_to_start(root: Path) -> None:
                          timeout=60, check=False)
     assert out.returncode == 2
     assert out.stderr.strip() == (f"sparkd: {config}:3:16: gpu.backend: unknown backend "
-                                  "'quantum' (sim or nvml)")
+                                  "'quantum' (sim, nvml, or none for a host without GPUs)")
     daemon = Sparkd(root / "d")
     daemon.policy.write_text("version: 1\ngpu:\n  max_watts: lots\n")
     out = subprocess.run([SPARKD, "--config", str(daemon.config)], capture_output=True,

@@ -25,7 +25,7 @@ from spark_slurm.demo import netns
 from spark_slurm.demo.run import run_demo
 from spark_slurm.demo.scenarios import SCENARIOS
 from spark_slurm.ledger.verify import verify_ledger
-from tests.conftest import slurm_unavailable_reason
+from tests.conftest import multinode_unavailable_reason, require
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SPARKCTL = [sys.executable, "-m", "spark_slurm.cli"]
@@ -33,11 +33,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _require_slurm() -> None:
-    reason = slurm_unavailable_reason() or netns.unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the demo on a multi-node cluster: {reason}")
-        pytest.skip(reason)
+    require(multinode_unavailable_reason(), "the demo on a multi-node cluster")
 
 
 def _namespaces_of(root: Path) -> list[str]:

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from spark_slurm.demo import netns
+from tests.conftest import require
 
 pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture(autouse=True)
 def _namespaces() -> None:
-    reason = netns.unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the namespace tests: {reason}")
-        pytest.skip(reason)
+    require(netns.unavailable_reason(), "the namespace tests")
 
 
 def _in(topo: netns.Topology, name: str, script: str) -> str:

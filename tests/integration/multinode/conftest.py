@@ -13,31 +13,21 @@ Under CI=true a host that cannot run it fails the tests instead of skipping them
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from spark_slurm.demo import netns
 from spark_slurm.demo.stack import ClusterStack, CollectRun, StackSpec
-from tests.conftest import slurm_unavailable_reason
+from tests.conftest import multinode_unavailable_reason, require
 
 BUDGET_W = 4000
 
 
-def require_multinode() -> None:
-    reason = slurm_unavailable_reason() or netns.unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the multi-node tests: {reason}")
-        pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
-    require_multinode()
+    require(multinode_unavailable_reason(), "the multi-node tests")
     stack = ClusterStack(tmp_path_factory.mktemp("multinode"), spec=StackSpec(
         nodes=3, budget_w=BUDGET_W, karman=False, exporter=False, metrics=False,
         facility_before_s=1, facility_after_s=1, cluster_name="spark-mn",
