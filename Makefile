@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv system-deps proto lint typecheck test test-fast bench demo clean
+.PHONY: all venv system-deps proto lint typecheck test test-fast bench demo clean mutation
 
 all: test
 
@@ -38,6 +38,15 @@ test-fast: venv proto
 
 bench: system-deps venv proto
 	$(PY) -m benchmarks
+
+# Mutation testing, outside `make test` (docs/testing.md): GROUP=policy|nvml|facility|
+# automations|pipeline|ledger|merge|all (default all), then the issue's hand-made
+# survivors, each applied and shown killed.
+GROUP ?= all
+mutation: system-deps venv proto
+	$(VENV)/bin/pip install -q -e '.[mutation]'
+	$(PY) scripts/mutation.py --survivors
+	$(PY) scripts/mutation.py $(GROUP)
 
 demo: system-deps venv proto
 	$(VENV)/bin/sparkctl demo

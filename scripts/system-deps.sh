@@ -15,11 +15,15 @@ command -v lua5.3 >/dev/null 2>&1 || need+=(lua5.3)
 command -v lua5.4 >/dev/null 2>&1 || need+=(lua5.4)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# The fake libnvidia-ml.so.1 the NVML backend is tested against is built from C.
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+[ -e /usr/include/stdio.h ] || need+=(libc6-dev)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)  # Karman exporter test
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need+=(postgresql)
 fi
@@ -33,6 +37,6 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # Debian starts daemons on install; our tests run their own in temp dirs.
-for svc in slurmctld slurmd munge postgresql ssh; do
+for svc in slurmctld slurmd munge postgresql prometheus ssh; do
   systemctl stop "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1 || true
 done

@@ -22,6 +22,8 @@ from spark_slurm.daemon.actuation import Actuator
 from spark_slurm.daemon.automations import Monitor
 from spark_slurm.daemon.config import DaemonConfig, load_config
 from spark_slurm.daemon.contracts import PolicyLike, ReceiptLike
+from spark_slurm.daemon.executor_intents import PendingIntents
+from spark_slurm.daemon.executors import ExecutorGate
 from spark_slurm.daemon.facility import FacilityFollower
 from spark_slurm.daemon.ingest import Ingestor
 from spark_slurm.daemon.metrics import DaemonMetrics
@@ -35,6 +37,7 @@ from spark_slurm.daemon.state import IntentStore, NodeState
 from spark_slurm.daemon.writer import LedgerWriter
 from spark_slurm.errors import EXIT_OK, EXIT_USAGE, ConfigError, LedgerKeyError, SparkError
 from spark_slurm.gpu import TelemetrySampler, open_backend
+from spark_slurm.gpu.mapping import gres_conf_devices, slurm_device_map
 from spark_slurm.karman import KarmanSubscriber
 from spark_slurm.ledger.keys import load_hmac_key
 from spark_slurm.ledger.rotation import open_rotating, rotate
@@ -58,6 +61,7 @@ class Daemon:
         self.writer: LedgerWriter
         self._parts: list[Any] = []
         self._ingest_marks: tuple[tuple[int, int, int] | None, ...] = ()
+        self.executors: ExecutorGate | None = None
 
     # -- policy ----------------------------------------------------------------
     def policy(self) -> PolicyLike:
@@ -106,7 +110,8 @@ class Daemon:
                                               **cfg.job_context_options)
         self.stream = None
         if cfg.karman_endpoint:
-            self.stream = KarmanSubscriber(cfg.karman_endpoint, cfg.karman_topic)
+            self.stream = KarmanSubscriber(cfg.karman_endpoint, cfg.karman_topic,
+                                           phases=cfg.karman_phases)
         self.limiter = RefusalLimiter(cfg.refusal_rate_per_s, cfg.refusal_burst)
         self.metrics = DaemonMetrics(cfg.node, self.stream.stats if self.stream else None,
                                      rate_limited=lambda: self.limiter.suppressed_total)
@@ -115,11 +120,19 @@ class Daemon:
         # NVML calls are ctypes calls that drop the GIL, so a job's GPUs go in parallel;
         # the sim's calls are Python work under the GIL, where threads only add overhead.
         self.actuator = Actuator(self.gpu, self.sampler,
-                                 parallel=1 if cfg.gpu_backend == "sim" else 8)
+                                 parallel=1 if cfg.gpu_backend == "sim" else 8,
+                                 slurm_map=self._slurm_map(),
+                                 readback_tolerance_mw=cfg.gpu_readback_tolerance_mw)
+        self.actuator.check_persistence(enable=cfg.gpu_persistence == "enable")
         intents = IntentStore(cfg.state_dir)
+        unknown = [g for g in cfg.executors.validate_gpus if not self.actuator.known(g)]
+        if unknown:
+            raise ConfigError(f"executors.validate_only: GPU {unknown[0]} does not exist on "
+                              f"node {cfg.node} (GPUs: {sorted(self.actuator.devices)})")
         self.startup = reconcile_at_start(node=cfg.node, ledger=self.ledger,
                                           actuator=self.actuator, intents=intents,
-                                          state=self.state, source=self.source)
+                                          state=self.state, source=self.source,
+                                          external=cfg.executors.validate_only)
         self.head = self.ledger.head()
         self.writer = LedgerWriter(self.ledger, maintain_period_s=cfg.maintain_period_s,
                                    on_commit=self._committed)
@@ -136,17 +149,24 @@ class Daemon:
             node=cfg.node, actuator=self.actuator, writer=self.writer, policy=self.policy,
             state=self.state, intents=intents, authority=self.authority,
             context_source=self.source, follow_up=self.facility.schedule)
+        if cfg.executors.enabled:  # validate-only mode on some or all GPUs
+            self.executors = ExecutorGate(self.pipeline, cfg.executors,
+                                          PendingIntents(cfg.state_dir), count=self.metrics.count)
+            self.executors.resume(self.ledger)
+            self.pipeline.executors = self.executors
         self.service = Service(self.pipeline, status=self.status, ingest=self.ingest,
                                observe=self.metrics.observe_latency,
                                limiter=self.limiter,
-                               rotate_key=self.rotate_key if cfg.signing_key else None)
+                               rotate_key=self.rotate_key if cfg.signing_key else None,
+                               intent=self.executors.announce if self.executors else None)
         self.ingestor = Ingestor(node=cfg.node, ledger=self.ledger, writer=self.writer,
                                  handle=self.service.handle, state_dir=cfg.state_dir,
                                  journal_path=cfg.journal_path, spool_path=cfg.spool_path)
         self._ingest_marks = self._marks()
         self.ingest()
         self.monitor = Monitor(self.pipeline, self.policy, period_s=cfg.monitor_period_s,
-                               count=self.metrics.count, on_sample=self._sampled)
+                               count=self.metrics.count, on_sample=self._sampled,
+                               executors=self.executors)
         self.monitor.start()
         self.server = SocketServer(cfg.socket_path, self.service, mode=cfg.socket_mode,
                                    max_request_bytes=cfg.max_request_bytes)
@@ -155,6 +175,23 @@ class Daemon:
         log.info("sparkd ready on %s (node %s, %d GPUs, ledger head %s, metrics port %s)",
                  cfg.socket_path, cfg.node, len(self.actuator.devices),
                  self.head.seq if self.head else None, self.metrics_port or "off")
+
+    def _slurm_map(self) -> dict[int, int]:
+        """Slurm GPU index -> backend device, from gres.conf when configured."""
+        gres = None
+        if self.config.gpu_gres_conf is not None:
+            try:
+                text = self.config.gpu_gres_conf.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"gpu.gres_conf: cannot read: {exc.strerror}",
+                                  str(self.config.gpu_gres_conf)) from None
+            gres = gres_conf_devices(text, self.config.node)
+        for problem in getattr(self.gpu, "unavailable", []):
+            log.warning("GPU left out at start: NVML device %s: %s", *problem)
+        mapping, missing = slurm_device_map(self.gpu.devices(), gres)
+        for problem in missing:
+            log.warning("not governed: %s", problem)
+        return mapping
 
     def _committed(self, kind: str, body: Any, receipt: ReceiptLike) -> None:
         self.head = receipt
@@ -206,6 +243,7 @@ class Daemon:
         gpus = []
         for minor in sorted(self.actuator.devices):
             row: dict[str, Any] = {"index": minor, "uuid": self.actuator.devices[minor].uuid,
+                                   "persistence": self.actuator.persistence.get(minor),
                                    "governed_mw": self.state.governed.get(minor),
                                    "job": self.state.owner_of(minor),
                                    "throttled": minor in self.state.throttled,
@@ -234,6 +272,8 @@ class Daemon:
         if self.stream is not None:
             out["karman"] = {k: v for k, v in self.stream.stats().items()
                              if isinstance(v, (int, str))}
+        if self.executors is not None:
+            out["executors"] = self.executors.status()
         return out
 
     def stop(self) -> None:
@@ -275,6 +315,9 @@ class Daemon:
             self.metrics.close()
         if getattr(self, "pipeline", None) is not None:
             self.pipeline.intents.close()
+        gate: ExecutorGate | None = getattr(self, "executors", None)
+        if gate is not None:
+            gate.book.close()
         if getattr(self, "ledger", None) is not None:
             self.ledger.close()
         if getattr(self, "gpu", None) is not None:

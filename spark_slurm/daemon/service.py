@@ -25,6 +25,7 @@ from spark_slurm.errors import BadRequest, GpuError
 log = logging.getLogger("sparkd.service")
 
 Observer = Callable[[str, float], None]
+IntentHandler = Callable[[Request, Peer, Origin], dict[str, Any]]
 
 
 class Service:
@@ -34,8 +35,10 @@ class Service:
                  ingest: Callable[[], dict[str, Any]] | None = None,
                  observe: Observer | None = None,
                  limiter: RefusalLimiter | None = None,
-                 rotate_key: Callable[[], dict[str, Any]] | None = None) -> None:
+                 rotate_key: Callable[[], dict[str, Any]] | None = None,
+                 intent: IntentHandler | None = None) -> None:
         self.pipeline = pipeline
+        self.intent = intent
         self.status = status
         self.ingest = ingest
         self.rotate_key = rotate_key
@@ -156,6 +159,11 @@ class Service:
             return self.pipeline.epilog(request, peer, origin)
         if op == "cap":
             return self.pipeline.cap(request, peer, origin)
+        if op == "intent":  # validate-only mode: an external executor announces a change
+            if self.intent is None:
+                raise Refusal("bad-request", f"node {self.pipeline.node} has no validate-only "
+                              "GPUs (executors.validate_only in sparkd.yaml)", role="executor")
+            return self.intent(request, peer, origin)
         if op == "ingest":
             if self.ingest is None:
                 raise Refusal("bad-request", "ingest is not available on this daemon")
