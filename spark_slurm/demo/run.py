@@ -204,6 +204,8 @@ def run_demo(names: Sequence[str] = (), workdir: Path | None = None, keep: bool 
     say = stamped(say)
     count = node_count(nodes, say)
     chosen = choose(names, count)
+    for name in [n for n in SCENARIOS if not names and n not in chosen]:
+        say(f"note: scenario {name} needs {MIN_NODES[name]} nodes; this run has {count}")
     if workdir is not None and (workdir / STATE_FILE).exists():
         raise InputError(f"{workdir}: a demo is already running there "
                          f"(sparkctl demo --stop {workdir})")
