@@ -16,8 +16,9 @@ Transports: `SshTransport` (ssh, key-based, BatchMode: what a site runs; the
 slurmctld host is collected like any node, since its ledger holds the
 submit-time denials) and `SharedTransport` (each node leaves its own snapshot in
 a shared directory). Shipping only the records past the head's position
-replaces the whole-ledger snapshot in `SshTransport.remote_fetch` once
-`sparkctl ledger export --after SEQ` exists; the rest of the flow is the same.
+replaces the whole-ledger snapshot in `SshTransport.remote_fetch`, which is
+already handed the head's position (`head_positions`), once `sparkctl ledger
+export --after SEQ` exists; the rest of the flow is the same.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from spark_slurm.errors import FetchError, InputError, SparkError
+from spark_slurm.head.headdb import HeadDb
 from spark_slurm.head.merge import MergeSummary, merge_ledgers
 from spark_slurm.head.witness import witness_file
 from spark_slurm.ledger.reader import latest_checkpoint
@@ -64,8 +66,9 @@ class ClockReading:
 class Transport(Protocol):
     """How the head node reaches a node's ledger and daemon."""
 
-    def fetch(self, node: str, dest: Path) -> None:
-        """Write a consistent copy of `node`'s ledger to `dest`; FetchError when not."""
+    def fetch(self, node: str, dest: Path, after: int | None = None) -> None:
+        """Write a consistent copy of `node`'s ledger to `dest` (records past seq `after`
+        are what the head lacks: a transport may ship only those); FetchError when not."""
         ...
 
     def clock(self, node: str) -> ClockReading | None:
@@ -103,16 +106,17 @@ class SshTransport:
             return FetchError(node, f"unreachable ({why})", True)
         return FetchError(node, f"{what} failed ({why})")
 
-    def remote_fetch(self) -> str:
-        """The shell command run on the node: snapshot to a private temp dir, stream it."""
+    def remote_fetch(self, after: int | None = None) -> str:
+        """The shell command run on the node: snapshot to a private temp dir, stream it.
+        (Whole ledger for now, whatever `after` is: the head merges only what is new.)"""
         q = shlex.quote
         return (f'd=$(mktemp -d) || exit 1; trap \'rm -rf "$d"\' EXIT; '
                 f'{q(self.sparkctl)} ledger snapshot {q(self.ledger)} "$d/ledger.db" '
                 f'>/dev/null && cat "$d/ledger.db"')
 
-    def fetch(self, node: str, dest: Path) -> None:
+    def fetch(self, node: str, dest: Path, after: int | None = None) -> None:
         with dest.open("wb") as out:
-            res = self._run(node, self.remote_fetch(), out, self.timeout_s)
+            res = self._run(node, self.remote_fetch(after), out, self.timeout_s)
         if res.returncode != 0:
             raise self._failed(node, "snapshot", res)
 
@@ -137,7 +141,7 @@ class SharedTransport:
 
     directory: Path
 
-    def fetch(self, node: str, dest: Path) -> None:
+    def fetch(self, node: str, dest: Path, after: int | None = None) -> None:
         try:
             shutil.copyfile(self.directory / f"{node}.db", dest)
         except OSError:
@@ -153,6 +157,7 @@ class NodeCollection:
 
     node: str
     path: Path | None = None
+    head_seq: int | None = None         # what the head node held before this collection
     error: str | None = None
     unreachable: bool = False
     bytes: int = 0
@@ -168,6 +173,7 @@ class NodeCollection:
 
     def to_json(self) -> dict[str, Any]:
         return {"node": self.node, "fetched": self.fetched, "path": str(self.path or "") or None,
+                "head_seq": self.head_seq,
                 "error": self.error, "unreachable": self.unreachable, "bytes": self.bytes,
                 "seconds": round(self.seconds, 3),
                 "clock": None if self.clock is None else {
@@ -219,8 +225,17 @@ def check_names(nodes: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(nodes))
 
 
-def _fetch_one(transport: Transport, node: str, dest_dir: Path) -> NodeCollection:
-    result = NodeCollection(node)
+def head_positions(into: Path | None, nodes: Sequence[str]) -> dict[str, int | None]:
+    """The last seq the cluster ledger holds for each node (None: nothing yet)."""
+    if into is None or not into.exists():
+        return {n: None for n in nodes}
+    with HeadDb.open(into) as db:
+        return {n: (state.head_seq if (state := db.node(n)) else None) for n in nodes}
+
+
+def _fetch_one(transport: Transport, node: str, dest_dir: Path, after: int | None
+               ) -> NodeCollection:
+    result = NodeCollection(node, head_seq=after)
     started = time.monotonic()
     part = dest_dir / f".{node}.db.part"
     try:
@@ -230,7 +245,7 @@ def _fetch_one(transport: Transport, node: str, dest_dir: Path) -> NodeCollectio
             if exc.unreachable:
                 raise
             result.clock_error = exc.reason
-        transport.fetch(node, part)
+        transport.fetch(node, part, after)
         with part.open("rb") as fh:
             if fh.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
                 raise FetchError(node, "what came back is not an SQLite ledger")
@@ -272,8 +287,9 @@ def collect(nodes: Sequence[str], transport: Transport, dest: Path, *,
     names = check_names(nodes)
     dest.mkdir(parents=True, exist_ok=True)
     workers = max(1, min(parallel, len(names)))
+    held = head_positions(into, names)
     with ThreadPoolExecutor(workers, thread_name_prefix="collect") as pool:
-        results = list(pool.map(lambda n: _fetch_one(transport, n, dest), names))
+        results = list(pool.map(lambda n: _fetch_one(transport, n, dest, held[n]), names))
     report = CollectReport(results, int(max_skew_s * 1e9))
     for r in results:
         if r.error is not None:

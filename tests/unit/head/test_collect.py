@@ -91,8 +91,11 @@ def test_every_node_is_fetched_witnessed_and_merged_once(site: Path) -> None:
     assert not list((site / "collect").glob(".*part"))
     first = merged_counts(site / "cluster.db")
     assert first["n1"] > 1 and first["n2"] > 1 and first["ctl"] >= 1
+    assert [n.head_seq for n in report.nodes] == [None, None, None]
     again = once()
     assert again.ok and again.merge is not None and again.merge.appended == 0
+    assert [n.head_seq for n in again.nodes] == [first["n1"] - 1, first["n2"] - 1,
+                                                 first["ctl"] - 1]
     assert [n.witness for n in again.nodes] == ["unchanged"] * 3
     assert merged_counts(site / "cluster.db") == first
 
