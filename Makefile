@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv system-deps proto lint typecheck test test-fast bench demo clean mutation
+.PHONY: all venv system-deps proto lint typecheck test test-fast bench demo wheel clean mutation
 
 all: test
 
@@ -25,7 +25,7 @@ proto: venv
 	$(PY) proto/generate.py
 
 lint: venv proto
-	$(VENV)/bin/ruff check spark_slurm tests benchmarks proto
+	$(VENV)/bin/ruff check spark_slurm tests benchmarks proto setup.py
 
 typecheck: venv proto
 	$(VENV)/bin/mypy
@@ -51,5 +51,10 @@ mutation: system-deps venv proto
 demo: system-deps venv proto
 	$(VENV)/bin/sparkctl demo
 
+# The release artefacts: sdist, and the wheel built from it (bindings generated,
+# admin files included; see setup.py).
+wheel: venv
+	$(PY) -m build --outdir dist .
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache spark_slurm/karman/_proto
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache spark_slurm/karman/_proto dist build

@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "demo": "spark_slurm.cli.demo_cmd:demo",
     "evidence": "spark_slurm.cli.evidence_cmd:evidence",
     "verify-evidence": "spark_slurm.cli.evidence_cmd:verify_evidence",
+    "files": "spark_slurm.cli.files_cmd:files",
 }
 
 

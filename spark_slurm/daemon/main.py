@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from spark_slurm import __version__
 from spark_slurm.daemon.actuation import Actuator
 from spark_slurm.daemon.automations import Monitor
 from spark_slurm.daemon.config import DaemonConfig, load_config
@@ -35,16 +36,27 @@ from spark_slurm.daemon.service import Service, pid_rss_kib
 from spark_slurm.daemon.startup import reconcile_at_start, record_policy
 from spark_slurm.daemon.state import IntentStore, NodeState
 from spark_slurm.daemon.writer import LedgerWriter
-from spark_slurm.errors import EXIT_OK, EXIT_USAGE, ConfigError, LedgerKeyError, SparkError
+from spark_slurm.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    InputError,
+    KarmanError,
+    LedgerKeyError,
+    SparkError,
+)
 from spark_slurm.gpu import TelemetrySampler, open_backend
 from spark_slurm.gpu.mapping import gres_conf_devices, slurm_device_map
 from spark_slurm.karman import KarmanSubscriber
+from spark_slurm.karman.subscriber import COUNTERS
 from spark_slurm.ledger.keys import load_hmac_key
 from spark_slurm.ledger.rotation import open_rotating, rotate
 from spark_slurm.policy import Policy
 from spark_slurm.slurm.context import open_context_source
 
 log = logging.getLogger("sparkd")
+_BLIND_STREAM: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
 
 class Daemon:
@@ -57,6 +69,7 @@ class Daemon:
         self.started_ns = time.time_ns()
         self.head: ReceiptLike | None = None
         self.metrics_port = 0
+        self.karman_error: str | None = None
         self._policy: PolicyLike
         self.writer: LedgerWriter
         self._parts: list[Any] = []
@@ -95,12 +108,22 @@ class Daemon:
         cfg = self.config
         self._policy = self._load_policy()  # a bad policy stops us before anything runs
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        hmac_key = load_hmac_key(cfg.hmac_key) if cfg.hmac_key else None
+        hmac_key = initial_hmac_key(cfg.hmac_key, cfg.ledger_path)
         # settles a signing-key rotation that a crash interrupted, then opens
         self.ledger = open_rotating(cfg.ledger_path, hmac_key, cfg.signing_key,
                                     node=cfg.node, cluster=cfg.cluster,
                                     checkpoint_interval_s=cfg.checkpoint_interval_s)
         self._parts.append(self.ledger)
+        if cfg.hmac_key is not None and hmac_key is None:
+            if self.ledger.hmac_key_id is None:
+                log.warning("keys.hmac is set but %s was created without HMAC: its records "
+                            "carry no MAC (remove keys.hmac, or start a new ledger)",
+                            cfg.ledger_path)
+            else:
+                log.info("HMAC key %s is not on this node (docs/admin-guide.md: keep it off "
+                         "the node once the ledger exists); MACs go on with the ledger's "
+                         "own evolved epoch key (key id %s)", cfg.hmac_key,
+                         self.ledger.hmac_key_id)
         self.gpu = open_backend(cfg.gpu_backend, state_dir=cfg.gpu_state_dir)
         self.sampler = TelemetrySampler(self.gpu, rate_hz=cfg.sampler_hz,
                                         seconds=cfg.sampler_seconds)
@@ -108,12 +131,12 @@ class Daemon:
         if cfg.job_context_source:
             self.source = open_context_source(cfg.job_context_source,
                                               **cfg.job_context_options)
-        self.stream = None
-        if cfg.karman_endpoint:
-            self.stream = KarmanSubscriber(cfg.karman_endpoint, cfg.karman_topic,
-                                           phases=cfg.karman_phases)
+        self.stream = self._open_stream()
+        karman_stats = self.stream.stats if self.stream else None
+        if self.stream is None and cfg.karman_endpoint:
+            karman_stats = _BLIND_STREAM.copy  # a broken stream reads as a blind one
         self.limiter = RefusalLimiter(cfg.refusal_rate_per_s, cfg.refusal_burst)
-        self.metrics = DaemonMetrics(cfg.node, self.stream.stats if self.stream else None,
+        self.metrics = DaemonMetrics(cfg.node, karman_stats,
                                      rate_limited=lambda: self.limiter.suppressed_total)
         record_policy(self.ledger, self._policy, str(cfg.policy_path))
         self.state = NodeState()
@@ -139,10 +162,14 @@ class Daemon:
         self.writer.start()
         self.sampler.start()
         if self.stream is not None:
-            self.stream.start()
+            try:
+                self.stream.start()
+            except KarmanError as exc:
+                self._stream_failed(exc)
         self.facility = FacilityFollower(
             node=cfg.node, writer=self.writer, policy=self.policy, stream=self.stream,
             telemetry=self.sampler, index_of=self.actuator.index,
+            unavailable_reason=self.karman_error or "no Karman endpoint configured",
             count=lambda verdict: None)
         self.facility.start()
         self.pipeline = Pipeline(
@@ -192,6 +219,29 @@ class Daemon:
         for problem in missing:
             log.warning("not governed: %s", problem)
         return mapping
+
+    def _open_stream(self) -> KarmanSubscriber | None:
+        """The Karman subscriber, or None without an endpoint or when it cannot be used.
+
+        Missing or unusable protobuf bindings (or a bad endpoint) take away the
+        facility path, not the node: sparkd goes on governing GPUs, and every
+        follow-up PER records `unavailable` with the reason (docs/daemon-api.md).
+        """
+        cfg = self.config
+        if not cfg.karman_endpoint:
+            return None
+        try:
+            return KarmanSubscriber(cfg.karman_endpoint, cfg.karman_topic,
+                                    phases=cfg.karman_phases)
+        except KarmanError as exc:
+            self._stream_failed(exc)
+            return None
+
+    def _stream_failed(self, exc: KarmanError) -> None:
+        self.stream = None
+        self.karman_error = f"Karman stream {self.config.karman_endpoint} unusable: {exc.message}"
+        log.error("%s; running without the facility path (follow-ups record `unavailable`)",
+                  self.karman_error)
 
     def _committed(self, kind: str, body: Any, receipt: ReceiptLike) -> None:
         self.head = receipt
@@ -272,6 +322,8 @@ class Daemon:
         if self.stream is not None:
             out["karman"] = {k: v for k, v in self.stream.stats().items()
                              if isinstance(v, (int, str))}
+        elif self.karman_error is not None:
+            out["karman"] = {"endpoint": self.config.karman_endpoint, "error": self.karman_error}
         if self.executors is not None:
             out["executors"] = self.executors.status()
         return out
@@ -337,6 +389,28 @@ def _file_mark(path: Path | None) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def initial_hmac_key(path: Path | None, ledger: Path) -> bytes | None:
+    """K[0] from `keys.hmac`, when sparkd needs it.
+
+    It is needed to create the ledger; once the ledger exists it holds the evolved
+    epoch key itself, so the admin guide says to move hmac.key off the node (with
+    whoever audits). A file that is still there is read and checked against the
+    ledger (a wrong key is refused); a file that is gone is not an error then.
+    """
+    if path is None:
+        return None
+    if not path.exists() and ledger.is_file() and ledger.stat().st_size > 0:
+        return None
+    try:
+        return load_hmac_key(path)
+    except LedgerKeyError as exc:
+        if path.exists():
+            raise
+        raise ConfigError(f"keys.hmac: {exc.message}; it is needed to create the ledger "
+                          f"{ledger} (or remove keys.hmac to create one without HMAC)") \
+            from None
+
+
 def run_daemon(config_path: Path) -> int:
     """Load the config, run until signalled; the library entry of `sparkd`."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -368,22 +442,29 @@ def run_daemon(config_path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console script `sparkd --config FILE`."""
+    """Console script `sparkd --config FILE`.
+
+    Exit 2 only when the files it was given are wrong (config, policy, keys, a ledger
+    that is not ours): systemd does not restart those (RestartPreventExitStatus=2),
+    an admin must fix them. Anything else that stops it (a GPU driver not up yet,
+    a socket or disk problem) exits 1, which systemd retries.
+    """
     parser = argparse.ArgumentParser(prog="sparkd", description="spark-slurm node daemon")
     parser.add_argument("--config", default="/etc/spark/sparkd.yaml", type=Path,
                         help="sparkd.yaml (default /etc/spark/sparkd.yaml)")
+    parser.add_argument("--version", action="version", version=f"sparkd {__version__}")
     args = parser.parse_args(argv)
     try:
         return run_daemon(args.config)
-    except ConfigError as exc:
+    except InputError as exc:
         print(f"sparkd: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     except SparkError as exc:
         print(f"sparkd: {exc.message}", file=sys.stderr)
-        return exc.exit_code
+        return EXIT_CHECK_FAILED
     except OSError as exc:
         print(f"sparkd: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_CHECK_FAILED
 
 
 if __name__ == "__main__":

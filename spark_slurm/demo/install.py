@@ -1,21 +1,23 @@
 """What the stack installs from the source checkout: slurm/ wrappers, etc/ examples.
 
 The demo and the tests install spark-slurm the way docs/slurm-setup.md says a
-site does, from this checkout: the prolog/epilog/NHC wrappers with their
-placeholders filled for this interpreter, and the shipped policy and Lua.
+site does, from this checkout (or the admin files an installed wheel carries):
+the prolog/epilog/NHC wrappers with their placeholders filled for this
+interpreter, and the shipped policy and Lua.
 """
 
 from __future__ import annotations
 
-import re
-import sys
+from dataclasses import replace
 from pathlib import Path
 
-from spark_slurm.errors import InputError
+from spark_slurm.files.layout import Layout, render
+from spark_slurm.files.shipped import data_root
 
 
 def find_repo(start: Path | None = None) -> Path:
-    """The source checkout holding slurm/, etc/ and contrib/ (the demo installs from it)."""
+    """The tree holding slurm/, etc/ and contrib/ as shipped (the demo installs from it):
+    `start` or this package's checkout, else the admin files an installed wheel carries."""
     candidates = [Path(__file__).resolve().parents[2]]
     if start is not None:
         candidates.insert(0, start.resolve())
@@ -23,20 +25,14 @@ def find_repo(start: Path | None = None) -> Path:
         if (path / "slurm" / "job_submit.lua").is_file() and \
                 (path / "etc" / "policy.yaml").is_file():
             return path
-    raise InputError("sparkctl demo needs the spark-slurm source checkout (slurm/, etc/, "
-                     "contrib/); run it from the repository (make demo)")
+    return data_root()
 
 
 def render_wrapper(template: Path, out: Path, hook_config: Path | str) -> Path:
-    """A slurm/ wrapper with its install placeholders filled for this interpreter."""
-    pkg = Path(__file__).resolve().parents[1]
-    values = {"PYTHON": sys.executable, "PKGDIR": str(pkg.parent),
-              "HOOK": str(pkg / "hook.py"), "HOOK_CONFIG": str(hook_config)}
-    text = re.sub(r"@([A-Z_]+)@", lambda m: values.get(m.group(1), m.group(0)),
-                  template.read_text())
-    left = re.findall(r"@[A-Z_]+@", text)
-    if left:
-        raise InputError(f"{template}: unknown install placeholder {left[0]}")
-    out.write_text(text)
+    """A slurm/ wrapper with its install placeholders filled for this interpreter
+    (as `sparkctl files install` fills them, with this run's hook config; on a
+    namespaced host that is /run/spark/hook.json, the host's own)."""
+    layout = replace(Layout.current(), hook_config=Path(hook_config))
+    out.write_text(render(template.read_text(), layout.values(), str(template)))
     out.chmod(0o755)
     return out

@@ -380,8 +380,8 @@ def audit_job(db: Path, job_id: str, tariff: Tariff | None = None,
             try:
                 report = build_report(src, job_id, tariff, "node", keys)  # findings in src
             except UnknownJob:
-                if not findings:
-                    raise
+                if not findings:  # the in-memory copy's name means nothing to the user
+                    raise UnknownJob(f"job {job_id}: no records in {db}") from None
                 # nothing verified far enough to reach the job: say why, not "no records"
                 f = findings[0]
                 raise CheckFailed(f"{db}: job {job_id} cannot be audited: {f.code} seq "

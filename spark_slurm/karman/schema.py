@@ -71,7 +71,26 @@ def bindings() -> ModuleType:
     try:
         return importlib.import_module(_PROTO_MODULE)
     except ImportError as exc:
-        raise KarmanError(f"Karman protobuf bindings missing ({exc}); run `make proto`") from exc
+        if exc.name == _PROTO_MODULE:
+            raise KarmanError("Karman protobuf bindings missing from this installation "
+                              "(in a checkout: `make proto`; a built wheel carries them)") \
+                from exc
+        raise KarmanError(_unusable(exc)) from exc
+    except Exception as exc:  # protobuf's VersionError: a runtime the bindings reject
+        raise KarmanError(_unusable(exc)) from exc
+
+
+def _unusable(exc: BaseException) -> str:
+    """Why generated bindings do not load: almost always a protobuf outside their range."""
+    try:
+        import google.protobuf  # noqa: PLC0415
+
+        runtime = str(google.protobuf.__version__)
+    except ImportError:
+        runtime = "(none)"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"Karman protobuf bindings do not load with the installed protobuf {runtime} "
+            f"({first}); install the protobuf version spark-slurm requires")
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,6 +92,7 @@ class Sparkd:
         self.config = root / "sparkd.yaml"
         self.log = root / "sparkd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.command = [str(VENV_BIN / "sparkd")]  # argv before `--config FILE`
         self.fleet = SimFleet.init(self.sim_dir, 8, "b200")
         self.jobs: dict[str, dict[str, Any]] = {}
         self.write_jobs()
@@ -132,7 +133,7 @@ class Sparkd:
         self.socket.parent.mkdir(exist_ok=True)
         os.chmod(self.socket.parent, 0o755)
         out = self.log.open("ab")
-        self.proc = subprocess.Popen([str(VENV_BIN / "sparkd"), "--config", str(self.config)],
+        self.proc = subprocess.Popen([*self.command, "--config", str(self.config)],
                                      stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         out.close()
