@@ -86,18 +86,19 @@ def choose(names: Sequence[str], nodes: int | None = None) -> list[str]:
     return [n for n in SCENARIOS if not names or n in names]
 
 
-def node_count(asked: int | None, say: Say) -> int:
+def node_count(asked: int | None, say: Say,
+               probe: Callable[[], str | None] = netns.unavailable_reason) -> int:
     """How many nodes this run gets: as asked, else 3 where network namespaces work and 1
-    (said so, with the reason) where they do not."""
+    (said so, with the reason `probe` gives) where they do not."""
     if asked is not None:
         if asked < 1:
             raise InputError(f"--nodes must be at least 1, not {asked}")
         if asked > 1:
-            reason = netns.unavailable_reason()
+            reason = probe()
             if reason is not None:
                 raise InputError(f"--nodes {asked} needs network namespaces: {reason}")
         return asked
-    reason = netns.unavailable_reason()
+    reason = probe()
     if reason is None:
         return DEFAULT_NODES
     say(f"note: a multi-node cluster needs network namespaces ({reason}); "

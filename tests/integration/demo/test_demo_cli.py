@@ -47,6 +47,13 @@ def test_the_multi_node_scenario_needs_three_nodes() -> None:
 def test_node_count_is_checked_before_anything_starts(capsys: pytest.CaptureFixture[str]
                                                      ) -> None:
     assert node_count(1, print) == 1              # one node needs no namespaces
+    said: list[str] = []
+    assert node_count(None, said.append, lambda: "cannot create a network namespace") == 1
+    assert said == ["note: a multi-node cluster needs network namespaces (cannot create a "
+                    "network namespace); running on one node, without the multi-node scenario"]
+    assert node_count(None, said.append, lambda: None) == 3
+    with pytest.raises(InputError, match="--nodes 3 needs network namespaces: no root"):
+        node_count(3, print, lambda: "no root")
     with pytest.raises(InputError, match="at least 1"):
         node_count(0, print)
     assert run(["demo", "--nodes", "0", "thermal"]) == 2
