@@ -231,6 +231,22 @@ class WitnessError(CheckFailed):
     """A checkpoint the witness refuses: bad signature, unknown key, or not consistent."""
 
 
+class FetchError(SparkError):
+    """One node's ledger could not be collected; `unreachable` when the transport never
+    reached the node (ssh's own failure), as opposed to a failure on the node."""
+
+    def __init__(self, node: str, reason: str, unreachable: bool = False) -> None:
+        super().__init__(f"{node}: {reason}")
+        self.node = node
+        self.reason = reason
+        self.unreachable = unreachable
+
+
+class CollectFailed(CheckFailed):
+    """A collection ran, but a node was not collected, witnessed or merged cleanly, or its
+    clock is off (exit 1); the healthy nodes were collected and merged regardless."""
+
+
 class UnknownJob(InputError):
     """The ledger holds no record of the job asked for."""
 

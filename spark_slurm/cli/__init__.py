@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "intent": "spark_slurm.cli.intent_cmd:intent",
     "merge": "spark_slurm.cli.head_cmd:merge",
     "witness": "spark_slurm.cli.head_cmd:witness",
+    "collect": "spark_slurm.cli.collect_cmd:collect",
     "audit": "spark_slurm.cli.audit_cmd:audit",
     "replay": "spark_slurm.cli.audit_cmd:replay",
     "demo": "spark_slurm.cli.demo_cmd:demo",

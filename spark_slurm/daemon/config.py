@@ -79,6 +79,8 @@ class DaemonConfig:
     sampler_seconds: float = 60.0
     monitor_period_s: float = 0.5
     maintain_period_s: float = 5.0
+    ingest_period_s: float = 1.0
+    checkpoint_interval_s: float = 900.0
     max_request_bytes: int = 65536
     refusal_rate_per_s: float = 1.0
     refusal_burst: int = 20
@@ -211,8 +213,9 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
     assert state_dir is not None
     node = reader.text("node") or os.uname().nodename.split(".")[0]
     backend = reader.text("gpu.backend", "sim") or "sim"
-    if backend not in ("sim", "nvml"):
-        raise reader.fail("gpu.backend", f"unknown backend {backend!r} (sim or nvml)")
+    if backend not in ("sim", "nvml", "none"):
+        raise reader.fail("gpu.backend", f"unknown backend {backend!r} (sim, nvml, or none "
+                          "for a host without GPUs)")
     gpu_state = reader.path_("gpu.state_dir")
     if backend == "sim" and gpu_state is None:
         raise reader.fail("gpu", "the sim backend needs gpu.state_dir "
@@ -266,6 +269,9 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         sampler_seconds=reader.number("sampler.seconds", 60.0, 5.0, 3600.0),
         monitor_period_s=reader.number("automations.period_s", 0.5, 0.05, 1.0),
         maintain_period_s=reader.number("automations.maintain_period_s", 5.0, 0.5, 3600.0),
+        ingest_period_s=reader.number("automations.ingest_period_s", 1.0, 0.2, 3600.0),
+        checkpoint_interval_s=reader.number("automations.checkpoint_interval_s", 900.0, 1.0,
+                                            86400.0),
         max_request_bytes=int(reader.number("max_request_bytes", 65536, 256, 1 << 24)),
         refusal_rate_per_s=reader.number("refusal_limit.rate_per_s", 1.0, 0.0, 1000.0),
         refusal_burst=reader.whole("refusal_limit.burst", 20, 0, 100_000),

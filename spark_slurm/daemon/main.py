@@ -73,6 +73,7 @@ class Daemon:
         self._policy: PolicyLike
         self.writer: LedgerWriter
         self._parts: list[Any] = []
+        self._ingest_marks: tuple[tuple[int, int, int] | None, ...] = ()
         self.executors: ExecutorGate | None = None
 
     # -- policy ----------------------------------------------------------------
@@ -110,7 +111,8 @@ class Daemon:
         hmac_key = initial_hmac_key(cfg.hmac_key, cfg.ledger_path)
         # settles a signing-key rotation that a crash interrupted, then opens
         self.ledger = open_rotating(cfg.ledger_path, hmac_key, cfg.signing_key,
-                                    node=cfg.node, cluster=cfg.cluster)
+                                    node=cfg.node, cluster=cfg.cluster,
+                                    checkpoint_interval_s=cfg.checkpoint_interval_s)
         self._parts.append(self.ledger)
         if cfg.hmac_key is not None and hmac_key is None:
             if self.ledger.hmac_key_id is None:
@@ -187,6 +189,7 @@ class Daemon:
         self.ingestor = Ingestor(node=cfg.node, ledger=self.ledger, writer=self.writer,
                                  handle=self.service.handle, state_dir=cfg.state_dir,
                                  journal_path=cfg.journal_path, spool_path=cfg.spool_path)
+        self._ingest_marks = self._marks()
         self.ingest()
         self.monitor = Monitor(self.pipeline, self.policy, period_s=cfg.monitor_period_s,
                                count=self.metrics.count, on_sample=self._sampled,
@@ -267,6 +270,25 @@ class Daemon:
             counts = self.ingestor.run()
         return {"ingested": counts}
 
+    def _marks(self) -> tuple[tuple[int, int, int] | None, ...]:
+        return tuple(_file_mark(p) for p in (self.config.spool_path, self.config.journal_path))
+
+    def poll_ingest(self) -> bool:
+        """Ingest when the denial spool or the hook journal changed since the last look,
+        so job_submit.lua's refusals become PERs within a poll period, not only at the
+        next start or `ingest` request. Returns whether it ingested."""
+        marks = self._marks()
+        if marks == self._ingest_marks:
+            return False
+        self._ingest_marks = marks  # taken first: lines appended meanwhile change it again
+        try:
+            self.ingest()
+        except SparkError as exc:
+            log.error("ingest of the spool/journal failed, will retry: %s", exc)
+            self._ingest_marks = ()
+            return False
+        return True
+
     def status(self) -> dict[str, Any]:
         gpus = []
         for minor in sorted(self.actuator.devices):
@@ -286,6 +308,7 @@ class Daemon:
         head = self.ledger.head()  # includes records the ledger writes itself (seals)
         out: dict[str, Any] = {
             "node": self.config.node, "pid": os.getpid(), "healthy": True,
+            "time_ns": time.time_ns(),  # this daemon's clock: the head estimates skew from it
             "uptime_s": (time.time_ns() - self.started_ns) // 1_000_000_000,
             "rss_kib": pid_rss_kib(),
             "policy": {"sha256": self._policy.sha256, "path": str(self.config.policy_path)},
@@ -355,6 +378,17 @@ class Daemon:
             log.info("sparkd stopped")
 
 
+def _file_mark(path: Path | None) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a file, None when it is absent: a cheap 'has it changed'."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def initial_hmac_key(path: Path | None, ledger: Path) -> bytes | None:
     """K[0] from `keys.hmac`, when sparkd needs it.
 
@@ -392,11 +426,14 @@ def run_daemon(config_path: Path) -> int:
     except BaseException:
         daemon.shutdown()
         raise
-    flushed = time.monotonic()
+    flushed = polled = time.monotonic()
     while not daemon._stop.wait(0.2):
         if hup.is_set():
             hup.clear()
             daemon.reload_policy()
+        if time.monotonic() - polled >= config.ingest_period_s:
+            polled = time.monotonic()
+            daemon.poll_ingest()
         if time.monotonic() - flushed >= config.maintain_period_s:
             flushed = time.monotonic()
             daemon.flush_refusals()
