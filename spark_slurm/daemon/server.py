@@ -1,9 +1,13 @@
 """The unix socket: one JSON request per line in, one JSON reply per line out.
 
-Each connection gets its own thread, so a slow client never holds up the
-prolog of another job. Lines longer than the limit are answered with an error
-and the connection is closed (the rest of an oversized line is never parsed).
-The kernel, not the request, says who the peer is (SO_PEERCRED).
+Each admitted connection gets its own thread, so a slow client never holds up
+the prolog of another job; the connection gate (connections.py) decides who is
+admitted, keeping slots in reserve for root and the SlurmUser. A request line
+must be complete within the idle timeout of the connection's start or of the
+previous reply, however slowly its bytes arrive. Lines longer than the limit
+are answered with an error and the connection is closed (the rest of an
+oversized line is never parsed). The kernel, not the request, says who the
+peer is (SO_PEERCRED).
 """
 
 from __future__ import annotations
@@ -13,13 +17,19 @@ import json
 import logging
 import os
 import socket
+import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from spark_slurm.daemon.peers import Peer, peer_of
+from spark_slurm.daemon.connections import ConnectionGate, ConnectionLimits
+from spark_slurm.daemon.peers import Peer, supplementary_groups
 
 log = logging.getLogger("sparkd.server")
+
+_UCRED = struct.Struct("3i")
+BACKLOG = 1024  # the kernel caps it at net.core.somaxconn
 
 
 class LineHandler(Protocol):
@@ -28,22 +38,34 @@ class LineHandler(Protocol):
     def handle_oversized(self, peer: Peer, limit: int) -> dict[str, Any]: ...
 
 
+class FailureHandler(Protocol):
+    def handle_failure(self, line: bytes, peer: Peer, exc: Exception) -> dict[str, Any]: ...
+
+
 def encode_reply(reply: dict[str, Any]) -> bytes:
     return json.dumps(reply, sort_keys=True, separators=(",", ":"), default=str).encode() + b"\n"
 
 
+def busy_reply(message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": "busy", "message": message}}
+
+
 class SocketServer:
-    """Listens on a unix socket path and serves each connection in a thread."""
+    """Listens on a unix socket path and serves each admitted connection in a thread."""
 
     def __init__(self, path: Path, handler: LineHandler, *, mode: int = 0o666,
-                 max_request_bytes: int = 65536, idle_timeout_s: float = 60.0,
+                 max_request_bytes: int = 65536, gate: ConnectionGate | None = None,
                  max_connections: int = 256) -> None:
         self.path = path
-        self._slots = threading.BoundedSemaphore(max_connections)
         self.handler = handler
         self.mode = mode
         self.max_request_bytes = max_request_bytes
-        self.idle_timeout_s = idle_timeout_s
+        # without a gate (tests, tools): one flat pool, no reserve, no rate
+        self.gate = gate or ConnectionGate(
+            ConnectionLimits(max_connections=max_connections, reserved=0,
+                             per_uid=max_connections, rate_per_s=0),
+            privileged=lambda uid: uid == 0)
+        self.idle_timeout_s = self.gate.limits.idle_timeout_s
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -62,7 +84,7 @@ class SocketServer:
         sock.bind(str(tmp))
         os.chmod(tmp, self.mode)
         os.replace(tmp, self.path)  # appears with its final mode, never briefly open
-        sock.listen(128)
+        sock.listen(BACKLOG)
         self._sock = sock
         self._thread = threading.Thread(target=self._accept, name="socket-accept", daemon=True)
         self._thread.start()
@@ -83,57 +105,117 @@ class SocketServer:
         while not self._stopping.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stopping.is_set():
                     return
+                if exc.errno in (24, 23):  # EMFILE/ENFILE: let connections drain first
+                    log.error("accept: %s", exc)
+                    time.sleep(0.05)
                 continue
             self.connections += 1
-            if not self._slots.acquire(blocking=False):
-                # Too many open connections (a flood or stuck clients): say so and hang up
-                # rather than run out of threads; nothing was read, so nothing is recorded.
-                with contextlib.suppress(OSError), conn:
-                    conn.sendall(encode_reply({"ok": False, "error": {
-                        "code": "busy", "message": "too many open connections; retry"}}))
-                continue
-            threading.Thread(target=self._serve, args=(conn,), name="socket-conn",
-                             daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            self._serve_one(conn)
-        finally:
-            self._slots.release()
-
-    def _serve_one(self, conn: socket.socket) -> None:
-        with conn:
             try:
-                peer = peer_of(conn)
+                pid, uid, gid = _UCRED.unpack(conn.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
             except OSError as exc:
                 log.warning("cannot identify peer: %s", exc)
-                return
-            conn.settimeout(self.idle_timeout_s)
-            reader = conn.makefile("rb")
+                conn.close()
+                continue
+            refusal = self.gate.admit(uid)
+            if refusal is not None:
+                _turn_away(conn, refusal)
+                continue
             try:
-                while not self._stopping.is_set():
-                    line = reader.readline(self.max_request_bytes + 1)
-                    if not line:
+                threading.Thread(target=self._serve, args=(conn, pid, uid, gid),
+                                 name="socket-conn", daemon=True).start()
+            except RuntimeError:  # no thread to be had: same answer as a full pool
+                self.gate.release(uid)
+                _turn_away(conn, "sparkd cannot start another connection thread")
+
+    def _serve(self, conn: socket.socket, pid: int, uid: int, gid: int) -> None:
+        try:
+            with conn:
+                peer = Peer(uid=uid, gid=gid, pid=pid, groups=supplementary_groups(pid))
+                self._serve_one(conn, peer)
+        finally:
+            self.gate.release(uid)
+
+    def _serve_one(self, conn: socket.socket, peer: Peer) -> None:
+        limit = self.max_request_bytes
+        buf = bytearray()
+        first = True  # admitting the connection already spent this request's token
+        deadline = time.monotonic() + self.idle_timeout_s
+        try:
+            while not self._stopping.is_set():
+                end = buf.find(b"\n")
+                if end < 0 and len(buf) <= limit:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.gate.timeout(peer.uid, partial=bool(buf))
                         return
-                    content = len(line) - 1 if line.endswith(b"\n") else len(line)
-                    if content > self.max_request_bytes:
-                        reply = self.handler.handle_oversized(peer, self.max_request_bytes)
-                        conn.sendall(encode_reply(reply))
-                        return
-                    line = line.rstrip(b"\r\n")
-                    if not line.strip():
-                        continue
+                    conn.settimeout(left)
                     try:
-                        reply = self.handler.handle_line(line, peer)
-                    except Exception as exc:  # never let one request take the daemon down
-                        log.exception("request from uid %s failed", peer.uid)
-                        reply = {"ok": False, "error": {"code": "internal",
-                                                        "message": f"internal error: {exc}"}}
-                    conn.sendall(encode_reply(reply))
-            except (OSError, TimeoutError):
-                return
-            finally:
-                reader.close()
+                        chunk = conn.recv(65536)
+                    except TimeoutError:
+                        self.gate.timeout(peer.uid, partial=bool(buf))
+                        return
+                    if chunk:
+                        buf += chunk
+                        continue
+                    if not buf:
+                        return  # closed between requests
+                    end = len(buf)  # a last line without its newline: still a request
+                if end < 0 or end > limit:
+                    conn.settimeout(self.idle_timeout_s)
+                    conn.sendall(encode_reply(self.handler.handle_oversized(peer, limit)))
+                    return
+                line = bytes(buf[:end]).rstrip(b"\r")
+                del buf[:end + 1]
+                conn.settimeout(self.idle_timeout_s)  # a reply the peer never reads
+                conn.sendall(encode_reply(self._answer(line, peer, first)))
+                first = False
+                deadline = time.monotonic() + self.idle_timeout_s
+        except OSError:
+            return
+
+    def _answer(self, line: bytes, peer: Peer, first: bool) -> dict[str, Any]:
+        refusal = None if first else self.gate.request(peer.uid)
+        if refusal is not None:
+            return busy_reply(refusal)
+        try:
+            return self.handler.handle_line(line, peer)
+        except Exception as exc:  # never let one request take the daemon down
+            log.exception("request from uid %s failed", peer.uid)
+            fallback = getattr(self.handler, "handle_failure", None)
+            if fallback is not None:
+                try:
+                    reply: dict[str, Any] = fallback(line, peer, exc)
+                    return reply
+                except Exception:
+                    log.exception("could not record the failed request either")
+            return {"ok": False, "error": {"code": "internal",
+                                           "message": f"internal error: {exc}"}}
+
+
+def _turn_away(conn: socket.socket, message: str) -> None:
+    """One `busy` line without blocking the accept thread, then hang up. What the
+    client already sent is read off first: closing over unread bytes would reset
+    the connection and could cost the client the answer."""
+    with contextlib.suppress(OSError), conn:
+        conn.send(encode_reply(busy_reply(message)), socket.MSG_DONTWAIT)
+        for _ in range(4):
+            if not conn.recv(65536, socket.MSG_DONTWAIT):
+                break
+
+
+def raise_fd_limit(want: int = 65536) -> None:
+    """Every connection, the ledger and the sampler need descriptors; a soft limit of
+    1024 would let a burst of clients starve the daemon, so raise it (up to hard)."""
+    import resource  # noqa: PLC0415 (only at start)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
