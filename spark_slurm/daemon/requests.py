@@ -101,8 +101,10 @@ def _watts_mw(data: dict[str, Any], key: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRequest(f"field {key!r} must be a number of watts, got {value!r}")
-    if not math.isfinite(value) or value <= 0 or value > 1_000_000:
-        raise BadRequest(f"field {key!r} = {value} is not a usable number of watts")
+    # compare before any float conversion: a 4000-digit integer overflows a float
+    if not 0 < value <= 1_000_000 or (isinstance(value, float) and not math.isfinite(value)):
+        shown = str(value) if len(str(value)) <= 40 else f"a {len(str(value))}-digit number"
+        raise BadRequest(f"field {key!r} = {shown} is not a usable number of watts")
     return round(value * 1000)
 
 
