@@ -40,6 +40,7 @@ class SparkStack:
     root: Path
     cluster: SlurmCluster = field(init=False)
     daemon: subprocess.Popen[bytes] | None = None
+    daemon_extra: dict[str, Any] = field(default_factory=dict)  # merged into sparkd.yaml
 
     def __post_init__(self) -> None:
         r = self.root
@@ -82,6 +83,7 @@ class SparkStack:
             "gpu": {"backend": "sim", "state_dir": str(self.sim_dir)},
             "job_context": {"source": "scontrol"},
             "journal_path": str(self.journal), "spool_path": str(self.spool),
+            **self.daemon_extra,
         }))
 
     def set_hook_mode(self, mode: str, timeout_s: float = 5.0) -> None:
