@@ -119,7 +119,7 @@ def test_a_1000_connection_hog_as_a_user_never_drains_the_node(stack: SparkStack
             assert finish(stack, job, seen_states) == "COMPLETED", stack.cluster.log_tails()
     finally:
         hog.kill()
-        out, err = hog.communicate(timeout=30)
+        hog.communicate(timeout=30)
     assert not any(s.startswith(("drain", "down")) for s in seen_states), set(seen_states)
     assert stack.cluster.node_state() == "idle"
     for job in jobs:  # every job got its cap and its restore, each a PER
@@ -134,7 +134,7 @@ def test_a_1000_connection_hog_as_a_user_never_drains_the_node(stack: SparkStack
     assert refused > 1000
     summaries = [r.body for r in stack.records() if r.kind == "reject"
                  and r.body.get("requester", {}).get("uid") == NOBODY]
-    assert len(summaries) < 60 < refused  # counted, not one PER each
+    assert 0 < len(summaries) < 60 < refused  # counted as nobody's, not one PER each
     assert all(b["code"] == "busy" for b in summaries)
 
 
