@@ -38,7 +38,7 @@ if TYPE_CHECKING:   # typing costs milliseconds at start; the hook runs once per
 USAGE = "usage: spark-hook prolog|epilog|status [--config PATH]"
 DEFAULT_CONFIG = "/etc/spark/hook.json"
 DEFAULTS: dict[str, Any] = {
-    "socket": "/run/spark/sparkd.sock",
+    "socket": "/run/spark/sparkd-scheduler.sock",  # root's own: no user can crowd it
     "journal": "/var/lib/spark/journal.jsonl",
     "timeout_s": 5.0,
     "on_daemon_down": "fail_closed",

@@ -35,6 +35,7 @@ class DaemonConfig:
     policy_path: Path
     socket_path: Path
     socket_mode: int = 0o666
+    scheduler_socket: Path | None = None
     cluster: str = "spark"
     hmac_key: Path | None = None
     signing_key: Path | None = None
@@ -217,6 +218,7 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         socket_path=reader.path_("socket.path", Path("/run/spark/sparkd.sock"))
         or Path("/run/spark/sparkd.sock"),
         socket_mode=_mode(reader),
+        scheduler_socket=_scheduler_socket(reader),
         hmac_key=reader.path_("keys.hmac"),
         signing_key=reader.path_("keys.signing"),
         gpu_backend=backend,
@@ -250,20 +252,35 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
 def _connections(reader: _Reader) -> ConnectionLimits:
     """The `connections` section: slots, the scheduler's reserve, per-uid quota and rate."""
     for key in reader.section("connections"):
-        if key not in ("max", "reserved", "per_uid", "rate_per_s", "burst", "idle_timeout_s"):
+        if key not in ("max", "reserved", "per_uid", "rate_per_s", "burst", "idle_timeout_s",
+                       "refuse_per_s"):
             raise reader.fail(f"connections.{key}", "unknown key (known: max, reserved, "
-                              "per_uid, rate_per_s, burst, idle_timeout_s)")
+                              "per_uid, rate_per_s, burst, idle_timeout_s, refuse_per_s)")
     limits = ConnectionLimits(
         max_connections=reader.whole("connections.max", 256, 2, 100_000),
         reserved=reader.whole("connections.reserved", 32, 1, 100_000),
         per_uid=reader.whole("connections.per_uid", 8, 1, 100_000),
         rate_per_s=reader.number("connections.rate_per_s", 20.0, 0.0, 100_000.0),
         burst=reader.whole("connections.burst", 40, 0, 1_000_000),
-        idle_timeout_s=reader.number("connections.idle_timeout_s", 10.0, 0.5, 3600.0))
+        idle_timeout_s=reader.number("connections.idle_timeout_s", 10.0, 0.5, 3600.0),
+        refuse_per_s=reader.number("connections.refuse_per_s", 2000.0, 0.0, 1e7))
     if limits.reserved >= limits.max_connections:
         raise reader.fail("connections.reserved", f"{limits.reserved} leaves no slot of "
                           f"connections.max ({limits.max_connections}) for users")
     return limits
+
+
+def _scheduler_socket(reader: _Reader) -> Path | None:
+    """socket.scheduler_path: root's and the SlurmUser's own socket (0600), beside the
+    public one unless named; `false` turns it off."""
+    if reader.get("socket.scheduler_path") is False:
+        return None
+    named = reader.path_("socket.scheduler_path")
+    if named is not None:
+        return named
+    public = reader.path_("socket.path", Path("/run/spark/sparkd.sock"))
+    assert public is not None
+    return public.with_name("sparkd-scheduler.sock")
 
 
 def _resume(reader: _Reader, source: str) -> bool:

@@ -37,6 +37,7 @@ class ConnectionLimits:
     rate_per_s: float = 20.0
     burst: int = 40
     idle_timeout_s: float = 10.0
+    refuse_per_s: float = 2000.0
 
 
 @dataclass(slots=True)
@@ -59,6 +60,7 @@ class ConnectionGate:
         self._buckets: dict[int, _Bucket] = {}
         self.tally = tally if tally is not None else Tally("reasons", clock=clock)
         self.timed_out = 0
+        self._refusals = _Bucket(float(max(1, limits.refuse_per_s) / 10), clock.monotonic_ns())
 
     @property
     def open(self) -> int:
@@ -109,6 +111,19 @@ class ConnectionGate:
                 return None
         self.tally.add(uid, "busy", reason)
         return message
+
+    def refusal_pause(self) -> float:
+        """After turning a connection away: seconds to stop accepting users' connections,
+        once they are turned away faster than `refuse_per_s` (0: go on)."""
+        rate = self.limits.refuse_per_s
+        if rate <= 0:
+            return 0.0
+        with self._lock:
+            b, now = self._refusals, self._clock.monotonic_ns()
+            b.tokens = min(rate / 10, b.tokens + (now - b.stamp_ns) / 1e9 * rate)  # 0.1 s
+            b.stamp_ns = now
+            b.tokens -= 1
+            return 0.0 if b.tokens >= 0 else max(0.01, -b.tokens / rate)
 
     def request(self, uid: int) -> str | None:
         """A request on an open connection: None, or why it is turned away (rate)."""

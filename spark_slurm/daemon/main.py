@@ -186,7 +186,9 @@ class Daemon:
                                count=self.metrics.count, on_sample=self._sampled)
         self.monitor.start()
         self.server = SocketServer(cfg.socket_path, self.service, mode=cfg.socket_mode,
-                                   max_request_bytes=cfg.max_request_bytes, gate=self.gate)
+                                   max_request_bytes=cfg.max_request_bytes, gate=self.gate,
+                                   scheduler_path=cfg.scheduler_socket,
+                                   scheduler_owner=self._slurm_uid)
         self.server.start()
         self.metrics_port = self.metrics.serve(cfg.metrics_address, cfg.metrics_port)
         log.info("sparkd ready on %s (node %s, %d GPUs, ledger head %s, metrics port %s)",

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -51,67 +52,100 @@ def busy_reply(message: str) -> dict[str, Any]:
 
 
 class SocketServer:
-    """Listens on a unix socket path and serves each admitted connection in a thread."""
+    """Listens on a unix socket path (and the scheduler's own socket, when given) and
+    serves each admitted connection in a thread."""
 
     def __init__(self, path: Path, handler: LineHandler, *, mode: int = 0o666,
                  max_request_bytes: int = 65536, gate: ConnectionGate | None = None,
-                 max_connections: int = 256) -> None:
+                 max_connections: int = 256, scheduler_path: Path | None = None,
+                 scheduler_owner: int | None = None) -> None:
         self.path = path
+        self.scheduler_path = scheduler_path
+        self.scheduler_owner = scheduler_owner
         self.handler = handler
         self.mode = mode
         self.max_request_bytes = max_request_bytes
         # without a gate (tests, tools): one flat pool, no reserve, no rate
         self.gate = gate or ConnectionGate(
             ConnectionLimits(max_connections=max_connections, reserved=0,
-                             per_uid=max_connections, rate_per_s=0),
+                             per_uid=max_connections, rate_per_s=0, refuse_per_s=0),
             privileged=lambda uid: uid == 0)
         self.idle_timeout_s = self.gate.limits.idle_timeout_s
         self._sock: socket.socket | None = None
+        self._private: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.connections = 0
+        self.paused_s = 0.0  # time the public socket was left to the kernel's queue
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() or self.path.is_symlink():
-            if not self.path.is_socket():
-                raise OSError(f"{self.path} exists and is not a socket")
-            self.path.unlink()  # a stale socket from a killed daemon
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        sock.bind(str(tmp))
-        os.chmod(tmp, self.mode)
-        os.replace(tmp, self.path)  # appears with its final mode, never briefly open
-        sock.listen(BACKLOG)
-        self._sock = sock
+        self._sock = _listen(self.path, self.mode)
+        if self.scheduler_path is not None:
+            self._private = _listen(self.scheduler_path, 0o600, self.scheduler_owner)
         self._thread = threading.Thread(target=self._accept, name="socket-accept", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
-            self._sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for sock, path in ((self._sock, self.path), (self._private, self.scheduler_path)):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
     def _accept(self) -> None:
-        assert self._sock is not None
+        """Accept from the scheduler's socket first, always; from the public one in
+        batches, and not at all for a moment once users' connections are being turned
+        away faster than `refuse_per_s`: the kernel's queue then holds (or refuses)
+        them at no cost to the daemon, which keeps its CPU for the prologs."""
+        public = self._sock
+        assert public is not None
+        private = self._private
+        poller = select.poll()
+        for sock in (public, private):
+            if sock is not None:
+                sock.setblocking(False)
+                poller.register(sock, select.POLLIN)
+        paused_until = 0.0
         while not self._stopping.is_set():
+            now = time.monotonic()
+            if paused_until and now >= paused_until:
+                poller.modify(public, select.POLLIN)
+                paused_until = 0.0
+            wait_ms = max(1, int((paused_until - now) * 1000)) if paused_until else 500
             try:
-                conn, _ = self._sock.accept()
+                ready = {fd for fd, _ in poller.poll(wait_ms)}
+            except OSError:
+                continue
+            if self._stopping.is_set():
+                return
+            if private is not None and private.fileno() in ready:
+                self._accept_from(private, limit=1 << 30)
+            if not paused_until and public.fileno() in ready:
+                pause = self._accept_from(public, limit=64)
+                if pause > 0:
+                    poller.modify(public, 0)
+                    paused_until = time.monotonic() + pause
+                    self.paused_s += pause
+
+    def _accept_from(self, listener: socket.socket, limit: int) -> float:
+        """Accept up to `limit` queued connections; seconds to leave the socket alone."""
+        for _ in range(limit):
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return 0.0
             except OSError as exc:
-                if self._stopping.is_set():
-                    return
                 if exc.errno in (24, 23):  # EMFILE/ENFILE: let connections drain first
                     log.error("accept: %s", exc)
-                    time.sleep(0.05)
-                continue
+                    return 0.05
+                return 0.0
+            conn.setblocking(True)
             self.connections += 1
             try:
                 pid, uid, gid = _UCRED.unpack(conn.getsockopt(
@@ -123,6 +157,9 @@ class SocketServer:
             refusal = self.gate.admit(uid)
             if refusal is not None:
                 _turn_away(conn, refusal)
+                pause = self.gate.refusal_pause()
+                if pause > 0 and listener is self._sock:
+                    return pause
                 continue
             try:
                 threading.Thread(target=self._serve, args=(conn, pid, uid, gid),
@@ -130,6 +167,7 @@ class SocketServer:
             except RuntimeError:  # no thread to be had: same answer as a full pool
                 self.gate.release(uid)
                 _turn_away(conn, "sparkd cannot start another connection thread")
+        return 0.0
 
     def _serve(self, conn: socket.socket, pid: int, uid: int, gid: int) -> None:
         try:
@@ -194,6 +232,26 @@ class SocketServer:
                     log.exception("could not record the failed request either")
             return {"ok": False, "error": {"code": "internal",
                                            "message": f"internal error: {exc}"}}
+
+
+def _listen(path: Path, mode: int, owner: int | None = None) -> socket.socket:
+    """A listening socket at `path`, appearing with its final mode (and owner)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise OSError(f"{path} exists and is not a socket")
+        path.unlink()  # a stale socket from a killed daemon
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    sock.bind(str(tmp))
+    os.chmod(tmp, mode)
+    if owner is not None:
+        os.chown(tmp, owner, -1)
+    os.replace(tmp, path)  # appears with its final mode, never briefly open
+    sock.listen(BACKLOG)
+    return sock
 
 
 def _turn_away(conn: socket.socket, message: str) -> None:

@@ -14,57 +14,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from benchmarks.hog import start_hog
 from tests.integration.daemon.conftest import OTHER_UID, OWNER_UID, Sparkd, _wait
 
 HOOK = str(Path(sys.executable).parent / "spark-hook")
-
-# The hog, run as an unprivileged uid in its own process (stdlib only, like a user's
-# script): keep up to N connections open to the socket, reconnecting whatever the
-# daemon closes or turns away, for S seconds; then say what it saw.
-HOG = r"""
-import json, resource, socket, sys, time
-path, n, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-socks, seen = [], {"opened": 0, "busy": 0, "refused": 0, "closed": 0}
-end = time.monotonic() + secs
-while time.monotonic() < end:
-    while len(socks) < n:
-        s = socket.socket(socket.AF_UNIX)
-        s.setblocking(False)
-        try:
-            s.connect(path)
-        except OSError:
-            s.close()
-            seen["refused"] += 1
-            break
-        socks.append(s)
-        seen["opened"] += 1
-    keep = []
-    for s in socks:
-        try:
-            data = s.recv(4096)
-        except BlockingIOError:
-            keep.append(s)
-            continue
-        except OSError:
-            data = b""
-        seen["busy" if b'"busy"' in data else "closed"] += 1
-        s.close()
-    socks = keep
-    time.sleep(0.01)
-seen["held_at_end"] = len(socks)
-print(json.dumps(seen))
-"""
-
-
-def start_hog(sparkd: Sparkd, uid: int, connections: int, seconds: float
-              ) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable,
-         "-I", "-S", "-c", HOG, str(sparkd.socket), str(connections), str(seconds)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
-
 
 def metrics(sparkd: Sparkd) -> str:
     port = sparkd.request({"op": "status"})["metrics_port"]
@@ -89,7 +42,7 @@ def test_a_connection_hog_cannot_keep_the_scheduler_or_other_users_out(
     for g in range(8):
         sparkd.add_job(f"90{g}", gpus=[g])
     sparkd.start()
-    hog = start_hog(sparkd, OTHER_UID, 1000, 12)
+    hog = start_hog(sparkd.socket, OTHER_UID, 1000, 12)
     try:
         _wait(lambda: metric(metrics(sparkd), "spark_connections_refused_total") > 100, 30,
               "the hog being turned away")

@@ -49,6 +49,7 @@ class SparkStack:
         self.spool = r / "spool" / "denials.jsonl"
         self.journal = r / "spark" / "journal.jsonl"
         self.socket = r / "run" / "sparkd.sock"
+        self.scheduler_socket = r / "run" / "sparkd-scheduler.sock"  # the hook's (root only)
         self.hook_config = r / "hook.json"
         self.policy = r / "policy.yaml"
         self.compiled = r / "lua" / "spark_policy.lua"
@@ -89,7 +90,7 @@ class SparkStack:
     def set_hook_mode(self, mode: str, timeout_s: float = 5.0) -> None:
         """Rewrite the hook config; the wrappers read it on every run."""
         self.hook_config.write_text(json.dumps({
-            "socket": str(self.socket), "journal": str(self.journal),
+            "socket": str(self.scheduler_socket), "journal": str(self.journal),
             "timeout_s": timeout_s, "on_daemon_down": mode}))
 
     def _sparkctl(self, *args: str) -> str:

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from benchmarks.hog import start_hog
 from spark_slurm.demo.cluster import FINAL_STATES, free_port
-from tests.integration.daemon.test_hardening import HOG
 from tests.integration.slurm.conftest import require_slurm
 from tests.integration.slurm.stack import SparkStack
 from tests.integration.tmpfs import fill, small_tmpfs
@@ -101,10 +101,7 @@ def nhc(stack: SparkStack) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_1000_connection_hog_as_a_user_never_drains_the_node(stack: SparkStack) -> None:
-    hog = subprocess.Popen(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         sys.executable, "-I", "-S", "-c", HOG, str(stack.socket), "1000", "40"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    hog = start_hog(stack.socket, NOBODY, 1000, 60)
     seen_states: list[str] = []
     jobs = []
     try:
