@@ -149,16 +149,8 @@ def run() -> list[harness.Section]:
     root = Path(tempfile.mkdtemp(prefix="bench-sparkd-"))
     proc, sock = _start(root)
     try:
-        prolog_ms: list[float] = []
         cpu0 = _cpu_s(proc.pid)
-        for i in range(PROLOGS):
-            payload = {"op": "prolog", "job_id": f"b{i}", "user": "bench", "uid": 1000,
-                       "partition": "gpu", "gpus": list(range(8)), "watts": 3200}
-            t0 = time.perf_counter()
-            reply = _request(sock, payload)
-            prolog_ms.append((time.perf_counter() - t0) * 1000)
-            assert reply.get("ok"), reply
-            assert _request(sock, {"op": "epilog", "job_id": f"b{i}"}).get("ok")
+        prolog_ms = _prolog_ms(sock, "b", PROLOGS)
         pair_cpu_ms = (_cpu_s(proc.pid) - cpu0) * 1000 / PROLOGS
         echo = _echo_baseline(root, 300)
         raw = _sqlite_baseline(root, 300)

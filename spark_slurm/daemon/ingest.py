@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from spark_slurm.daemon.contracts import LedgerLike
 from spark_slurm.daemon.diskspace import is_disk_full
@@ -118,21 +118,23 @@ class LineFile:
         except FileNotFoundError:
             return []
         with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            offset = self._start(st.st_ino, st.st_size)
-            fh.seek(offset)
-            out = []
-            while True:
-                line = fh.readline(MAX_LINE)
-                if not line or not line.endswith(b"\n"):
-                    if len(line) >= MAX_LINE:  # an absurd line: skip past it as one record
-                        out.append((st.st_ino, offset, offset + len(line), line))
-                        offset += len(line)
-                        continue
-                    break  # torn last line: wait for the writer to finish it
-                out.append((st.st_ino, offset, offset + len(line), line.rstrip(b"\n")))
-                offset += len(line)
-            return out
+            return self._scan(fh, os.fstat(fh.fileno()))
+
+    def _scan(self, fh: BinaryIO, st: os.stat_result) -> list[tuple[int, int, int, bytes]]:
+        offset = self._start(st.st_ino, st.st_size)
+        fh.seek(offset)
+        out = []
+        while True:
+            line = fh.readline(MAX_LINE)
+            if not line or not line.endswith(b"\n"):
+                if len(line) >= MAX_LINE:  # an absurd line: skip past it as one record
+                    out.append((st.st_ino, offset, offset + len(line), line))
+                    offset += len(line)
+                    continue
+                break  # torn last line: wait for the writer to finish it
+            out.append((st.st_ino, offset, offset + len(line), line.rstrip(b"\n")))
+            offset += len(line)
+        return out
 
     def advance(self, inode: int, end: int) -> None:
         self.cursor = Cursor(inode, end)
@@ -142,14 +144,8 @@ class LineFile:
 class ReserveLines(LineFile):
     """The reserve journal: its lines end at the first NUL byte (the unwritten rest)."""
 
-    def lines(self) -> list[tuple[int, int, int, bytes]]:
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return []
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            data = fh.read(MAX_LINE * 64)
+    def _scan(self, fh: BinaryIO, st: os.stat_result) -> list[tuple[int, int, int, bytes]]:
+        data = fh.read(MAX_LINE * 64)
         data = data[:content_end(data)]
         offset = self._start(st.st_ino, len(data))
         out: list[tuple[int, int, int, bytes]] = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from spark_slurm import hook
 from spark_slurm.ledger import verify_ledger
 from tests.integration.daemon.conftest import OWNER_UID, Sparkd, _wait
 from tests.integration.daemon.test_hardening import metric, metrics
+from tests.integration.daemon.test_hook import _hook
 from tests.integration.tmpfs import fill, small_tmpfs
 
 HOOK = str(Path(sys.executable).parent / "spark-hook")
@@ -42,16 +42,6 @@ def tight(root: Path) -> Iterator[Sparkd]:
             yield daemon
         finally:
             daemon.stop()
-
-
-def _hook(sparkd: Sparkd, op: str, job: str, mode: str) -> subprocess.CompletedProcess[str]:
-    config = sparkd.root / "hook.json"
-    config.write_text(json.dumps({"socket": str(sparkd.socket), "journal": str(sparkd.journal),
-                                  "timeout_s": 5, "on_daemon_down": mode}))
-    env = {**os.environ, "SPARK_HOOK_CONFIG": str(config), "SLURM_JOB_ID": job,
-           "SLURM_JOB_UID": str(OWNER_UID), "SLURMD_NODENAME": "n1"}
-    return subprocess.run([HOOK, op], env=env, capture_output=True, text=True, timeout=60,
-                          check=False)
 
 
 def _reserve(sparkd: Sparkd) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ whatever the umask, `status` per caller, and one restore per job end across kill
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import stat
@@ -16,6 +15,7 @@ from typing import Any
 
 from benchmarks.hog import start_hog
 from tests.integration.daemon.conftest import OTHER_UID, OWNER_UID, Sparkd, _wait
+from tests.integration.daemon.test_hook import _hook
 
 HOOK = str(Path(sys.executable).parent / "spark-hook")
 
@@ -156,17 +156,6 @@ def test_status_shows_a_caller_only_their_own_jobs(sparkd: Sparkd) -> None:
     assert '"72"' not in json.dumps(owner)
     stranger = sparkd.request_as(OTHER_UID, {"op": "status"})
     assert stranger["jobs"] == [] and '"71"' not in json.dumps(stranger)
-
-
-def _hook(sparkd: Sparkd, op: str, job: str, mode: str = "fail_open"
-          ) -> subprocess.CompletedProcess[str]:
-    config = sparkd.root / "hook.json"
-    config.write_text(json.dumps({"socket": str(sparkd.socket), "journal": str(sparkd.journal),
-                                  "timeout_s": 5, "on_daemon_down": mode}))
-    env = {**os.environ, "SPARK_HOOK_CONFIG": str(config), "SLURM_JOB_ID": job,
-           "SLURM_JOB_UID": str(OWNER_UID), "SLURMD_NODENAME": "n1"}
-    return subprocess.run([HOOK, op], env=env, capture_output=True, text=True, timeout=60,
-                          check=False)
 
 
 def test_one_restore_per_job_end_across_kill_and_restart(sparkd: Sparkd) -> None:
