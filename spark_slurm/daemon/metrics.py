@@ -156,8 +156,9 @@ class _Health:
     `spark_healthy`, `spark_disk_free_bytes{path}`, `spark_disk_full`,
     `spark_connections_open`, `spark_connections_refused_total{reason}` (turned away
     busy: pool, per-uid, rate, idle-timeout, partial-timeout),
-    `spark_connections_timed_out_total` and `spark_requests_unrecorded_total`
-    (answered disk-full; recorded once space is back)."""
+    `spark_connections_timed_out_total`, `spark_requests_unrecorded_total`
+    (answered disk-full; recorded once space is back) and
+    `spark_requests_read_total{op}` (status and ingest: counted, not recorded)."""
 
     def __init__(self, node: str, disk: Any, gate: Any, service: Any) -> None:
         self._node = node
@@ -208,3 +209,9 @@ class _Health:
         users = sum(self._service.unrecorded.totals().values())
         unrecorded.add_metric([node], float(users + self._service.kept_total))
         yield unrecorded
+        reads = CounterMetricFamily("spark_requests_read", "Read-only requests answered "
+                                    "(status, ingest): counted, not recorded as PERs",
+                                    labels=["node", "op"])
+        for op, n in sorted(dict(self._service.reads).items()):
+            reads.add_metric([node, op], float(n))
+        yield reads

@@ -7,7 +7,8 @@ recorded as a `reject` PER before the error reply goes out, so the ledger holds
 user who keeps being refused runs out of refusal budget (ratelimit.py) and is
 answered `rate-limited`; while the disk is full, answers are `disk-full` and
 kept (root's and the SlurmUser's individually, a user's as a count) to be
-recorded once space is back. Read-only `status` is answered, not recorded.
+recorded once space is back. Reads (`status`, `ingest`) are answered and
+counted, not recorded.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Service:
         self.unrecorded = Tally("ops")  # users' answers that the full disk kept off the ledger
         self.backlog = Backlog()  # the scheduler's, one by one
         self.kept_total = 0
+        self.reads: dict[str, int] = {}  # status/ingest answered: counted, not recorded
         self.tallies = (*tallies, self.unrecorded)
         self.hook_failed = hook_failed
 
@@ -229,6 +231,8 @@ class Service:
             if origin.source != "socket":
                 raise  # ingest stops here; its cursor stays before this line
             reply = self._disk_full(request, peer, request.op, exc, scheduler)
+        if request.op in ("status", "ingest") and reply.get("ok"):
+            self.reads[request.op] = self.reads.get(request.op, 0) + 1
         if self.observe is not None and request.op != "status":
             self.observe(request.op, time.perf_counter() - t0)
         if scheduler and origin.source == "socket" and request.op in ("prolog", "epilog") \
