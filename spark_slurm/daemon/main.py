@@ -39,7 +39,14 @@ from spark_slurm.daemon.startup import reconcile_at_start, record_policy
 from spark_slurm.daemon.state import IntentStore, NodeState, last_action
 from spark_slurm.daemon.upkeep import Upkeep
 from spark_slurm.daemon.writer import LedgerWriter
-from spark_slurm.errors import EXIT_OK, EXIT_USAGE, ConfigError, LedgerKeyError, SparkError
+from spark_slurm.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    LedgerKeyError,
+    SparkError,
+)
 from spark_slurm.gpu import TelemetrySampler, open_backend
 from spark_slurm.karman import KarmanSubscriber
 from spark_slurm.ledger.keys import load_hmac_key
@@ -358,15 +365,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_daemon(args.config)
-    except ConfigError as exc:
-        print(f"sparkd: {exc.message}", file=sys.stderr)
-        return EXIT_USAGE
-    except SparkError as exc:
-        print(f"sparkd: {exc.message}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        print(f"sparkd: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except Exception as exc:
+        if is_disk_full(exc):
+            # exit 1, not 2: systemd restarts sparkd (Restart=on-failure) until space is
+            # back; meanwhile the hook journals into its reserve and the health check drains
+            print(f"sparkd: cannot record anything, the disk is full: {exc}", file=sys.stderr)
+            return EXIT_CHECK_FAILED
+        if isinstance(exc, ConfigError):
+            print(f"sparkd: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(exc, SparkError):
+            print(f"sparkd: {exc.message}", file=sys.stderr)
+            return exc.exit_code
+        if isinstance(exc, OSError):
+            print(f"sparkd: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
 
 
 if __name__ == "__main__":

@@ -126,3 +126,14 @@ class _Capture:
     def write(self, text: str) -> int:
         self.text += text
         return len(text)
+
+
+def test_a_daemon_that_cannot_write_at_start_says_so_and_exits_1(tight: Sparkd) -> None:
+    fill(tight.state_dir, leave_kib=0)
+    tight.start(wait=False)
+    assert tight.proc is not None
+    code = tight.proc.wait(timeout=60)
+    tight.proc = None
+    assert code == 1  # not 2 (a config error): systemd restarts it until space is back
+    assert "cannot record anything, the disk is full" in tight.log_text()
+    assert "Traceback" not in tight.log_text()

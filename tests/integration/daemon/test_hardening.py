@@ -42,6 +42,11 @@ def test_a_connection_hog_cannot_keep_the_scheduler_or_other_users_out(
     for g in range(8):
         sparkd.add_job(f"90{g}", gpus=[g])
     sparkd.start()
+    assert sparkd.proc is not None  # room for every connection: the soft fd limit raised
+    limits = Path(f"/proc/{sparkd.proc.pid}/limits").read_text()
+    fields = next(ln for ln in limits.splitlines() if ln.startswith("Max open files")).split()
+    soft, hard = int(fields[3]), (10**9 if fields[4] == "unlimited" else int(fields[4]))
+    assert soft >= min(65536, hard)
     hog = start_hog(sparkd.socket, OTHER_UID, 1000, 12)
     try:
         _wait(lambda: metric(metrics(sparkd), "spark_connections_refused_total") > 100, 30,
