@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import socket
 import stat
 import subprocess
@@ -41,7 +42,12 @@ def test_a_connection_hog_cannot_keep_the_scheduler_or_other_users_out(
         "idle_timeout_s: 2}\n"))
     for g in range(8):
         sparkd.add_job(f"90{g}", gpus=[g])
-    sparkd.start()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what sparkd inherits
+    try:
+        sparkd.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert sparkd.proc is not None  # room for every connection: the soft fd limit raised
     limits = Path(f"/proc/{sparkd.proc.pid}/limits").read_text()
     fields = next(ln for ln in limits.splitlines() if ln.startswith("Max open files")).split()
