@@ -1,15 +1,23 @@
 """Generate the Python bindings for proto/*.proto into spark_slurm/karman/_proto/.
 
-Run by `make proto` (and on first use from a source checkout). Bindings are
-built, never hand-edited: this script skips work only when every output is newer
-than every input, and `--check` regenerates into a scratch directory and compares
-bytes so a test can prove the checked-out bindings are not stale.
+Run by `make proto` (and on first use from a source checkout), and by setup.py's
+build_py when a wheel is built. Bindings are built, never hand-edited: this
+script skips work only when every output is newer than every input, and
+`--check` regenerates into a scratch directory and compares bytes so a test can
+prove the checked-out bindings are not stale.
+
+Generated code is stamped with the protobuf release of the protoc that wrote it
+(its "gencode" version); at import it refuses a protobuf runtime of another major
+version or an older release. `runtime_range_problem` is the one check, used by the
+wheel build and the tests, that the `protobuf` requirement a package declares is
+exactly the range its bindings accept.
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import sys
 import tempfile
 from importlib import resources
@@ -64,6 +72,47 @@ def generate(out: Path = DEFAULT_OUT, proto_dir: Path = HERE) -> list[Path]:
         raise SystemExit(f"generate: protoc failed on {', '.join(p.name for p in protos)}")
     (out / "__init__.py").write_text(INIT_TEXT)
     return outputs(out, protos)
+
+
+_GENCODE = re.compile(r"^# Protobuf Python Version: (\d+)\.(\d+)\.(\d+)\s*$", re.MULTILINE)
+
+
+def gencode_version(module: Path) -> tuple[int, int, int]:
+    """The protobuf release a generated `_pb2.py` file is stamped with."""
+    found = _GENCODE.search(module.read_text(encoding="utf-8"))
+    if found is None:
+        raise SystemExit(f"generate: {module} carries no protobuf gencode version stamp")
+    major, minor, patch = (int(x) for x in found.groups())
+    return major, minor, patch
+
+
+def runtime_range(gencode: tuple[int, int, int]) -> str:
+    """The protobuf requirement such bindings accept: same major, not older than them."""
+    major, minor, patch = gencode
+    return f"protobuf>={major}.{minor}.{patch},<{major + 1}"
+
+
+def runtime_range_problem(requirements: list[str], gencode: tuple[int, int, int]) -> str | None:
+    """Why the declared `protobuf` requirement does not match the bindings (None: it does).
+
+    The lower bound must be the gencode release itself and the upper bound the next
+    major: anything wider installs a protobuf the bindings reject at import, anything
+    narrower refuses versions that work.
+    """
+    from packaging.requirements import Requirement  # noqa: PLC0415 (build/test only)
+    from packaging.version import Version  # noqa: PLC0415
+
+    want = runtime_range(gencode)
+    found = [Requirement(r) for r in requirements if Requirement(r).name == "protobuf"]
+    if len(found) != 1:
+        return f"declare exactly one protobuf requirement, {want!r} (found {len(found)})"
+    bounds = {(s.operator, Version(s.version)) for s in found[0].specifier}
+    major, minor, patch = gencode
+    expected = {(">=", Version(f"{major}.{minor}.{patch}")), ("<", Version(f"{major + 1}"))}
+    if bounds != expected:
+        return (f"the bindings are stamped protobuf {major}.{minor}.{patch}, so the "
+                f"requirement must be {want!r}, not {str(found[0])!r}")
+    return None
 
 
 def stale_files(out: Path = DEFAULT_OUT, proto_dir: Path = HERE) -> list[str]:

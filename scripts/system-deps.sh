@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages spark-slurm's tests and demo run for real:
 # Slurm (slurmctld, slurmd), munge, Lua 5.1/5.3/5.4 (job_submit.lua checks), sqlite3 and
-# openssl (contrib/verify-ledger.sh), PostgreSQL (the Karman TimescaleDB sink path).
-# Idempotent and quiet when everything is already there.
+# openssl (contrib/verify-ledger.sh), PostgreSQL (the Karman TimescaleDB sink path),
+# promtool (the shipped alert rules), systemd-analyze (the shipped units) and rsync
+# (collect-ledgers.sh). Idempotent and quiet when everything is already there; exits 1
+# when something is missing and it is not root, so `make test` stops there.
 set -euo pipefail
 need=()
 command -v slurmctld >/dev/null 2>&1 || need+=(slurm-wlm)
@@ -13,20 +15,26 @@ command -v lua5.3 >/dev/null 2>&1 || need+=(lua5.3)
 command -v lua5.4 >/dev/null 2>&1 || need+=(lua5.4)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# The fake libnvidia-ml.so.1 the NVML backend is tested against is built from C.
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+[ -e /usr/include/stdio.h ] || need+=(libc6-dev)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # promtool, and the Karman exporter test's server
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v rsync >/dev/null 2>&1 || need+=(rsync)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need+=(postgresql)
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "system-deps: missing ${need[*]}; run as root (or: sudo apt-get install ${need[*]})" >&2
-  exit 0
+  exit 1
 fi
 echo "system-deps: installing ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # Debian starts daemons on install; our tests run their own in temp dirs.
-for svc in slurmctld slurmd munge postgresql; do
+for svc in slurmctld slurmd munge postgresql prometheus; do
   systemctl stop "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1 || true
 done

@@ -245,6 +245,23 @@ class UnknownJob(InputError):
 class TariffError(ConfigError):
     """A tariff file that cannot be used to price energy."""
 
+# --- evidence bundles -----------------------------------------------------
+
+
+class EvidenceError(InputError):
+    """An evidence bundle that cannot be made or read (no cosigned checkpoint, not a
+    bundle, a key file that cannot be used): names what and where (exit 2)."""
+
+
+class EvidenceInvalid(CheckFailed):
+    """A bundle that does not verify; `part` names what failed (a record, a proof,
+    the checkpoint, a signature, a key, the policy snapshot, the statement)."""
+
+    def __init__(self, part: str, message: str) -> None:
+        super().__init__(f"{part}: {message}")
+        self.part = part
+        self.reason = message
+
 # --- demo / testbed -------------------------------------------------------
 
 

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+FakeNvmlFactory = Callable[..., tuple[Any, Any]]
 
 
 def slurm_unavailable_reason() -> str | None:
@@ -32,3 +38,48 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slurm" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fake_nvml_lib() -> Iterator[Path]:
+    """A directory holding a fake libnvidia-ml.so.1 compiled for this run (gcc).
+
+    World-readable (not under pytest's root-only tmp dir), because some tests load
+    it in a process that has switched to another uid."""
+    from tests.unit.gpu.fakenvml import build  # noqa: PLC0415 (only NVML tests need it)
+
+    out = Path(tempfile.mkdtemp(prefix="spark-fakenvml-"))
+    out.chmod(0o755)
+    try:
+        yield build(out).parent
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture
+def fake_nvml(fake_nvml_lib: Path) -> Iterator[FakeNvmlFactory]:
+    """Start NvmlBackends on the fake library: `node, gpu = fake_nvml(gpus, **options)`.
+
+    `state=PATH` opens another backend on an existing node's state; `as_uid=N` runs
+    that backend as uid N. State files live in a world-readable temp dir."""
+    from tests.unit.gpu.fakenvml import FakeNode, RemoteNvml  # noqa: PLC0415
+
+    opened: list[RemoteNvml] = []
+    where = Path(tempfile.mkdtemp(prefix="spark-fakenvml-state-"))
+    where.chmod(0o755)
+
+    def start(gpus: list[Any], state: Path | None = None, **options: Any) -> tuple[Any, Any]:
+        path = state or where / f"state-{len(opened)}"
+        node = FakeNode.create(path, gpus) if state is None else FakeNode(path)
+        path.chmod(0o666)
+        options.setdefault("reinit_interval_s", 0.0)
+        gpu = RemoteNvml(node.env(fake_nvml_lib), **options)
+        opened.append(gpu)
+        return node, gpu
+
+    try:
+        yield start
+    finally:
+        for gpu in opened:
+            gpu.close()
+        shutil.rmtree(where, ignore_errors=True)

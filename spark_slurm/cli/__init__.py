@@ -27,11 +27,15 @@ COMMANDS: dict[str, str] = {
     "daemon": "spark_slurm.cli.daemon_cmd:daemon",
     "status": "spark_slurm.cli.daemon_cmd:status",
     "cap": "spark_slurm.cli.daemon_cmd:cap",
+    "intent": "spark_slurm.cli.intent_cmd:intent",
     "merge": "spark_slurm.cli.head_cmd:merge",
     "witness": "spark_slurm.cli.head_cmd:witness",
     "audit": "spark_slurm.cli.audit_cmd:audit",
     "replay": "spark_slurm.cli.audit_cmd:replay",
     "demo": "spark_slurm.cli.demo_cmd:demo",
+    "evidence": "spark_slurm.cli.evidence_cmd:evidence",
+    "verify-evidence": "spark_slurm.cli.evidence_cmd:verify_evidence",
+    "files": "spark_slurm.cli.files_cmd:files",
 }
 
 

@@ -176,3 +176,57 @@ def load(*, directory: Path, util: float, index: int | None) -> None:
     """Set the simulated workload's utilisation on one GPU or all of them."""
     SimFleet.open(directory).set_load(util, index)
     click.echo(f"{'all GPUs' if index is None else f'GPU {index}'}: utilisation {util:g}")
+
+
+@sim.command("executor")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--gpu", "gpus", type=int, multiple=True, required=True,
+              help="GPU (Slurm index / device minor); repeat for several.")
+@click.option("--watts", type=float, required=True, help="The limit to announce, in watts.")
+@click.option("--name", default="sim-executor", show_default=True,
+              help="The executor's name, as sparkd records it.")
+@click.option("--job", "job_id", default=None, help="Slurm job whose GPUs these are.")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path),
+              default=Path("/run/spark/sparkd.sock"), show_default=True,
+              help="sparkd's unix socket.")
+@click.option("--announce/--no-announce", default=True, show_default=True,
+              help="Announce the intent to sparkd first (--no-announce: change it blind).")
+@click.option("--apply/--no-apply", default=True, show_default=True,
+              help="Set the limit after announcing (--no-apply: announce only).")
+@click.option("--ignore-deny", is_flag=True, help="Set the limit even when sparkd denied it.")
+@click.option("--apply-watts", type=float, default=None,
+              help="Set this instead of what was announced (a misbehaving executor).")
+@click.option("--delay", "delay_s", type=float, default=0.0, show_default=True,
+              help="Seconds between the answer and the change.")
+@click.option("--deadline", "deadline_s", type=float, default=None,
+              help="Seconds sparkd should wait for the change to land.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def executor(*, directory: Path, gpus: tuple[int, ...], watts: float, name: str,
+             job_id: str | None, socket_path: Path, announce: bool, apply: bool,
+             ignore_deny: bool, apply_watts: float | None, delay_s: float,
+             deadline_s: float | None, as_json: bool) -> None:
+    """Act as an external executor (like DCGM or a site script) on a simulated fleet:
+    announce an intent to sparkd, then change the limits out of band (sim smi -pl)."""
+    from spark_slurm.gpu.sim_executor import Plan, run_executor  # noqa: PLC0415 (lazy)
+
+    for value, what in ((watts, "--watts"), (apply_watts, "--apply-watts")):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise InputError(f"{what} must be a positive number of watts, not {value}")
+    if not (math.isfinite(delay_s) and delay_s >= 0):
+        raise InputError(f"--delay must be a number of seconds >= 0, not {delay_s}")
+    plan = Plan(gpus=gpus, watts=watts, name=name, job_id=job_id, announce=announce,
+                apply=apply, obey=not ignore_deny, apply_watts=apply_watts, delay_s=delay_s,
+                deadline_s=deadline_s)
+    outcome = run_executor(plan, SimFleet.open(directory), socket_path)
+    if as_json:
+        echo_json(outcome.to_json())
+        return
+    if outcome.reply is not None:
+        error = outcome.reply.get("error") or {}
+        click.echo(f"sparkd: {outcome.reply.get('verdict') or error.get('code')}"
+                   + (f" ({error['message']})" if error.get("message") else ""))
+    for change in outcome.applied:
+        click.echo(f"GPU {change.device.index}: power limit {_watts(change.old_mw)} -> "
+                   f"{_watts(change.new_mw)}")
+    if outcome.skipped:
+        click.echo(f"not applied: {outcome.skipped}")

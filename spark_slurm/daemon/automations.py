@@ -9,20 +9,24 @@ moment is never mistaken for drift. Each action is a PER naming
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spark_slurm.daemon.actuation import Actuator, error_text
 from spark_slurm.daemon.contracts import PolicyLike, ReceiptLike
 from spark_slurm.daemon.pipeline import Pipeline
 from spark_slurm.daemon.state import Throttle
 from spark_slurm.errors import GpuError
-from spark_slurm.gpu.backend import Sample
+from spark_slurm.gpu.backend import PowerLimits, Sample
+
+if TYPE_CHECKING:
+    from spark_slurm.daemon.executors import ExecutorGate
 
 log = logging.getLogger("sparkd.automations")
 MIN_PERIOD_S = 0.05
@@ -53,8 +57,10 @@ class Monitor:
 
     def __init__(self, pipeline: Pipeline, policy: Callable[[], PolicyLike], *,
                  period_s: float = 0.5, count: Counter | None = None,
-                 on_sample: Callable[[int, Sample], None] | None = None) -> None:
+                 on_sample: Callable[[int, Sample], None] | None = None,
+                 executors: ExecutorGate | None = None) -> None:
         self.pipeline = pipeline
+        self.executors = executors
         self.actuator: Actuator = pipeline.actuator
         self.state = pipeline.state
         self.policy = policy
@@ -68,7 +74,7 @@ class Monitor:
 
     def start(self) -> None:
         """Take a first reading of every GPU (the baseline for reset detection), then run."""
-        for minor in sorted(self.actuator.devices):
+        for minor in self._watched():
             try:
                 sample = self.actuator.gpu.sample(self.actuator.index(minor))
             except GpuError:
@@ -108,9 +114,13 @@ class Monitor:
         body.update(extra)
         return body
 
+    def _watched(self) -> list[int]:
+        """Every GPU that holds a power limit: a MIG slice's readings are its parent's."""
+        return [m for m, d in sorted(self.actuator.devices.items()) if d.mig_parent is None]
+
     def tick(self) -> None:
         """One pass over every GPU (public so tests can step the monitor)."""
-        for minor in sorted(self.actuator.devices):
+        for minor in self._watched():
             try:
                 sample = self.actuator.gpu.sample(self.actuator.index(minor))
             except GpuError as exc:
@@ -119,9 +129,17 @@ class Monitor:
             if self.on_sample is not None:
                 self.on_sample(minor, sample)
             recovered = self._recover(minor, sample)
-            self._thermal(minor, sample)
-            self._drift(minor, sample, recovered)
+            gate = self.executors
+            if gate is not None and gate.validate_only(minor):
+                # an external executor owns this GPU's limit: watch it, never set it
+                gate.watch(minor, sample, functools.partial(self._cause, minor,
+                                                            recovered=recovered))
+            else:
+                self._thermal(minor, sample)
+                self._drift(minor, sample, recovered)
             self._seen[minor] = _Seen(sample.time_ns, sample.energy_mj, sample.energy_epoch)
+        if self.executors is not None:
+            self.executors.settle()
 
     # -- driver faults -------------------------------------------------------
     def _fault(self, minor: int, exc: GpuError) -> None:
@@ -150,17 +168,24 @@ class Monitor:
         body = self._body(minor, "automation:fault", ref={"seq": ref.seq, "hash": ref.hash},
                           enforced_mw=sample.enforced_mw,
                           outage_ns=max(0, sample.time_ns - fault.since_ns))
-        held = expected is not None and sample.enforced_mw == expected
+        held = expected is not None and self.actuator.agrees(expected, sample.enforced_mw)
         last = fault.last
         if last is not None:
             reset = sample.energy_epoch != last.energy_epoch or sample.energy_mj < last.energy_mj
             body["energy_reset"] = reset
             span = sample.time_ns - last.time_ns
             if not reset and span > 0:
-                # Energy used over the outage proves the average power stayed under the ceiling.
+                # Energy used over the outage proves the average power stayed under the
+                # ceiling. The driver regulates power as an average and the counter and
+                # the sample clock are read a moment apart, so a GPU running at its cap
+                # reads a little either side of it: 5 % (at least the read-back
+                # tolerance) is allowed, and recorded.
                 avg = (sample.energy_mj - last.energy_mj) * 1_000_000_000 // span
                 body["outage_avg_power_mw"] = avg
-                held = held and (expected is None or avg <= expected)
+                if expected is not None:
+                    slack = max(self.actuator.tolerance_mw, expected // 20)
+                    body["outage_slack_mw"] = slack
+                    held = held and avg <= expected + slack
             held = held and not reset
         if expected is not None:
             body["expected_mw"] = expected
@@ -244,9 +269,19 @@ class Monitor:
                          release, throttle.base_mw)
 
     # -- drift ---------------------------------------------------------------
+    def _cause(self, minor: int, limits: PowerLimits, sample: Sample, *,
+               recovered: bool) -> tuple[str, bool]:
+        """Why a limit moved (audits tell these apart) and whether the energy counter reset."""
+        last = self._seen.get(minor)
+        reset = last is not None and (sample.energy_epoch != last.energy_epoch
+                                      or sample.energy_mj < last.energy_mj)
+        if reset and limits.enforced_mw == limits.default_mw:
+            return "driver-reload", reset
+        return ("gpu-lost" if recovered else "out-of-band"), reset
+
     def _drift(self, minor: int, sample: Sample, recovered: bool) -> None:
         governed = self.state.governed.get(minor)
-        if governed is None or sample.enforced_mw == governed:
+        if governed is None or self.actuator.agrees(governed, sample.enforced_mw):
             self.state.reported.pop(minor, None)
             return
         if self.state.reported.get(minor) == sample.enforced_mw:
@@ -259,18 +294,17 @@ class Monitor:
             except GpuError:
                 return
             observed = limits.enforced_mw
-            if governed is None or observed == governed:
+            if governed is None or self.actuator.agrees(governed, observed):
                 return
             last = self._seen.get(minor)
-            reset = last is not None and (sample.energy_epoch != last.energy_epoch
-                                          or sample.energy_mj < last.energy_mj)
-            if reset and observed == limits.default_mw:
-                cause = "driver-reload"
-            elif recovered:
-                cause = "gpu-lost"
-            else:
-                cause = "out-of-band"
+            cause, reset = self._cause(minor, limits, sample, recovered=recovered)
             action = str(getattr(self.policy().settings, "drift", "reconcile"))
+            if (cause == "out-of-band" and observed < governed
+                    and self.actuator.agrees(governed, limits.requested_mw)):
+                # Our limit is still the requested one; another limiter (the BMC, a
+                # facility controller) holds the GPU lower. Setting ours again changes
+                # nothing: record it once, and watch.
+                cause, action = "lower-limiter", "observe"
             body = self._body(minor, "automation:drift", expected_mw=governed,
                               observed_mw=observed, cause=cause, action=action,
                               requested_mw=limits.requested_mw, energy_reset=reset,
@@ -278,14 +312,17 @@ class Monitor:
             if last is not None:
                 body["last_seen"] = {"time_ns": last.time_ns, "energy_mj": last.energy_mj,
                                      "energy_epoch": last.energy_epoch}
-            if action == "reconcile":
+            if action == "observe":
+                self.state.reported[minor] = observed
+            elif action == "reconcile":
                 entry = self.actuator.apply(minor, governed)
                 body["readback_mw"] = entry.get("readback_mw")
                 body["ok"] = entry["ok"]
                 if "error" in entry:
                     body["error"] = entry["error"]
-                if not entry["ok"]:
-                    self.state.reported[minor] = int(entry.get("readback_mw") or observed)
+                after = int(entry.get("readback_mw") or observed)
+                if not entry["ok"] or not self.actuator.agrees(governed, after):
+                    self.state.reported[minor] = after
             else:
                 self.state.governed[minor] = observed
                 throttle = self.state.throttled.pop(minor, None)

@@ -82,3 +82,21 @@ def cap(job_id: str, watts_per_gpu: float, reason: str | None = None,
 def rotate_key(socket_path: Path = DEFAULT_SOCKET) -> dict[str, Any]:
     """Ask the daemon (as root) to rotate its ledger's signing key."""
     return checked(request({"op": "rotate-key"}, socket_path, timeout_s=30.0))
+
+
+def intent(gpus: list[int], watts_per_gpu: float, executor: str, *, job_id: str | None = None,
+           deadline_s: float | None = None, reason: str | None = None,
+           socket_path: Path = DEFAULT_SOCKET) -> dict[str, Any]:
+    """Announce a limit an external executor is about to set (validate-only mode).
+
+    Returns the reply whatever it says (`verdict` approve or deny): an executor that
+    was denied may still need the decision, e.g. the watts the policy would allow."""
+    payload: dict[str, Any] = {"op": "intent", "gpus": gpus, "watts_per_gpu": watts_per_gpu,
+                               "executor": executor}
+    if job_id is not None:
+        payload["job_id"] = job_id
+    if deadline_s is not None:
+        payload["deadline_s"] = deadline_s
+    if reason:
+        payload["reason"] = reason
+    return request(payload, socket_path)

@@ -15,14 +15,37 @@ from typing import Any
 import yaml
 
 from spark_slurm.daemon.connections import ConnectionLimits
+from spark_slurm.daemon.requests import executor_name_ok
 from spark_slurm.errors import ConfigError
+from spark_slurm.karman.config import parse_source
 
 _KNOWN = {
     "node", "cluster", "socket", "state_dir", "ledger", "keys", "gpu", "policy", "karman",
     "metrics", "job_context", "slurm_user", "journal_path", "spool_path", "sampler",
-    "automations", "max_request_bytes", "refusal_limit", "connections", "disk", "files",
-    "recovery",
+    "automations", "max_request_bytes", "refusal_limit", "executors", "connections",
+    "disk", "files", "recovery",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorSettings:
+    """Validate-only mode (docs/executors.md): GPUs whose limits an external executor
+    sets while sparkd only validates, and who may announce the executor's intents."""
+
+    validate_all: bool = False
+    validate_gpus: tuple[int, ...] = ()
+    users: tuple[str, ...] = ()
+    deadline_s: float = 30.0
+    max_deadline_s: float = 600.0
+    expect: str = "external"
+
+    def validate_only(self, gpu: int) -> bool:
+        """Whether sparkd must never set this GPU's limit (Slurm index)."""
+        return self.validate_all or gpu in self.validate_gpus
+
+    @property
+    def enabled(self) -> bool:
+        return self.validate_all or bool(self.validate_gpus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +64,13 @@ class DaemonConfig:
     signing_key: Path | None = None
     gpu_backend: str = "sim"
     gpu_state_dir: Path | None = None
+    gpu_gres_conf: Path | None = None  # Slurm index order (File=/MultipleFiles=); else minors
+    gpu_persistence: str = "check"  # check: record and warn when off; enable: also turn on
+    gpu_readback_tolerance_mw: int = 1000  # driver rounding accepted at read-back
     karman_endpoint: str | None = None
     karman_topic: str = "cycle-aligned"
+    karman_phases: str = "streams-are-phases"  # karman.phases (spark_slurm/karman/config.py)
+    karman_source: str | None = None  # live | replay when karman.source chose the endpoint
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 0
     job_context_source: str = "static"
@@ -63,6 +91,7 @@ class DaemonConfig:
     files_group: str | None = None
     resume_nodes: bool = False
     drain_reason_prefix: str = "spark:"
+    executors: ExecutorSettings = field(default_factory=ExecutorSettings)
 
 
 def _marks(text: str) -> dict[str, tuple[int, int]]:
@@ -184,7 +213,8 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         if key not in _KNOWN:
             raise reader.fail(str(key), f"unknown key (known: {', '.join(sorted(_KNOWN))})")
     for key in ("socket", "keys", "gpu", "karman", "metrics", "job_context", "sampler",
-                "automations", "refusal_limit", "connections", "disk", "files", "recovery"):
+                "automations", "refusal_limit", "executors", "connections", "disk",
+                "files", "recovery"):
         reader.section(key)
 
     state_dir = reader.path_("state_dir", Path("/var/lib/spark"))
@@ -197,6 +227,9 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
     if backend == "sim" and gpu_state is None:
         raise reader.fail("gpu", "the sim backend needs gpu.state_dir "
                           "(made by `sparkctl sim init`)")
+    persistence = reader.text("gpu.persistence", "check") or "check"
+    if persistence not in ("check", "enable"):
+        raise reader.fail("gpu.persistence", f"expected check or enable, got {persistence!r}")
     policy = reader.path_("policy")
     if policy is None:
         raise ConfigError("policy: missing (path of the site policy YAML)", str(path), 1, 1)
@@ -209,6 +242,8 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
     if isinstance(options.get("path"), str) and not Path(options["path"]).is_absolute():
         options["path"] = str((path.parent / options["path"]).resolve())
     port = reader.whole("metrics.port", 0, 0, 65535, "a port number")
+    karman = parse_source(reader.section("karman") if "karman" in data else None,
+                          lambda key, why: reader.fail(f"karman.{key}", why))
     return DaemonConfig(
         node=node,
         cluster=reader.text("cluster", "spark") or "spark",
@@ -223,8 +258,13 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         signing_key=reader.path_("keys.signing"),
         gpu_backend=backend,
         gpu_state_dir=gpu_state,
-        karman_endpoint=reader.text("karman.endpoint"),
-        karman_topic=reader.text("karman.topic", "cycle-aligned") or "cycle-aligned",
+        gpu_gres_conf=reader.path_("gpu.gres_conf"),
+        gpu_persistence=persistence,
+        gpu_readback_tolerance_mw=reader.whole("gpu.readback_tolerance_mw", 1000, 0, 50_000),
+        karman_endpoint=karman.endpoint,
+        karman_topic=karman.topic,
+        karman_phases=karman.phases,
+        karman_source=karman.source,
         metrics_address=reader.text("metrics.address", "127.0.0.1") or "127.0.0.1",
         metrics_port=port,
         job_context_source=source,
@@ -246,6 +286,7 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         files_group=reader.text("files.group"),
         resume_nodes=_resume(reader, source),
         drain_reason_prefix=reader.text("recovery.reason_prefix", "spark:") or "spark:",
+        executors=_executors(reader),
     )
 
 
@@ -292,6 +333,47 @@ def _resume(reader: _Reader, source: str) -> bool:
         raise reader.fail("recovery.resume_nodes", f"expected true, false or auto, got "
                           f"{value!r}")
     return value
+
+
+_EXECUTOR_KEYS = {"validate_only", "users", "deadline_s", "max_deadline_s", "expect"}
+
+
+def _executors(reader: _Reader) -> ExecutorSettings:
+    section = reader.section("executors")
+    for key in section:
+        if key not in _EXECUTOR_KEYS:
+            raise reader.fail(f"executors.{key}", "unknown key (known: "
+                              f"{', '.join(sorted(_EXECUTOR_KEYS))})")
+    value = section.get("validate_only")
+    validate_all, gpus = False, ()
+    if value == "all":
+        validate_all = True
+    elif isinstance(value, list):
+        if any(isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < 4096
+               for g in value) or len(set(value)) != len(value):
+            raise reader.fail("executors.validate_only",
+                              "expected \"all\" or a list of distinct GPU indices")
+        gpus = tuple(sorted(value))
+    elif value not in (None, False, "none"):
+        raise reader.fail("executors.validate_only",
+                          f"expected \"all\", \"none\" or a list of GPU indices, got {value!r}")
+    users = section.get("users") or []
+    if not isinstance(users, list) or any(
+            isinstance(u, bool) or not isinstance(u, (str, int)) or not str(u).strip()
+            for u in users):
+        raise reader.fail("executors.users", "expected a list of user names or uids")
+    deadline = reader.number("executors.deadline_s", 30.0, 0.5, 86400.0)
+    longest = reader.number("executors.max_deadline_s", max(600.0, deadline), 0.5, 86400.0)
+    if longest < deadline:
+        raise reader.fail("executors.max_deadline_s",
+                          f"{longest:g} is shorter than executors.deadline_s {deadline:g}")
+    expect = reader.text("executors.expect", "external") or "external"
+    if not executor_name_ok(expect):
+        raise reader.fail("executors.expect", f"{expect!r} is not an executor name "
+                          "(1-64 of letters, digits, '.', '_', '-')")
+    return ExecutorSettings(validate_all=validate_all, validate_gpus=gpus,
+                            users=tuple(str(u) for u in users), deadline_s=deadline,
+                            max_deadline_s=longest, expect=expect)
 
 
 def load_config(path: Path) -> DaemonConfig:

@@ -18,12 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from spark_slurm import __version__
 from spark_slurm.daemon.actuation import Actuator
 from spark_slurm.daemon.automations import Monitor
 from spark_slurm.daemon.config import DaemonConfig, load_config
 from spark_slurm.daemon.connections import ConnectionGate
 from spark_slurm.daemon.contracts import PolicyLike, ReceiptLike
 from spark_slurm.daemon.diskspace import DiskWatch, is_disk_full
+from spark_slurm.daemon.executor_intents import PendingIntents
+from spark_slurm.daemon.executors import ExecutorGate
 from spark_slurm.daemon.facility import FacilityFollower
 from spark_slurm.daemon.filemodes import FileModes, secure_files, secure_spool
 from spark_slurm.daemon.ingest import Ingestor
@@ -44,11 +47,15 @@ from spark_slurm.errors import (
     EXIT_OK,
     EXIT_USAGE,
     ConfigError,
+    InputError,
+    KarmanError,
     LedgerKeyError,
     SparkError,
 )
 from spark_slurm.gpu import TelemetrySampler, open_backend
+from spark_slurm.gpu.mapping import gres_conf_devices, slurm_device_map
 from spark_slurm.karman import KarmanSubscriber
+from spark_slurm.karman.subscriber import COUNTERS
 from spark_slurm.ledger.keys import load_hmac_key
 from spark_slurm.ledger.rotation import open_rotating, rotate
 from spark_slurm.policy import Policy
@@ -56,6 +63,7 @@ from spark_slurm.slurm.context import open_context_source
 from spark_slurm.slurm.runner import SubprocessRunner
 
 log = logging.getLogger("sparkd")
+_BLIND_STREAM: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
 
 class Daemon:
@@ -68,9 +76,11 @@ class Daemon:
         self.started_ns = time.time_ns()
         self.head: ReceiptLike | None = None
         self.metrics_port = 0
+        self.karman_error: str | None = None
         self._policy: PolicyLike
         self.writer: LedgerWriter
         self._parts: list[Any] = []
+        self.executors: ExecutorGate | None = None
 
     # -- policy ----------------------------------------------------------------
     def policy(self) -> PolicyLike:
@@ -108,6 +118,7 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         self._policy = self._load_policy()  # a bad policy stops us before anything runs
+        hmac_key = initial_hmac_key(cfg.hmac_key, cfg.ledger_path)  # and a missing key
         self.modes = FileModes.for_group(cfg.files_group)
         self._slurm_uid = uid_of(cfg.slurm_user) if cfg.slurm_user else None
         raise_fd_limit()
@@ -116,7 +127,6 @@ class Daemon:
         self.disk = DiskWatch([cfg.ledger_path.parent, cfg.state_dir, cfg.journal_path.parent],
                               cfg.disk_min_free_bytes)
         self.disk.check()
-        hmac_key = load_hmac_key(cfg.hmac_key) if cfg.hmac_key else None
         cfg.ledger_path.parent.mkdir(parents=True, exist_ok=True)
         self.modes.ledger(cfg.ledger_path)  # -wal and -shm take the database file's mode
         # settles a signing-key rotation that a crash interrupted, then opens
@@ -124,6 +134,16 @@ class Daemon:
                                     node=cfg.node, cluster=cfg.cluster)
         self._parts.append(self.ledger)
         self.modes.ledger(cfg.ledger_path)
+        if cfg.hmac_key is not None and hmac_key is None:
+            if self.ledger.hmac_key_id is None:
+                log.warning("keys.hmac is set but %s was created without HMAC: its records "
+                            "carry no MAC (remove keys.hmac, or start a new ledger)",
+                            cfg.ledger_path)
+            else:
+                log.info("HMAC key %s is not on this node (docs/admin-guide.md: keep it off "
+                         "the node once the ledger exists); MACs go on with the ledger's "
+                         "own evolved epoch key (key id %s)", cfg.hmac_key,
+                         self.ledger.hmac_key_id)
         self.gpu = open_backend(cfg.gpu_backend, state_dir=cfg.gpu_state_dir)
         self.sampler = TelemetrySampler(self.gpu, rate_hz=cfg.sampler_hz,
                                         seconds=cfg.sampler_seconds)
@@ -131,33 +151,46 @@ class Daemon:
         if cfg.job_context_source:
             self.source = open_context_source(cfg.job_context_source,
                                               **cfg.job_context_options)
-        self.stream = None
-        if cfg.karman_endpoint:
-            self.stream = KarmanSubscriber(cfg.karman_endpoint, cfg.karman_topic)
+        self.stream = self._open_stream()
+        karman_stats = self.stream.stats if self.stream else None
+        if self.stream is None and cfg.karman_endpoint:
+            karman_stats = _BLIND_STREAM.copy  # a broken stream reads as a blind one
         self.limiter = RefusalLimiter(cfg.refusal_rate_per_s, cfg.refusal_burst)
         self.gate = ConnectionGate(cfg.connections, self._scheduler_uid)
-        self.metrics = DaemonMetrics(cfg.node, self.stream.stats if self.stream else None,
+        self.metrics = DaemonMetrics(cfg.node, karman_stats,
                                      rate_limited=lambda: self.limiter.suppressed_total)
         record_policy(self.ledger, self._policy, str(cfg.policy_path))
         self.state = NodeState()
         # NVML calls are ctypes calls that drop the GIL, so a job's GPUs go in parallel;
         # the sim's calls are Python work under the GIL, where threads only add overhead.
         self.actuator = Actuator(self.gpu, self.sampler,
-                                 parallel=1 if cfg.gpu_backend == "sim" else 8)
+                                 parallel=1 if cfg.gpu_backend == "sim" else 8,
+                                 slurm_map=self._slurm_map(),
+                                 readback_tolerance_mw=cfg.gpu_readback_tolerance_mw)
+        self.actuator.check_persistence(enable=cfg.gpu_persistence == "enable")
         intents = IntentStore(cfg.state_dir)
+        unknown = [g for g in cfg.executors.validate_gpus if not self.actuator.known(g)]
+        if unknown:
+            raise ConfigError(f"executors.validate_only: GPU {unknown[0]} does not exist on "
+                              f"node {cfg.node} (GPUs: {sorted(self.actuator.devices)})")
         self.startup = reconcile_at_start(node=cfg.node, ledger=self.ledger,
                                           actuator=self.actuator, intents=intents,
-                                          state=self.state, source=self.source)
+                                          state=self.state, source=self.source,
+                                          external=cfg.executors.validate_only)
         self.head = self.ledger.head()
         self.writer = LedgerWriter(self.ledger, maintain_period_s=cfg.maintain_period_s,
                                    on_commit=self._committed)
         self.writer.start()
         self.sampler.start()
         if self.stream is not None:
-            self.stream.start()
+            try:
+                self.stream.start()
+            except KarmanError as exc:
+                self._stream_failed(exc)
         self.facility = FacilityFollower(
             node=cfg.node, writer=self.writer, policy=self.policy, stream=self.stream,
             telemetry=self.sampler, index_of=self.actuator.index,
+            unavailable_reason=self.karman_error or "no Karman endpoint configured",
             count=lambda verdict: None)
         self.facility.start()
         self.pipeline = Pipeline(
@@ -165,6 +198,11 @@ class Daemon:
             state=self.state, intents=intents, authority=self.authority,
             context_source=self.source, follow_up=self.facility.schedule,
             last_action=lambda job_id: last_action(self.ledger, job_id))
+        if cfg.executors.enabled:  # validate-only mode on some or all GPUs
+            self.executors = ExecutorGate(self.pipeline, cfg.executors,
+                                          PendingIntents(cfg.state_dir), count=self.metrics.count)
+            self.executors.resume(self.ledger)
+            self.pipeline.executors = self.executors
         self.recovery = NodeRecovery(node=cfg.node, runner=SubprocessRunner(),
                                      commit=self.writer.commit, healthy=self.disk_healthy,
                                      prefix=cfg.drain_reason_prefix) \
@@ -175,7 +213,8 @@ class Daemon:
                                limiter=self.limiter,
                                rotate_key=self.rotate_key if cfg.signing_key else None,
                                disk=self.disk, tallies=(self.gate.tally,),
-                               hook_failed=hook_failed)
+                               hook_failed=hook_failed,
+                               intent=self.executors.announce if self.executors else None)
         self.metrics.watch(self.disk, self.gate, self.service)
         self.ingestor = Ingestor(node=cfg.node, ledger=self.ledger, writer=self.writer,
                                  handle=self.service.handle, state_dir=cfg.state_dir,
@@ -190,7 +229,8 @@ class Daemon:
         if self.recovery is not None:
             self.recovery.schedule()
         self.monitor = Monitor(self.pipeline, self.policy, period_s=cfg.monitor_period_s,
-                               count=self.metrics.count, on_sample=self._sampled)
+                               count=self.metrics.count, on_sample=self._sampled,
+                               executors=self.executors)
         self.monitor.start()
         self.server = SocketServer(cfg.socket_path, self.service, mode=cfg.socket_mode,
                                    max_request_bytes=cfg.max_request_bytes, gate=self.gate,
@@ -201,6 +241,46 @@ class Daemon:
         log.info("sparkd ready on %s (node %s, %d GPUs, ledger head %s, metrics port %s)",
                  cfg.socket_path, cfg.node, len(self.actuator.devices),
                  self.head.seq if self.head else None, self.metrics_port or "off")
+
+    def _slurm_map(self) -> dict[int, int]:
+        """Slurm GPU index -> backend device, from gres.conf when configured."""
+        gres = None
+        if self.config.gpu_gres_conf is not None:
+            try:
+                text = self.config.gpu_gres_conf.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"gpu.gres_conf: cannot read: {exc.strerror}",
+                                  str(self.config.gpu_gres_conf)) from None
+            gres = gres_conf_devices(text, self.config.node)
+        for problem in getattr(self.gpu, "unavailable", []):
+            log.warning("GPU left out at start: NVML device %s: %s", *problem)
+        mapping, missing = slurm_device_map(self.gpu.devices(), gres)
+        for problem in missing:
+            log.warning("not governed: %s", problem)
+        return mapping
+
+    def _open_stream(self) -> KarmanSubscriber | None:
+        """The Karman subscriber, or None without an endpoint or when it cannot be used.
+
+        Missing or unusable protobuf bindings (or a bad endpoint) take away the
+        facility path, not the node: sparkd goes on governing GPUs, and every
+        follow-up PER records `unavailable` with the reason (docs/daemon-api.md).
+        """
+        cfg = self.config
+        if not cfg.karman_endpoint:
+            return None
+        try:
+            return KarmanSubscriber(cfg.karman_endpoint, cfg.karman_topic,
+                                    phases=cfg.karman_phases)
+        except KarmanError as exc:
+            self._stream_failed(exc)
+            return None
+
+    def _stream_failed(self, exc: KarmanError) -> None:
+        self.stream = None
+        self.karman_error = f"Karman stream {self.config.karman_endpoint} unusable: {exc.message}"
+        log.error("%s; running without the facility path (follow-ups record `unavailable`)",
+                  self.karman_error)
 
     def _committed(self, kind: str, body: Any, receipt: ReceiptLike) -> None:
         self.head = receipt
@@ -245,6 +325,7 @@ class Daemon:
         gpus = []
         for minor in sorted(self.actuator.devices):
             row: dict[str, Any] = {"index": minor, "uuid": self.actuator.devices[minor].uuid,
+                                   "persistence": self.actuator.persistence.get(minor),
                                    "governed_mw": self.state.governed.get(minor),
                                    "job": self.state.owner_of(minor),
                                    "throttled": minor in self.state.throttled,
@@ -278,6 +359,10 @@ class Daemon:
         if self.stream is not None:
             out["karman"] = {k: v for k, v in self.stream.stats().items()
                              if isinstance(v, (int, str))}
+        elif self.karman_error is not None:
+            out["karman"] = {"endpoint": self.config.karman_endpoint, "error": self.karman_error}
+        if self.executors is not None:
+            out["executors"] = self.executors.status()
         return out
 
     def stop(self) -> None:
@@ -318,12 +403,37 @@ class Daemon:
             self.metrics.close()
         if getattr(self, "pipeline", None) is not None:
             self.pipeline.intents.close()
+        gate: ExecutorGate | None = getattr(self, "executors", None)
+        if gate is not None:
+            gate.book.close()
         if getattr(self, "ledger", None) is not None:
             self.ledger.close()
         if getattr(self, "gpu", None) is not None:
             self.gpu.close()
         if started:
             log.info("sparkd stopped")
+
+
+def initial_hmac_key(path: Path | None, ledger: Path) -> bytes | None:
+    """K[0] from `keys.hmac`, when sparkd needs it.
+
+    It is needed to create the ledger; once the ledger exists it holds the evolved
+    epoch key itself, so the admin guide says to move hmac.key off the node (with
+    whoever audits). A file that is still there is read and checked against the
+    ledger (a wrong key is refused); a file that is gone is not an error then.
+    """
+    if path is None:
+        return None
+    if not path.exists() and ledger.is_file() and ledger.stat().st_size > 0:
+        return None
+    try:
+        return load_hmac_key(path)
+    except LedgerKeyError as exc:
+        if path.exists():
+            raise
+        raise ConfigError(f"keys.hmac: {exc.message}; it is needed to create the ledger "
+                          f"{ledger} (or remove keys.hmac to create one without HMAC)") \
+            from None
 
 
 def run_daemon(config_path: Path) -> int:
@@ -358,10 +468,17 @@ def run_daemon(config_path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console script `sparkd --config FILE`."""
+    """Console script `sparkd --config FILE`.
+
+    Exit 2 only when the files it was given are wrong (config, policy, keys, a ledger
+    that is not ours): systemd does not restart those (RestartPreventExitStatus=2),
+    an admin must fix them. Anything else that stops it (a GPU driver not up yet,
+    a socket or disk problem) exits 1, which systemd retries.
+    """
     parser = argparse.ArgumentParser(prog="sparkd", description="spark-slurm node daemon")
     parser.add_argument("--config", default="/etc/spark/sparkd.yaml", type=Path,
                         help="sparkd.yaml (default /etc/spark/sparkd.yaml)")
+    parser.add_argument("--version", action="version", version=f"sparkd {__version__}")
     args = parser.parse_args(argv)
     try:
         return run_daemon(args.config)
@@ -371,15 +488,15 @@ def main(argv: list[str] | None = None) -> int:
             # back; meanwhile the hook journals into its reserve and the health check drains
             print(f"sparkd: cannot record anything, the disk is full: {exc}", file=sys.stderr)
             return EXIT_CHECK_FAILED
-        if isinstance(exc, ConfigError):
+        if isinstance(exc, InputError):
             print(f"sparkd: {exc.message}", file=sys.stderr)
             return EXIT_USAGE
         if isinstance(exc, SparkError):
             print(f"sparkd: {exc.message}", file=sys.stderr)
-            return exc.exit_code
+            return EXIT_CHECK_FAILED
         if isinstance(exc, OSError):
             print(f"sparkd: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return EXIT_CHECK_FAILED
         raise
 
 

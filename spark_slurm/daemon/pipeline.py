@@ -15,8 +15,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spark_slurm.daemon.actuation import Actuator, energy_between, error_text
 from spark_slurm.daemon.context import JobFacts, gather
@@ -27,6 +28,9 @@ from spark_slurm.daemon.state import IntentStore, JobState, NodeState
 from spark_slurm.daemon.writer import LedgerWriter
 from spark_slurm.errors import GpuError
 from spark_slurm.policy.model import PowerRequest
+
+if TYPE_CHECKING:
+    from spark_slurm.daemon.executors import ExecutorGate
 
 log = logging.getLogger("sparkd.pipeline")
 
@@ -73,10 +77,20 @@ def _paths(telemetry: str, context: str, policy: str) -> dict[str, str]:
 
 
 def _telemetry_status(entries: list[dict[str, Any]]) -> str:
-    good = sum(1 for e in entries if e.get("before") and "readback_mw" in e)
+    good = sum(1 for e in entries if e.get("before")
+               and ("readback_mw" in e or "enforced_mw" in e))
     if good == len(entries):
         return "ok"
     return "partial" if good else "failed"
+
+
+def _reply_entry(e: dict[str, Any]) -> dict[str, Any]:
+    if "intended_mw" not in e and "error" not in e:  # left to an external executor
+        return {k: e[k] for k in ("index", "expected_mw", "governed_mw", "enforced_mw",
+                                  "executor", "intent") if k in e}
+    return {"index": e["index"], "intended_mw": e.get("intended_mw"),
+            "readback_mw": e.get("readback_mw"), "ok": bool(e.get("ok")),
+            **({"error": e["error"]} if "error" in e else {})}
 
 
 class Pipeline:
@@ -98,6 +112,29 @@ class Pipeline:
         self.follow_up = follow_up
         self.last_action = last_action  # the job's newest cap/restore PER (ledger lookup)
         self.lock = threading.RLock()
+        # validate-only mode: set by sparkd when executors.validate_only names GPUs
+        self.executors: ExecutorGate | None = None
+
+    def external(self, gpu: int) -> bool:
+        """Whether an external executor, not sparkd, sets this GPU's limit."""
+        return self.executors is not None and self.executors.validate_only(gpu)
+
+    def _expected(self, gpu: int, mw: int, enforced: int | None) -> dict[str, Any]:
+        """A per-GPU entry for a limit sparkd leaves to the executor (nothing is set)."""
+        entry: dict[str, Any] = {"index": gpu, "uuid": self.actuator.devices[gpu].uuid,
+                                 "expected_mw": mw}
+        if enforced is not None:
+            entry["enforced_mw"] = enforced
+        return entry
+
+    def _expect(self, source: str, job_id: str, entries: list[dict[str, Any]],
+                body: dict[str, Any], decision: dict[str, Any] | None
+                ) -> Callable[[Future[ReceiptLike]], None] | None:
+        """Hand the entries left to the executor to the gate (under the lock); what to call
+        with the PER's future, so the expectation can name the PER it follows up."""
+        if self.executors is None or not any("expected_mw" in e for e in entries):
+            return None
+        return self.executors.expect_entries(source, job_id, entries, body, decision)
 
     # -- helpers ---------------------------------------------------------------
     def base(self, request: Request, peer: Peer, role: str, authority: str | None,
@@ -144,7 +181,7 @@ class Pipeline:
                               context=facts.body())
         return targets
 
-    def _decide(self, op: str, facts: JobFacts, gpus: list[int], per_gpu: int | None, *,
+    def decide(self, op: str, facts: JobFacts, gpus: list[int], per_gpu: int | None, *,
                 role: str, current: int | None) -> dict[str, Any]:
         policy = self.policy()
         hw_min, hw_max = self.actuator.hw_range(gpus)
@@ -154,9 +191,13 @@ class Pipeline:
             role=role, current_mw=current, hw_min_mw=hw_min or None, hw_max_mw=hw_max or None))
         return _decision_body(decision, policy.sha256)
 
-    def _commit_action(self, kind: str, body: dict[str, Any], gpus: list[int]) -> ReceiptLike:
+    def _commit_action(self, kind: str, body: dict[str, Any], gpus: list[int],
+                       submitted: Callable[[Future[ReceiptLike]], None] | None = None
+                       ) -> ReceiptLike:
         """Enqueue under the lock (caller holds it), returning the future's receipt later."""
         future = self.writer.submit(kind, body)
+        if submitted is not None:
+            submitted(future)
         self.lock.release()
         try:
             receipt = future.result(timeout=60)
@@ -169,7 +210,9 @@ class Pipeline:
 
     def _mismatch_faults(self, entries: list[dict[str, Any]], job_id: str) -> None:
         for e in entries:
-            if "error" not in e and not e["ok"]:
+            if e.get("readback") == "lower-limiter":  # recorded in the entry: not drift
+                self.state.reported[e["index"]] = e["readback_mw"]
+            if "error" not in e and not e.get("ok", True):
                 self.state.reported[e["index"]] = e["readback_mw"]
                 self.writer.submit("fault", {
                     "v": 1, "node": self.node, "job_id": job_id, "gpu": e["index"],
@@ -183,7 +226,7 @@ class Pipeline:
         committed (a full disk): an action without its PER would be unprovable."""
         for g in gpus:
             mw = governed.get(g)
-            if mw is None:
+            if mw is None or self.external(g):  # an executor's GPU: sparkd set nothing
                 continue
             entry = self.actuator.apply(g, self.state.target(g, mw))
             if "error" in entry:
@@ -219,7 +262,7 @@ class Pipeline:
         facts = gather(request, self.context_source, self.node)
         gpus = self._check_gpus(facts)
         per_gpu = None if facts.node_mw is None else facts.node_mw // len(facts.gpus)
-        decision = self._decide("prolog", facts, gpus, per_gpu, role="scheduler", current=None)
+        decision = self.decide("prolog", facts, gpus, per_gpu, role="scheduler", current=None)
         if decision["action"] == "deny":
             raise Refusal("denied", f"policy rule {decision['rule']}: {decision['reason']}",
                           decision, facts.body())
@@ -259,15 +302,18 @@ class Pipeline:
             entries = []
             changed_ns = time.time_ns()
             targets = {g: self.state.target(g, granted) for g in gpus}
-            applied = self.actuator.each(gpus, lambda g: self.actuator.apply(g, targets[g]))
-            for g, entry in zip(gpus, applied, strict=True):
-                before, _, err = befores[g]
+            executed = [g for g in gpus if not self.external(g)]
+            applied = dict(zip(executed, self.actuator.each(
+                executed, lambda g: self.actuator.apply(g, targets[g])), strict=True))
+            for g in gpus:
+                before, enforced, err = befores[g]
+                entry = applied[g] if g in applied else self._expected(g, targets[g], enforced)
                 entry["before"] = before
                 entry["previous_mw"] = previous[g]
                 if err is not None:
                     entry["before_error"] = err
                 entries.append(entry)
-                if "error" not in entry:
+                if "error" not in entry and "intended_mw" in entry:
                     self.state.governed[g] = entry["intended_mw"]
             self._mismatch_faults(entries, facts.job_id)
             body = self.base(request, peer, "scheduler", "slurm-prolog", origin)
@@ -275,8 +321,9 @@ class Pipeline:
                          "gpus": entries, "changed_ns": changed_ns,
                          "paths": _paths(_telemetry_status(entries), facts.status,
                                          decision["action"])})
+            attach = self._expect("prolog", facts.job_id, entries, body, decision)
             try:
-                receipt = self._commit_action("cap", body, gpus)
+                receipt = self._commit_action("cap", body, gpus, attach)
             except Exception:
                 self._undo(gpus, governed_before, jobs_before)
                 if job.job_id not in jobs_before:
@@ -321,12 +368,18 @@ class Pipeline:
                        "gpus": job.gpus, "status": "ok"}
         total = 0
         changed_ns = time.time_ns()
+
         def restore_one(g: int) -> dict[str, Any]:
             before, enforced, err = self.actuator.before(g)
             mw = targets[g] if targets[g] is not None else enforced
             if mw is None:
                 return {"index": g, "error": err or "no restore target"}
-            entry = self.actuator.apply(g, self.state.target(g, mw))
+            if self.external(g):  # the executor restores it; sparkd expects and checks
+                entry = self._expected(g, mw, enforced)
+                if job is None:
+                    entry["governed_mw"] = entry.pop("expected_mw")
+            else:
+                entry = self.actuator.apply(g, self.state.target(g, mw))
             entry["before"] = before
             entry["previous_mw"] = mw
             if job is not None and job.start_energy_mj.get(g) is not None:
@@ -343,7 +396,7 @@ class Pipeline:
         entries = self.actuator.each(list(targets), restore_one)
         for entry in entries:
             total += int(entry.get("energy_mj", 0))
-            if "error" not in entry:
+            if "error" not in entry and "intended_mw" in entry:
                 self.state.governed[entry["index"]] = entry["intended_mw"]
         body = self.base(request, peer, "scheduler", "slurm-epilog", origin)
         body.update({"op": "epilog", "context": context, "gpus": entries,
@@ -354,7 +407,8 @@ class Pipeline:
         if notes:
             body["notes"] = notes
         self._mismatch_faults(entries, request.job_id)
-        receipt = self._commit_action("restore", body, list(targets))
+        attach = self._expect("epilog", request.job_id, entries, body, None)
+        receipt = self._commit_action("restore", body, list(targets), attach)
         if job is not None:
             jobs = dict(self.state.jobs)
             jobs.pop(request.job_id, None)
@@ -370,6 +424,11 @@ class Pipeline:
         job = self.state.jobs.get(request.job_id)
         if job is None:
             raise Refusal("not-found", f"job {request.job_id} holds no cap on node {self.node}")
+        external = [g for g in job.gpus if self.external(g)]
+        if external:
+            raise Refusal("denied", f"GPU(s) {external} of job {job.job_id} are validate-only "
+                          f"on node {self.node}: an external executor sets their limits "
+                          "(it announces each change with `sparkctl intent`)")
         auth = self.authority()
         if peer.uid == 0:
             role, authority = "admin", "root"
@@ -386,7 +445,7 @@ class Pipeline:
         facts = JobFacts(job_id=job.job_id, user=job.user, uid=job.uid, account=job.account,
                          partition=job.partition, qos=job.qos,
                          workload_class=job.workload_class, gpus=tuple(job.gpus))
-        decision = self._decide("cap", facts, job.gpus, per_gpu, role=role,
+        decision = self.decide("cap", facts, job.gpus, per_gpu, role=role,
                                 current=job.granted_mw)
         if decision["action"] == "deny":
             raise Refusal("denied", f"policy rule {decision['rule']}: {decision['reason']}",
@@ -429,9 +488,7 @@ class Pipeline:
               entries: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {
             "ok": True, "id": request.id, "seq": receipt.seq, "hash": receipt.hash,
-            "gpus": [{"index": e["index"], "intended_mw": e.get("intended_mw"),
-                      "readback_mw": e.get("readback_mw"), "ok": bool(e.get("ok")),
-                      **({"error": e["error"]} if "error" in e else {})} for e in entries]}
+            "gpus": [_reply_entry(e) for e in entries]}
         if decision is not None:
             out["decision"] = decision
         return out

@@ -14,11 +14,14 @@ from typing import Any
 
 from spark_slurm.errors import BadRequest
 
-OPS = ("prolog", "epilog", "cap", "status", "ingest", "rotate-key")
+OPS = ("prolog", "epilog", "cap", "status", "ingest", "rotate-key", "intent")
 _JOB_OPS = ("prolog", "epilog", "cap")
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 _FIELDS = {
     "op", "id", "job_id", "user", "uid", "gid", "partition", "account", "qos", "gpus", "watts",
     "watts_per_gpu", "comment", "node", "class", "reason",
+    # intent (an external executor announces a limit it is about to set)
+    "executor", "deadline_s",
     # written by spark-hook into its fallback journal, accepted on the socket too
     "journaled_ns", "hook_exit", "error",
 }
@@ -44,12 +47,14 @@ class Request:
     node: str | None = None
     workload_class: str | None = None
     reason: str | None = None
+    executor: str | None = None
+    deadline_s: float | None = None
 
     def echo(self) -> dict[str, Any]:
         """The request's own fields as recorded in PERs (what the caller claimed)."""
         out: dict[str, Any] = {"op": self.op}
         for key in ("job_id", "user", "uid", "gid", "partition", "account", "qos", "comment",
-                    "node", "reason"):
+                    "node", "reason", "executor"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -61,6 +66,8 @@ class Request:
             out["node_mw"] = self.node_mw
         if self.per_gpu_mw is not None:
             out["per_gpu_mw"] = self.per_gpu_mw
+        if self.deadline_s is not None:
+            out["deadline_ms"] = round(self.deadline_s * 1000)
         return out
 
 
@@ -168,6 +175,7 @@ def request_from(data: Any) -> Request:
     per_gpu_mw = _watts_mw(data, "watts_per_gpu")
     if op == "cap" and node_mw is None and per_gpu_mw is None:
         raise BadRequest("cap request needs 'watts_per_gpu' (or 'watts' for the node)")
+    executor, deadline_s = _intent_fields(op, data, gpus, node_mw, per_gpu_mw)
     return Request(
         op=op, id=rid, job_id=job_id, user=_str(data, "user", 256),
         uid=_int(data, "uid", 0, 2**32 - 1), gid=_int(data, "gid", 0, 2**32 - 1),
@@ -175,4 +183,42 @@ def request_from(data: Any) -> Request:
         qos=_str(data, "qos", 256), gpus=gpus, node_mw=node_mw, per_gpu_mw=per_gpu_mw,
         comment=_str(data, "comment"), node=_str(data, "node", 256),
         workload_class=_str(data, "class", 64), reason=_str(data, "reason", 1024),
+        executor=executor, deadline_s=deadline_s,
     )
+
+
+def executor_name_ok(name: str) -> bool:
+    """Executor names are short labels (recorded in PERs, shown in audits)."""
+    return 0 < len(name) <= 64 and set(name) <= _NAME_CHARS
+
+
+def _intent_fields(op: str, data: dict[str, Any], gpus: tuple[int, ...] | None,
+                   node_mw: int | None, per_gpu_mw: int | None
+                   ) -> tuple[str | None, float | None]:
+    """`executor` and `deadline_s`, which only an intent may carry, checked."""
+    executor = _str(data, "executor", 64)
+    deadline = data.get("deadline_s")
+    if op != "intent":
+        for key in ("executor", "deadline_s"):
+            if data.get(key) is not None:
+                raise BadRequest(f"field {key!r} belongs to intent requests, not {op}")
+        return None, None
+    if executor is None:
+        raise BadRequest("intent request needs 'executor' (the executor's name)")
+    if not executor_name_ok(executor):
+        raise BadRequest(f"field 'executor' = {executor!r} is not a name (letters, digits, "
+                         "'.', '_', '-')")
+    if not gpus:
+        raise BadRequest("intent request needs 'gpus' (the GPUs the executor will set)")
+    if node_mw is not None:
+        raise BadRequest("intent request takes 'watts_per_gpu' (the limit each GPU gets), "
+                         "not 'watts'")
+    if per_gpu_mw is None:
+        raise BadRequest("intent request needs 'watts_per_gpu'")
+    if deadline is not None:
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) \
+                or not math.isfinite(deadline) or not 0 < deadline <= 86400:
+            raise BadRequest(f"field 'deadline_s' = {deadline!r} is not a number of seconds "
+                             "in (0, 86400]")
+        deadline = float(deadline)
+    return executor, deadline

@@ -31,7 +31,8 @@ from spark_slurm.errors import BadRequest, DiskFull, GpuError
 log = logging.getLogger("sparkd.service")
 
 Observer = Callable[[str, float], None]
-_ACTING_OPS = ("prolog", "cap", "rotate-key")  # refused up front while the disk is full
+_ACTING_OPS = ("prolog", "cap", "intent", "rotate-key")  # refused first when the disk is full
+IntentHandler = Callable[[Request, Peer, Origin], dict[str, Any]]
 
 
 class Service:
@@ -44,8 +45,11 @@ class Service:
                  rotate_key: Callable[[], dict[str, Any]] | None = None,
                  disk: DiskWatch | None = None,
                  tallies: tuple[Tally, ...] = (),
-                 hook_failed: Callable[[int], None] | None = None) -> None:
+                 hook_failed: Callable[[int], None] | None = None,
+
+                 intent: IntentHandler | None = None) -> None:
         self.pipeline = pipeline
+        self.intent = intent
         self.status = status
         self.ingest = ingest
         self.rotate_key = rotate_key
@@ -273,6 +277,11 @@ class Service:
             return self.pipeline.epilog(request, peer, origin)
         if op == "cap":
             return self.pipeline.cap(request, peer, origin)
+        if op == "intent":  # validate-only mode: an external executor announces a change
+            if self.intent is None:
+                raise Refusal("bad-request", f"node {self.pipeline.node} has no validate-only "
+                              "GPUs (executors.validate_only in sparkd.yaml)", role="executor")
+            return self.intent(request, peer, origin)
         if op == "ingest":
             if self.ingest is None:
                 raise Refusal("bad-request", "ingest is not available on this daemon")

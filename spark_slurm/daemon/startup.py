@@ -11,6 +11,7 @@ also becomes the governed baseline of GPUs the ledger never governed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +63,13 @@ def _restored(ledger: LedgerLike, job_id: str) -> bool:
 
 def reconcile_at_start(*, node: str, ledger: LedgerLike, actuator: Actuator,
                        intents: IntentStore, state: NodeState,
-                       source: JobContextSource | None) -> StartupReport:
-    """Restore orphans, align every GPU with the ledger, record it; fills `state`."""
+                       source: JobContextSource | None,
+                       external: Callable[[int], bool] = lambda _gpu: False) -> StartupReport:
+    """Restore orphans, align every GPU with the ledger, record it; fills `state`.
+
+    `external` GPUs (validate-only mode) are never set: their entries only observe,
+    keeping the ledger's value as governed, so the monitor's first look judges any
+    change made while sparkd was down (an executor intent's landing, or not)."""
     governed = governed_latest(ledger.records_newest_first(kinds=list(GOVERNING_KINDS)),
                                actuator.devices)
     jobs = intents.load()
@@ -78,7 +84,7 @@ def reconcile_at_start(*, node: str, ledger: LedgerLike, actuator: Actuator,
         if running:
             kept.append(job_id)
             continue
-        entries = _restore_job(actuator, job)
+        entries = _restore_job(actuator, job, external)
         for e in entries:
             if "error" not in e:
                 governed[e["index"]] = e["intended_mw"]
@@ -109,7 +115,9 @@ def reconcile_at_start(*, node: str, ledger: LedgerLike, actuator: Actuator,
             continue
         expected = governed.get(minor)
         entry["observed_mw"] = observed
-        if expected is None:
+        if external(minor) and expected is not None and expected != observed:
+            entry.update(expected_mw=expected, intended_mw=expected, action="observe")
+        elif expected is None:
             entry.update(intended_mw=observed, readback_mw=observed, ok=True, action="baseline")
         elif expected == observed:
             entry.update(expected_mw=expected, intended_mw=expected, readback_mw=observed,
@@ -133,12 +141,13 @@ def reconcile_at_start(*, node: str, ledger: LedgerLike, actuator: Actuator,
     return report
 
 
-def _restore_job(actuator: Actuator, job: JobState) -> list[dict[str, Any]]:
+def _restore_job(actuator: Actuator, job: JobState,
+                 external: Callable[[int], bool]) -> list[dict[str, Any]]:
     entries = []
     for g in job.gpus:
         target = job.previous_mw.get(g)
-        if target is None or not actuator.known(g):
-            continue
+        if target is None or not actuator.known(g) or external(g):
+            continue  # an external executor restores validate-only GPUs
         before, _, _ = actuator.before(g)
         entry = actuator.apply(g, target)
         entry["before"] = before

@@ -19,7 +19,7 @@ from typing import Any
 from spark_slurm.durable import replace_file
 
 # PER kinds that change (or confirm) a GPU's governed limit.
-GOVERNING_KINDS = ("cap", "restore", "reconcile", "drift", "throttle", "release")
+GOVERNING_KINDS = ("cap", "restore", "reconcile", "drift", "throttle", "release", "executor")
 
 
 @dataclass(slots=True)
@@ -131,6 +131,9 @@ def limits_set_by(record: Any) -> list[tuple[int, int]]:
         return [(int(entry["index"]), int(entry["intended_mw"]))
                 for entry in body.get("gpus", [])
                 if "intended_mw" in entry and "error" not in entry]
+    if kind == "executor":  # validate-only mode: what an external executor was seen to set
+        return [(int(entry["index"]), int(entry["readback_mw"]))
+                for entry in body.get("gpus", []) if entry.get("landed")]
     if kind == "drift":
         key = "expected_mw" if body.get("action") == "reconcile" else "observed_mw"
         return [(int(body["gpu"]), int(body[key]))]

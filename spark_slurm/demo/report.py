@@ -9,6 +9,7 @@ same bytes while the daemon keeps running.
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -56,10 +57,13 @@ def audit_jobs(ledger: Path, jobs: list[str], plots: Path, say: Say,
     checks: list[Check] = []
     written: list[Path] = []
     plots.mkdir(parents=True, exist_ok=True)
+    can_plot = importlib.util.find_spec("matplotlib") is not None
+    if not can_plot:
+        say("  plots skipped: matplotlib is not installed (pip install 'spark-slurm[plot]')")
     for job in jobs:
         path = plots / f"job-{job}.png"
         try:
-            report = audit_job(ledger, job, plot=path, keys_dir=keys_dir)
+            report = audit_job(ledger, job, plot=path if can_plot else None, keys_dir=keys_dir)
         except SparkError as exc:
             checks.append(Check(f"audit of job {job}", False, exc.message))
             continue
@@ -68,6 +72,8 @@ def audit_jobs(ledger: Path, jobs: list[str], plots: Path, say: Say,
         checks.append(Check(f"audit of job {job}", report.ok,
                             "verified and validated" if report.ok else "; ".join(
                                 report.problems)))
+        if not can_plot:
+            continue
         ok = path.is_file() and path.stat().st_size > 0
         checks.append(Check(f"plot of job {job}", ok, str(path)))
         if ok:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,8 @@ from spark_slurm.daemon import client
 from spark_slurm.demo.cluster import ClusterSpec, SlurmCluster, free_port
 from spark_slurm.demo.services import ServiceGroup, wait_for
 from spark_slurm.errors import DaemonUnavailable, InputError, ServiceError, SparkError
+from spark_slurm.files.layout import Layout, render
+from spark_slurm.files.shipped import data_root
 from spark_slurm.gpu.sim import SimFleet
 from spark_slurm.ledger.keys import HMAC_FILE, PUBLIC_FILE, SIGNING_FILE, keygen
 from spark_slurm.ledger.reader import read_records
@@ -47,7 +48,8 @@ STATE_FILE = "demo.json"
 
 
 def find_repo(start: Path | None = None) -> Path:
-    """The source checkout holding slurm/, etc/ and contrib/ (the demo installs from it)."""
+    """The tree holding slurm/, etc/ and contrib/ as shipped (the demo installs from it):
+    `start` or this package's checkout, else the admin files an installed wheel carries."""
     candidates = [Path(__file__).resolve().parents[2]]
     if start is not None:
         candidates.insert(0, start.resolve())
@@ -55,8 +57,7 @@ def find_repo(start: Path | None = None) -> Path:
         if (path / "slurm" / "job_submit.lua").is_file() and \
                 (path / "etc" / "policy.yaml").is_file():
             return path
-    raise InputError("sparkctl demo needs the spark-slurm source checkout (slurm/, etc/, "
-                     "contrib/); run it from the repository (make demo)")
+    return data_root()
 
 
 def tool(name: str) -> list[str]:
@@ -69,16 +70,10 @@ def tool(name: str) -> list[str]:
 
 
 def render_wrapper(template: Path, out: Path, hook_config: Path) -> Path:
-    """A slurm/ wrapper with its install placeholders filled for this interpreter."""
-    pkg = Path(__file__).resolve().parents[1]
-    values = {"PYTHON": sys.executable, "PKGDIR": str(pkg.parent),
-              "HOOK": str(pkg / "hook.py"), "HOOK_CONFIG": str(hook_config)}
-    text = re.sub(r"@([A-Z_]+)@", lambda m: values.get(m.group(1), m.group(0)),
-                  template.read_text())
-    left = re.findall(r"@[A-Z_]+@", text)
-    if left:
-        raise InputError(f"{template}: unknown install placeholder {left[0]}")
-    out.write_text(text)
+    """A slurm/ wrapper with its install placeholders filled for this interpreter
+    (as `sparkctl files install` fills them, with this run's hook config)."""
+    layout = replace(Layout.current(), hook_config=hook_config)
+    out.write_text(render(template.read_text(), layout.values(), str(template)))
     out.chmod(0o755)
     return out
 

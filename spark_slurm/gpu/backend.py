@@ -66,13 +66,15 @@ class PowerLimits:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One telemetry reading. `energy_epoch` increases whenever the counter reset."""
+    """One telemetry reading. `energy_epoch` increases whenever the counter reset.
+
+    `util_pct` is None where the driver has no utilisation (a MIG-enabled GPU)."""
 
     time_ns: int
     power_mw: int
     energy_mj: int
     temp_mc: int
-    util_pct: int
+    util_pct: int | None
     reasons: int
     enforced_mw: int
     energy_epoch: int = 0
@@ -91,6 +93,8 @@ class GpuBackend(Protocol):
     def set_power_limit(self, index: int, mw: int) -> None: ...
 
     def persistence_mode(self, index: int) -> bool | None: ...
+
+    def set_persistence_mode(self, index: int, enabled: bool) -> None: ...
 
     def close(self) -> None: ...
 

@@ -1,17 +1,22 @@
 """Slurm GPU indices -> backend devices, by device minor number, never by position.
 
-Slurm's GPU index k is the k-th device file of the node's gres.conf `File=`
-list; the file `/dev/nvidiaN` names minor number N. Backends enumerate in their
+Slurm's GPU index k is the k-th device of the node's gres.conf gpu lines: a
+`File=/dev/nvidiaN` names the whole GPU with minor number N, a
+`MultipleFiles=/dev/nvidiaN,/dev/nvidia-caps/...` a MIG slice on it (the j-th
+such line for N is N's j-th slice in NVML order). Backends enumerate in their
 own order (NVML's is PCI order), so position would silently pick the wrong GPU.
+Without a gres.conf the Slurm index of a whole GPU is its minor number (the usual
+`File=/dev/nvidia[0-N]`), and MIG slices are numbered after the highest minor.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from spark_slurm.errors import GpuNotFound, InputError
-from spark_slurm.gpu.backend import GpuBackend
+from spark_slurm.gpu.backend import DeviceInfo, GpuBackend
 
 _MINOR = re.compile(r"nvidia(\d+)$")
 _BRACKET = re.compile(r"^(.*)\[([^\]]+)\](.*)$")
@@ -57,6 +62,90 @@ def gres_conf_device_files(text: str, node: str | None = None) -> list[str]:
             continue
         files.extend(expand_device_files(fields["File"]))
     return files
+
+
+@dataclass(frozen=True, slots=True)
+class GresDevice:
+    """One gres.conf gpu device: the GPU's minor number, and whether it is a MIG slice."""
+
+    minor: int
+    mig: bool = False
+
+
+def _fields(line: str) -> dict[str, str]:
+    return dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+
+
+def gres_conf_devices(text: str, node: str | None = None) -> list[GresDevice]:
+    """The node's gpu devices in gres.conf order (Slurm's index order), MIG slices too."""
+    out: list[GresDevice] = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        fields = _fields(line) if line else {}
+        if fields.get("Name") != "gpu":
+            continue
+        nodes = fields.get("NodeName")
+        if node is not None and nodes is not None and node not in expand_device_files(nodes):
+            continue
+        if "MultipleFiles" in fields:
+            files = fields["MultipleFiles"].split(",")
+            whole = [f for f in files if _MINOR.search(f)]
+            if len(whole) != 1:
+                raise InputError(f"gres.conf line {line!r}: MultipleFiles= must name exactly "
+                                 "one /dev/nvidiaN")
+            out.append(GresDevice(minor_of(whole[0]), mig=len(files) > 1))
+        elif "File" in fields:
+            out.extend(GresDevice(minor_of(f)) for f in expand_device_files(fields["File"]))
+    return out
+
+
+def slurm_device_map(devices: Sequence[DeviceInfo], gres: Sequence[GresDevice] | None = None
+                     ) -> tuple[dict[int, int], list[str]]:
+    """Slurm GPU index -> backend index for every device the daemon governs, and the
+    gres.conf entries it could not find (a lost GPU: left out, never a wrong one).
+
+    A MIG-enabled parent GPU that Slurm does not list itself still gets an index,
+    after all of Slurm's, so its shared power limit can be governed and recorded.
+    """
+    whole = {d.minor: d for d in devices if d.mig_parent is None}
+    slices: dict[str, list[DeviceInfo]] = {}
+    for d in devices:
+        if d.mig_parent is not None:
+            slices.setdefault(d.mig_parent, []).append(d)
+    out: dict[int, int] = {}
+    missing: list[str] = []
+    if gres is None:
+        out = {d.minor: d.index for d in whole.values()}
+        key = max(out, default=-1) + 1
+        for gpu in sorted(whole.values(), key=lambda d: d.minor):
+            for d in slices.get(gpu.uuid, []):
+                out[key] = d.index
+                key += 1
+    else:
+        taken: dict[int, int] = {}
+        for k, entry in enumerate(gres):
+            parent = whole.get(entry.minor)
+            if not entry.mig:
+                if parent is None:
+                    missing.append(f"Slurm GPU {k} (/dev/nvidia{entry.minor}): no such device")
+                else:
+                    out[k] = parent.index
+                continue
+            j = taken.get(entry.minor, 0)
+            taken[entry.minor] = j + 1
+            pool = slices.get(parent.uuid, []) if parent is not None else []
+            if j >= len(pool):
+                missing.append(f"Slurm GPU {k} (MIG slice {j} of /dev/nvidia{entry.minor}): "
+                               "no such MIG device")
+            else:
+                out[k] = pool[j].index
+    # Never an index gres.conf names (a GPU missing now must not alias its parent).
+    key = max(max(out, default=-1) + 1, len(gres or ()))
+    for gpu in sorted(whole.values(), key=lambda d: d.minor):
+        if gpu.uuid in slices and gpu.index not in out.values():
+            out[key] = gpu.index
+            key += 1
+    return out, missing
 
 
 def minor_of(device_file: str) -> int:

@@ -3,7 +3,16 @@
 Facts it follows (see docs and nvml-facts): read-back uses the *enforced* limit,
 not the requested one; the energy counter restarts when the driver reloads, so
 each decrease bumps `Sample.energy_epoch`; a MIG slice's power belongs to its
-parent GPU, so slices report the parent's readings and refuse limit changes.
+parent GPU (`nvmlDeviceGetDeviceHandleFromMigDeviceHandle`), so slices report the
+parent's readings and refuse limit changes; a MIG-enabled GPU does not report
+utilisation, which then reads as unknown rather than failing the whole sample.
+
+One GPU that is lost or denied at enumeration is left out (and listed in
+`unavailable`) instead of failing the node. After a call fails because a GPU or
+the driver was lost, NVML is shut down and initialised again before the next
+call (at most every `reinit_interval_s`, as nvmlInit is slow), and devices are
+matched again by UUID, so a GPU that comes back is governed again under the same
+index. A GPU that was already missing at start is not added later.
 
 A wedged driver can block an NVML call indefinitely, so every batch of calls
 runs on a worker thread and the caller waits at most `call_timeout_s`; on a
@@ -14,6 +23,7 @@ tested without a GPU against a fake module with the same names.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -117,7 +127,7 @@ class CallGuard:
         return job.value  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Handle:
     info: DeviceInfo
     handle: Any
@@ -128,11 +138,16 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _int(value: Any) -> int:
+    """pynvml returns some values as ctypes objects (e.g. nvmlDeviceIsMigDeviceHandle)."""
+    return int(getattr(value, "value", value))
+
+
 class NvmlBackend:
     """GpuBackend over NVML. `nvml` is the pynvml module (injected in tests)."""
 
     def __init__(self, clock: Clock = SYSTEM_CLOCK, nvml: Any = None,
-                 call_timeout_s: float = 5.0) -> None:
+                 call_timeout_s: float = 5.0, reinit_interval_s: float = 10.0) -> None:
         if nvml is None:
             try:
                 import pynvml  # noqa: PLC0415 (lazy: only NVML nodes need it)
@@ -142,52 +157,80 @@ class NvmlBackend:
         self._nvml = nvml
         self._clock = clock
         self._timeout = call_timeout_s
+        self._reinit_ns = int(reinit_interval_s * 1_000_000_000)
         self._worker = CallGuard()
         self._codes = {getattr(nvml, name): cls for name, cls in _ERROR_MAP
                        if hasattr(nvml, name)}
         self._energy: dict[int, tuple[int, int]] = {}  # index -> (last mJ, epoch)
         self._closed = False
+        self._stale = False  # a GPU or the driver was lost: initialise NVML again
+        self._last_reinit_ns: int | None = None
+        self.reinits = 0
+        self.unavailable: list[tuple[int, str]] = []  # NVML index, why it was left out
         self._call(None, "init", nvml.nvmlInit)
         try:
-            self._handles = self._call(None, "device enumeration", self._enumerate)
+            self._handles, self.unavailable = self._call(None, "device enumeration",
+                                                         self._enumerate)
         except GpuError:
             self._call(None, "shutdown", nvml.nvmlShutdown)
             raise
+
+    def _error(self, exc: Exception) -> type[GpuError]:
+        return self._codes.get(getattr(exc, "value", None), GpuError)
 
     def _call(self, index: int | None, what: str, fn: Callable[[], T]) -> T:
         """Run fn on the worker with the timeout, mapping NVMLError to typed errors."""
         if self._closed:
             raise GpuLost("NVML backend is closed", index)
+        if self._stale:
+            self._reinit()
         try:
             return self._worker.call(fn, self._timeout, what)
-        except GpuLost as exc:
+        except GpuLost as exc:  # a call that did not return: never re-initialise into it
             if exc.index is None and index is not None:
                 raise GpuLost(exc.message, index) from None
             raise
         except self._nvml.NVMLError as exc:
-            cls = self._codes.get(getattr(exc, "value", None), GpuError)
+            cls = self._error(exc)
+            if cls is GpuLost and index is not None:
+                self._stale = True
             raise cls(f"NVML {what}: {exc}", index) from None
 
-    def _enumerate(self) -> list[_Handle]:
+    # -- enumeration and recovery ----------------------------------------------
+    def _enumerate(self) -> tuple[list[_Handle], list[tuple[int, str]]]:
+        """Every usable device, physical GPUs first, then MIG slices; one bad GPU
+        (NoPermission, GpuIsLost) is left out and named, never fails the node."""
         n = self._nvml
         out: list[_Handle] = []
+        skipped: list[tuple[int, str]] = []
         physical = []
         for i in range(n.nvmlDeviceGetCount()):
-            h = n.nvmlDeviceGetHandleByIndex(i)
-            info = DeviceInfo(
-                index=i, minor=n.nvmlDeviceGetMinorNumber(h),
-                pci_bus_id=_text(n.nvmlDeviceGetPciInfo(h).busId),
-                uuid=_text(n.nvmlDeviceGetUUID(h)), name=_text(n.nvmlDeviceGetName(h)))
+            try:
+                h = n.nvmlDeviceGetHandleByIndex(i)
+                info = DeviceInfo(
+                    index=len(out), minor=n.nvmlDeviceGetMinorNumber(h),
+                    pci_bus_id=_text(n.nvmlDeviceGetPciInfo(h).busId),
+                    uuid=_text(n.nvmlDeviceGetUUID(h)), name=_text(n.nvmlDeviceGetName(h)))
+            except n.NVMLError as exc:
+                skipped.append((i, f"{self._error(exc).__name__}: {exc}"))
+                continue
             out.append(_Handle(info, h, h))
             physical.append((info, h))
         for parent, h in physical:
             for mig in self._mig_slices(h):
-                info = DeviceInfo(index=len(out), minor=parent.minor,
-                                  pci_bus_id=parent.pci_bus_id,
-                                  uuid=_text(n.nvmlDeviceGetUUID(mig)),
-                                  name=_text(n.nvmlDeviceGetName(mig)), mig_parent=parent.uuid)
-                out.append(_Handle(info, mig, h))
-        return out
+                try:
+                    power = n.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(mig)
+                    info = DeviceInfo(index=len(out), minor=parent.minor,
+                                      pci_bus_id=parent.pci_bus_id,
+                                      uuid=_text(n.nvmlDeviceGetUUID(mig)),
+                                      name=_text(n.nvmlDeviceGetName(mig)),
+                                      mig_parent=parent.uuid)
+                except n.NVMLError as exc:
+                    skipped.append((parent.index, f"MIG slice: {self._error(exc).__name__}: "
+                                                  f"{exc}"))
+                    continue
+                out.append(_Handle(info, mig, power))
+        return out, skipped
 
     def _mig_slices(self, h: Any) -> list[Any]:
         n = self._nvml
@@ -200,23 +243,56 @@ class NvmlBackend:
         slices = []
         for j in range(n.nvmlDeviceGetMaxMigDeviceCount(h)):
             try:
-                slices.append(n.nvmlDeviceGetMigDeviceHandleByIndex(h, j))
+                mig = n.nvmlDeviceGetMigDeviceHandleByIndex(h, j)
             except n.NVMLError:
                 continue  # an empty slot
+            if _int(n.nvmlDeviceIsMigDeviceHandle(mig)):
+                slices.append(mig)
         return slices
+
+    def _reinit(self) -> None:
+        """Shut NVML down and initialise it again; re-match devices by UUID."""
+        now = self._clock.monotonic_ns()
+        if self._last_reinit_ns is not None and now - self._last_reinit_ns < self._reinit_ns:
+            return
+        self._last_reinit_ns = now
+        n = self._nvml
+
+        def again() -> list[_Handle]:
+            with contextlib.suppress(n.NVMLError):  # already uninitialised: driver gone
+                n.nvmlShutdown()
+            n.nvmlInit()
+            return self._enumerate()[0]
+
+        try:
+            fresh = {h.info.uuid: h for h in self._worker.call(again, self._timeout,
+                                                               "re-initialisation")}
+        except (GpuLost, n.NVMLError):
+            return  # still gone: stay stale, try again after the interval
+        missing = False
+        for old in self._handles:
+            new = fresh.get(old.info.uuid)
+            if new is None:
+                missing = True  # still lost: its calls fail until it is found again
+            else:
+                old.handle, old.power_handle = new.handle, new.power_handle
+        self._stale = missing
+        self.reinits += 1
 
     def _handle(self, index: int) -> _Handle:
         if not 0 <= index < len(self._handles):
             raise GpuNotFound(f"no such GPU (NVML sees {len(self._handles)} devices)", index)
         return self._handles[index]
 
+    # -- the GpuBackend protocol -----------------------------------------------
     def devices(self) -> list[DeviceInfo]:
         return [h.info for h in self._handles]
 
     def limits(self, index: int) -> PowerLimits:
-        n, h = self._nvml, self._handle(index).power_handle
+        n, dev = self._nvml, self._handle(index)
 
         def read() -> PowerLimits:
+            h = dev.power_handle
             lo, hi = n.nvmlDeviceGetPowerManagementLimitConstraints(h)
             return PowerLimits(int(lo), int(hi), int(n.nvmlDeviceGetPowerManagementDefaultLimit(h)),
                                int(n.nvmlDeviceGetPowerManagementLimit(h)),
@@ -237,14 +313,26 @@ class NvmlBackend:
                     raise
         return int(n.nvmlDeviceGetCurrentClocksThrottleReasons(h))
 
+    def _util(self, h: Any) -> int | None:
+        """GPU utilisation %, or None where NVML has none (a MIG-enabled GPU)."""
+        n = self._nvml
+        try:
+            return int(n.nvmlDeviceGetUtilizationRates(h).gpu)
+        except n.NVMLError as exc:
+            if getattr(exc, "value", None) == getattr(n, "NVML_ERROR_NOT_SUPPORTED", -1):
+                return None
+            raise
+
     def sample(self, index: int) -> Sample:
-        n, h = self._nvml, self._handle(index).power_handle
+        n, dev = self._nvml, self._handle(index)
 
         def read() -> Sample:
+            h = dev.power_handle
             power = int(n.nvmlDeviceGetPowerUsage(h))
             energy = int(n.nvmlDeviceGetTotalEnergyConsumption(h))
-            temp = int(n.nvmlDeviceGetTemperature(h, getattr(n, "NVML_TEMPERATURE_GPU", 0)))
-            util = int(n.nvmlDeviceGetUtilizationRates(h).gpu)
+            # NVML reports whole degrees C; samples carry millidegrees.
+            temp_c = int(n.nvmlDeviceGetTemperature(h, getattr(n, "NVML_TEMPERATURE_GPU", 0)))
+            util = self._util(h)
             reasons = self._reasons(h)
             enforced = int(n.nvmlDeviceGetEnforcedPowerLimit(h))
             # On the worker thread, so concurrent samplers cannot misorder readings.
@@ -252,7 +340,7 @@ class NvmlBackend:
             if energy < last:
                 epoch += 1  # the counter restarted: the driver was reloaded
             self._energy[index] = (energy, epoch)
-            return Sample(self._clock.now_ns(), power, energy, temp * 1000, util, reasons,
+            return Sample(self._clock.now_ns(), power, energy, temp_c * 1000, util, reasons,
                           enforced, epoch)
 
         return self._call(index, "sample", read)
@@ -273,13 +361,21 @@ class NvmlBackend:
                    lambda: n.nvmlDeviceSetPowerManagementLimit(dev.handle, mw))
 
     def persistence_mode(self, index: int) -> bool | None:
-        n, h = self._nvml, self._handle(index).power_handle
+        n, dev = self._nvml, self._handle(index)
         try:
             mode = self._call(index, "persistence mode",
-                              lambda: n.nvmlDeviceGetPersistenceMode(h))
+                              lambda: n.nvmlDeviceGetPersistenceMode(dev.power_handle))
         except GpuNotSupported:
             return None
         return bool(mode == getattr(n, "NVML_FEATURE_ENABLED", 1))
+
+    def set_persistence_mode(self, index: int, enabled: bool) -> None:
+        """`nvidia-smi -pm 1`: keeps the driver loaded, so a cap survives an idle GPU."""
+        n, dev = self._nvml, self._handle(index)
+        mode = getattr(n, "NVML_FEATURE_ENABLED" if enabled else "NVML_FEATURE_DISABLED",
+                       int(enabled))
+        self._call(index, "set persistence mode",
+                   lambda: n.nvmlDeviceSetPersistenceMode(dev.power_handle, mode))
 
     def close(self) -> None:
         """Shut NVML down once; later calls fail as GpuLost rather than crash."""

@@ -306,5 +306,8 @@ class SimBackend:
     def persistence_mode(self, index: int) -> bool | None:
         return self.fleet.alive_state(index).persistence
 
+    def set_persistence_mode(self, index: int, enabled: bool) -> None:
+        self.fleet.set_persistence(index, enabled)
+
     def close(self) -> None:
         """Nothing to release: every call opens and closes its own files."""

@@ -23,8 +23,9 @@ from spark_slurm.head.merge import load_node_ledger
 from spark_slurm.head.proofs import Verification, verify_records
 from spark_slurm.head.tariff import MJ_PER_KWH, Cost, Tariff, price_energy
 
-ACTION_KINDS = ("cap", "restore", "throttle", "release")
-GPU_EVENT_KINDS = ("throttle", "release", "drift", "fault", "recovery", "reconcile", "facility")
+ACTION_KINDS = ("cap", "restore", "throttle", "release", "executor")
+GPU_EVENT_KINDS = ("throttle", "release", "drift", "fault", "recovery", "reconcile", "facility",
+                   "executor")
 PATH_NAMES = ("telemetry", "context", "facility", "policy", "ledger")
 JSON_VERSION = 1
 
@@ -163,6 +164,13 @@ def summarize(kind: str, body: dict[str, Any]) -> str:
             f"cap {dec.get('action', '?')} {watts(dec.get('requested_mw'))}->"
             f"{watts(dec.get('granted_mw'))} W/GPU rule {dec.get('rule', '?')}")
         return head + ("; " + ", ".join(parts) if parts else "")
+    if kind == "executor":  # validate-only mode (docs/executors.md)
+        who = _obj(body, "executor").get("name") or "no executor"
+        moves = ", ".join(
+            f"gpu{g.get('index')} {watts(g.get('previous_mw'))}->{watts(g.get('readback_mw'))} W"
+            + ("" if g.get("landed") else f" (intended {watts(g.get('intended_mw'))})")
+            for g in body.get("gpus") or [] if isinstance(g, dict))
+        return f"executor {body.get('verdict')} by {who}: {moves}"
     if kind == "facility":
         ref = body.get("ref") or {}
         head = f"facility {body.get('verdict')} for seq {ref.get('seq')}"
@@ -223,11 +231,13 @@ def resolve_paths(rec: StoredRecord, body: dict[str, Any], followups: list[Store
         bad.append("facility")
     if any(g.get("ok") is False for g in body.get("gpus") or [] if isinstance(g, dict)):
         bad.append("readback")
+    if rec.kind == "executor" and body.get("verdict") != "validated":
+        bad.append("verdict")  # denied-but-applied, applied-without-intent, intent-expired
     for name in PATH_NAMES:
         paths.setdefault(name, "n/a")
     if bad:
         problem = (f"{rec.node} seq {rec.seq} ({rec.kind}) not validated: "
-                   + ", ".join(f"{b}={paths.get(b, 'mismatch')}" for b in bad))
+                   + ", ".join(f"{b}={paths.get(b, body.get(b, 'mismatch'))}" for b in bad))
     return paths, not bad, problem
 
 
@@ -370,8 +380,8 @@ def audit_job(db: Path, job_id: str, tariff: Tariff | None = None,
             try:
                 report = build_report(src, job_id, tariff, "node", keys)  # findings in src
             except UnknownJob:
-                if not findings:
-                    raise
+                if not findings:  # the in-memory copy's name means nothing to the user
+                    raise UnknownJob(f"job {job_id}: no records in {db}") from None
                 # nothing verified far enough to reach the job: say why, not "no records"
                 f = findings[0]
                 raise CheckFailed(f"{db}: job {job_id} cannot be audited: {f.code} seq "

@@ -62,8 +62,11 @@ def plot_job(report: AuditReport, path: Path) -> Path:
     suffix = path.suffix.lower()
     if suffix not in (".png", ".svg"):
         raise InputError(f"{path}: plot file must end in .png or .svg")
-    import matplotlib  # noqa: PLC0415 (lazy by design)
-
+    try:
+        import matplotlib  # noqa: PLC0415 (lazy by design)
+    except ImportError:
+        raise InputError(f"{path}: plots need matplotlib, which is not installed "
+                         "(pip install 'spark-slurm[plot]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 

@@ -22,7 +22,7 @@ from spark_slurm.errors import ConfigError, InputError
 from spark_slurm.head.headdb import HeadDb, StoredRecord, is_head_db
 from spark_slurm.head.merge import load_node_ledger
 
-STATE_KINDS = ("cap", "restore", "throttle", "release", "drift", "reconcile")
+STATE_KINDS = ("cap", "restore", "throttle", "release", "drift", "reconcile", "executor")
 DECISION_KINDS = ("cap", "reject", "admission", "policy")
 
 
@@ -119,6 +119,8 @@ def fold(records: Iterator[StoredRecord]) -> list[GpuState]:
             for g in body.get("gpus") or []:
                 if not isinstance(g, dict) or "error" in g:
                     continue
+                if "expected_mw" in g and "intended_mw" not in g:
+                    continue  # validate-only: left to an executor, whose `executor` PER sets it
                 limit = g.get("readback_mw", g.get("intended_mw"))
                 job = rec.job_id if rec.kind == "cap" else None
                 if rec.kind == "reconcile":
@@ -134,6 +136,10 @@ def fold(records: Iterator[StoredRecord]) -> list[GpuState]:
             else:
                 limit = body.get("to_mw")
             _set(states, rec, gpu, limit, held.job_id if held else None)
+        elif rec.kind == "executor":  # validate-only: what an external executor was seen to set
+            for g in body.get("gpus") or []:
+                if isinstance(g, dict) and g.get("landed"):
+                    _set(states, rec, g.get("index"), g.get("readback_mw"), rec.job_id)
     return sorted(states.values(), key=lambda s: (s.node, s.gpu))
 
 

@@ -1,7 +1,7 @@
 """Publisher side of the Karman stream: replay a recording, or stream a live sim node.
 
 Both pace themselves on the injected clock and stamp every frame's `utc_time`
-with the wall clock at send time, as the reference replay does, so consumers
+with its scheduled send time, as the reference replay does, so consumers
 cannot tell a replay from a device. Both stop on `count`, `duration_s` or a
 `stop` event, so tests and the CLI's signal handling bound them the same way.
 """
@@ -16,11 +16,12 @@ from typing import Any, Protocol
 
 from spark_slurm.clock import SYSTEM_CLOCK, Clock
 from spark_slurm.errors import InputError
-from spark_slurm.karman.csvfile import Recording, read_recording
+from spark_slurm.karman.csvfile import DEFAULT_STREAMS, Recording, read_recording
 from spark_slurm.karman.rack import RackModel
 from spark_slurm.karman.schema import DEFAULT_TOPIC, Cycle, encode_frame
 
 _MAX_SLEEP_S = 0.05  # so a stop request is noticed promptly
+REPLAY_RATE_HZ = 60.0  # the reference replay's RATE_HZ default: one message per AC cycle
 
 
 class FrameSink(Protocol):
@@ -69,43 +70,41 @@ def _send(sink: FrameSink, frame: bytes, stats: PublishStats) -> None:
 
 
 def replay(recording: Recording, sink: FrameSink, *, topic: str = DEFAULT_TOPIC,
-           speed: float = 1.0, loop: bool = False, count: int | None = None,
-           duration_s: float | None = None, stop: threading.Event | None = None,
-           clock: Clock = SYSTEM_CLOCK) -> PublishStats:
-    """Send a recording at its recorded cadence ÷ speed, times rewritten to now.
+           rate_hz: float = REPLAY_RATE_HZ, speed: float = 1.0, loop: bool = False,
+           count: int | None = None, duration_s: float | None = None,
+           stop: threading.Event | None = None, clock: Clock = SYSTEM_CLOCK) -> PublishStats:
+    """Send a recording as the reference replay does: at a fixed rate, stamped on schedule.
 
-    Cycles keep the CSV's sequence numbers (offset by one span per loop, so a loop
-    does not look like a publisher restart); without them cycles are numbered 0, 1, ...
+    Message k leaves at start + k / (rate_hz x speed) and carries that instant as
+    its `utc_time`, whatever the CSV's own times were (they only group rows into
+    cycles). Cycles keep the CSV's sequence numbers (offset by one span per loop,
+    so a loop does not look like a publisher restart); without them cycles are
+    numbered 0, 1, ... in send order.
     """
     if not speed > 0:
         raise InputError(f"--speed must be positive, not {speed}")
+    if not rate_hz > 0:
+        raise InputError(f"--rate must be positive, not {rate_hz}")
+    hz = rate_hz * speed
     cycles = recording.cycles
     stats = PublishStats()
     pacer = _Pacer(clock, stop, duration_s)
-    first = cycles[0].time_ns
-    span_ns = cycles[-1].time_ns - first
-    period_ns = span_ns // max(1, len(cycles) - 1)
     seqs = [c.seq for c in cycles if c.seq is not None]
     seq_span = (max(seqs) - min(seqs) + 1) if seqs else 0
-    counter = 0
+    base, start = clock.monotonic_ns(), clock.now_ns()
+    index = 0
     while True:
-        base = clock.monotonic_ns()
         for cycle in cycles:
             if count is not None and stats.sent + stats.dropped >= count:
                 return stats
-            if not pacer.wait_until(base + int((cycle.time_ns - first) / speed)):
+            offset = round(index * 1e9 / hz)
+            if not pacer.wait_until(base + offset):
                 return stats
-            if recording.has_sequence and cycle.seq is not None:
-                seq = cycle.seq + stats.loops * seq_span
-            else:
-                seq = counter
-            counter += 1
-            frame = encode_frame(topic, Cycle(clock.now_ns(), seq, cycle.streams))
-            _send(sink, frame, stats)
+            seq = index if cycle.seq is None else cycle.seq + stats.loops * seq_span
+            index += 1
+            _send(sink, encode_frame(topic, Cycle(start + offset, seq, cycle.streams)), stats)
         stats.loops += 1
         if not loop:
-            return stats
-        if not pacer.wait_until(base + int((span_ns + period_ns) / speed)):
             return stats
 
 
@@ -163,16 +162,18 @@ def _open_publisher(bind: str, wait_subscriber_s: float) -> Any:
     return pub
 
 
-def replay_file(csv_path: Path, bind: str, *, topic: str = DEFAULT_TOPIC, speed: float = 1.0,
-                loop: bool = False, count: int | None = None, duration_s: float | None = None,
+def replay_file(csv_path: Path, bind: str, *, topic: str = DEFAULT_TOPIC,
+                rate_hz: float = REPLAY_RATE_HZ, speed: float = 1.0, loop: bool = False,
+                count: int | None = None, duration_s: float | None = None,
                 stop: threading.Event | None = None, wait_subscriber_s: float = 0.0,
+                streams: tuple[str, ...] = DEFAULT_STREAMS,
                 clock: Clock = SYSTEM_CLOCK) -> PublishStats:
     """Validate a CSV recording completely, then publish it on `bind` (see `replay`)."""
-    recording = read_recording(csv_path)
+    recording = read_recording(csv_path, streams)
     pub = _open_publisher(bind, wait_subscriber_s)
     try:
-        return replay(recording, pub, topic=topic, speed=speed, loop=loop, count=count,
-                      duration_s=duration_s, stop=stop, clock=clock)
+        return replay(recording, pub, topic=topic, rate_hz=rate_hz, speed=speed, loop=loop,
+                      count=count, duration_s=duration_s, stop=stop, clock=clock)
     finally:
         pub.close()
 

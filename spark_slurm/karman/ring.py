@@ -1,8 +1,8 @@
 """Bounded per-cycle history of the rack's real power, and window statistics over it.
 
 One slot per received cycle holds its time and raw payload, and (once a window
-has needed it) its summary: the rack total and the real power of every stream ×
-phase, i.e. the per-stream, per-phase buffer. Tools that want every quantity (the
+has needed it) its summary: the rack total and the real power of every counted
+stream × phase, i.e. the per-stream, per-phase buffer. Tools that want every quantity (the
 exporter) re-decode the few payloads they need. Capacity is fixed at
 construction, so memory is bounded however fast frames arrive; the oldest cycles
 are overwritten.
@@ -19,7 +19,8 @@ from typing import cast
 
 @dataclass(frozen=True, slots=True)
 class FacilityWindow:
-    """Rack real power (sum over streams × phases per cycle) between two instants.
+    """Rack real power between two instants (per cycle: the sum over streams of the
+    phases the phase semantics count; see subscriber.py).
 
     All powers are integer mW. With `samples == 0` the power fields are 0 and mean
     nothing. `gaps` counts cycles estimated missing inside the window (an interval
@@ -115,6 +116,13 @@ class CycleRing:
         """(time_ns, payload) of the cycles in [t0, t1], oldest first."""
         return [(self._times[i], self._raw[i])
                 for a, b in self._runs(t0_ns, t1_ns) for i in range(a, b)]
+
+    def raw_last(self, n: int) -> list[tuple[int, bytes]]:
+        """(time_ns, payload) of the newest n cycles (fewer if fewer held), oldest first."""
+        size = len(self._times)
+        n = max(0, min(n, size))
+        order = [(self._start - n + k) % size for k in range(n)]
+        return [(self._times[i], self._raw[i]) for i in order]
 
     def window(self, t0_ns: int, t1_ns: int) -> FacilityWindow:
         """Mean, min and max of rack real power, sample count and gaps over [t0, t1]."""

@@ -17,10 +17,28 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from spark_slurm.errors import KarmanError
+from spark_slurm.errors import InputError, KarmanError
 
 PHASES = ("phase_a", "phase_b")
 DEFAULT_TOPIC = "cycle-aligned"
+# The reference replay publishes CSV stream `karmanN` as `threephase/karmanN`.
+STREAM_PREFIX = "threephase/"
+# How a stream's two phase fields relate to the feed (karman-wire.md, phase semantics):
+# the reference stack's three streams ARE the phases A, B, C and only phase_a carries
+# a reading (phase_b is a copy), so rack power = sum over streams of phase_a. A meter
+# whose streams really are two-phase (split-phase legs) sums both.
+STREAMS_ARE_PHASES = "streams-are-phases"
+TWO_PHASE_PER_STREAM = "two-phase-per-stream"
+PHASE_MODES = (STREAMS_ARE_PHASES, TWO_PHASE_PER_STREAM)
+DEFAULT_PHASES = STREAMS_ARE_PHASES
+
+
+def check_phases(mode: str) -> str:
+    """The mode itself, or an InputError naming the valid ones."""
+    if mode not in PHASE_MODES:
+        raise InputError(f"unknown Karman phase semantics {mode!r} "
+                         f"(choose {' or '.join(PHASE_MODES)})")
+    return mode
 _PROTO_MODULE = "spark_slurm.karman._proto.karman_pb2"
 
 
@@ -53,7 +71,26 @@ def bindings() -> ModuleType:
     try:
         return importlib.import_module(_PROTO_MODULE)
     except ImportError as exc:
-        raise KarmanError(f"Karman protobuf bindings missing ({exc}); run `make proto`") from exc
+        if exc.name == _PROTO_MODULE:
+            raise KarmanError("Karman protobuf bindings missing from this installation "
+                              "(in a checkout: `make proto`; a built wheel carries them)") \
+                from exc
+        raise KarmanError(_unusable(exc)) from exc
+    except Exception as exc:  # protobuf's VersionError: a runtime the bindings reject
+        raise KarmanError(_unusable(exc)) from exc
+
+
+def _unusable(exc: BaseException) -> str:
+    """Why generated bindings do not load: almost always a protobuf outside their range."""
+    try:
+        import google.protobuf  # noqa: PLC0415
+
+        runtime = str(google.protobuf.__version__)
+    except ImportError:
+        runtime = "(none)"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"Karman protobuf bindings do not load with the installed protobuf {runtime} "
+            f"({first}); install the protobuf version spark-slurm requires")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +121,15 @@ class StreamReading:
             out.append(("phase_b", self.phase_b))
         return out
 
-    def real_power_w(self) -> float:
-        """Sum of the stream's phases (the per-stream "three-phase sum")."""
-        return sum(p.real_power_w or 0.0 for _, p in self.phases())
+    def counted(self, phases: str = DEFAULT_PHASES) -> list[tuple[str, PhaseReading]]:
+        """The readings that count towards power under the phase semantics."""
+        if phases == STREAMS_ARE_PHASES:
+            return [("phase_a", self.phase_a)]
+        return self.phases()
+
+    def real_power_w(self, phases: str = DEFAULT_PHASES) -> float:
+        """The stream's real power: phase_a, or phase_a + phase_b for two-phase meters."""
+        return sum(p.real_power_w or 0.0 for _, p in self.counted(phases))
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +140,9 @@ class Cycle:
     seq: int | None
     streams: tuple[StreamReading, ...]
 
-    def real_power_w(self) -> float:
-        """Rack real power: sum over streams and phases."""
-        return sum(s.real_power_w() for s in self.streams)
+    def real_power_w(self, phases: str = DEFAULT_PHASES) -> float:
+        """Rack real power: the sum over streams of each stream's counted phases."""
+        return sum(s.real_power_w(phases) for s in self.streams)
 
 
 _POWER_FIELDS = (("real_power_w", "real_power_w"), ("apparent_power_va", "apparent_power_va"),
@@ -196,8 +239,11 @@ def decode_payload(payload: bytes) -> Cycle:
     return Cycle(time_ns=time_ns, seq=seq, streams=tuple(streams))
 
 
-def cycle_dict(cycle: Cycle) -> dict[str, Any]:
-    """A cycle as plain JSON-ready data (for `karman tail --json`); None fields omitted."""
+def cycle_dict(cycle: Cycle, phases: str = DEFAULT_PHASES) -> dict[str, Any]:
+    """A cycle as plain JSON-ready data (for `karman tail --json`); None fields omitted.
+
+    Every phase received is listed; `real_power_w` is the rack total under `phases`.
+    """
     streams = []
     for stream in cycle.streams:
         entry: dict[str, Any] = {"name": stream.name}
@@ -205,5 +251,5 @@ def cycle_dict(cycle: Cycle) -> dict[str, Any]:
             entry[phase] = {k: getattr(reading, k) for k in PhaseReading.__slots__
                             if getattr(reading, k) is not None}
         streams.append(entry)
-    return {"time_ns": cycle.time_ns, "seq": cycle.seq,
-            "real_power_w": cycle.real_power_w(), "streams": streams}
+    return {"time_ns": cycle.time_ns, "seq": cycle.seq, "phases": phases,
+            "real_power_w": cycle.real_power_w(phases), "streams": streams}

@@ -183,8 +183,13 @@ def _child(node: Node, number: int) -> Node:
     return {} if entry is None else cast(Node, entry[2])
 
 
-def learn(frame: bytes, offset: int, intern: Callable[[tuple[str, ...]], Layout]) -> Shape | None:
-    """The shape of a frame whose payload (from `offset`) upb has accepted; None if unsupported."""
+def learn(frame: bytes, offset: int, intern: Callable[[tuple[str, ...]], Layout],
+          both_phases: bool = False) -> Shape | None:
+    """The shape of a frame whose payload (from `offset`) upb has accepted; None if unsupported.
+
+    The shape reads phase_a's real power of every stream, and phase_b's too when
+    `both_phases` (two-phase meters); a phase that does not count is not read.
+    """
     scan = _Scanner(frame)
     try:
         wrappers = scan.message("joined", offset, len(frame))
@@ -192,13 +197,13 @@ def learn(frame: bytes, offset: int, intern: Callable[[tuple[str, ...]], Layout]
         return None
     assert isinstance(wrappers, list)
     try:
-        return _semantics(frame, scan, wrappers, intern)
+        return _semantics(frame, scan, wrappers, intern, both_phases)
     except (_Decline, UnicodeDecodeError):
         return None
 
 
 def _semantics(frame: bytes, scan: _Scanner, wrappers: list[Node],
-               intern: Callable[[tuple[str, ...]], Layout]) -> Shape | None:
+               intern: Callable[[tuple[str, ...]], Layout], both_phases: bool) -> Shape | None:
     """Which of the scanned values are time, sequence and real power, as upb would read them."""
     wanted: list[tuple[int, str]] = []  # (offset, struct code) of the values read
     names: list[str] = []
@@ -221,8 +226,9 @@ def _semantics(frame: bytes, scan: _Scanner, wrappers: list[Node],
                 if entry is not None:
                     time_at[role] = len(wanted)
                     wanted.append((entry[0], f"v{entry[1]}"))
+        counted_b = both_phases and phases[1] is not None
         for k, phase in enumerate(phases):
-            if phase is None and k == 1:
+            if k == 1 and not counted_b:
                 continue
             power = phase[2].get(4) if phase is not None else None
             real = power[2].get(1) if power is not None else None
@@ -232,7 +238,7 @@ def _semantics(frame: bytes, scan: _Scanner, wrappers: list[Node],
             wanted.append((real[0], "f"))
         name = wrapper.get(1)
         label = frame[name[0]:name[0] + name[1]].decode() if name is not None else ""
-        names.append(label + "\0b" if phases[1] is not None else label)
+        names.append(label + "\0b" if counted_b else label)
     if not names:
         return None
     return _build(frame, scan.free, wanted=wanted, reals=reals, time_at=time_at,

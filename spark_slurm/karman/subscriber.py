@@ -9,6 +9,11 @@ missing phase_b, sequence gaps (drops), sequence resets (publisher restarts) and
 clock jumps. Frames of a shape already seen are read by `shape.Shape` (masked
 compare + struct unpack) rather than by walking upb objects, which is where most
 of the per-frame time went; every other frame takes the generic upb path.
+
+Rack power follows the configured phase semantics (`karman.phases`): with the
+reference default `streams-are-phases` it is the sum over streams of phase_a
+(phase_b is the replay's copy and is not read); with `two-phase-per-stream` it
+adds both phases of every stream.
 """
 
 from __future__ import annotations
@@ -22,7 +27,15 @@ from typing import Any
 
 from spark_slurm.clock import SYSTEM_CLOCK, Clock
 from spark_slurm.karman.ring import CycleRing, FacilityWindow, Layout, Summary
-from spark_slurm.karman.schema import DEFAULT_TOPIC, Cycle, bindings, decode_payload
+from spark_slurm.karman.schema import (
+    DEFAULT_PHASES,
+    DEFAULT_TOPIC,
+    TWO_PHASE_PER_STREAM,
+    Cycle,
+    bindings,
+    check_phases,
+    decode_payload,
+)
 from spark_slurm.karman.shape import Shape, learn
 from spark_slurm.karman.transport import FrameReceiver
 
@@ -46,8 +59,12 @@ class CycleDecoder:
     """
 
     def __init__(self, ring: CycleRing, topic: str = DEFAULT_TOPIC, clock: Clock = SYSTEM_CLOCK,
-                 max_skew_s: float = 30.0, *, fast: bool = True) -> None:
+                 max_skew_s: float = 30.0, *, fast: bool = True,
+                 phases: str = DEFAULT_PHASES) -> None:
         self.ring = ring
+        self.phases = check_phases(phases)
+        # streams-are-phases: rack power is the sum of phase_a; phase_b is not read.
+        self._both = phases == TWO_PHASE_PER_STREAM
         self.fast = fast  # False: every frame takes the generic path (for comparisons)
         if ring.summarize is None:
             ring.summarize = self.summarize
@@ -125,7 +142,7 @@ class CycleDecoder:
             power = two.phase_a.power_calculations.real_power_w
             if not two.HasField("phase_b"):
                 missing_b += 1
-            else:
+            elif self._both:
                 power += two.phase_b.power_calculations.real_power_w
             if not math.isfinite(power):  # NaN/inf would poison every window it falls in
                 counts["bad_frames"] += 1
@@ -145,7 +162,7 @@ class CycleDecoder:
 
     def _learn(self, frame: bytes, time_ns: int, seq: int | None, missing_b: int) -> None:
         """Cache this frame's shape if it reads back exactly as the generic path read it."""
-        shape = learn(frame, len(self.topic), self._intern) if self.fast else None
+        shape = learn(frame, len(self.topic), self._intern, self._both) if self.fast else None
         if shape is None or shape.missing_b != missing_b or \
                 shape.read(frame) != (time_ns, seq, self.summarize(frame[len(self.topic):])):
             self._learn_backoff = min(2 * self._learn_backoff + 1, _MAX_LEARN_WAIT)
@@ -157,15 +174,16 @@ class CycleDecoder:
         self._shapes.setdefault(len(frame), []).append(shape)
 
     def summarize(self, payload: bytes) -> Summary:
-        """Rack total (mW) and real power per stream × phase of a validated payload."""
+        """Rack total (mW) and real power per counted stream × phase of a validated payload."""
         names: list[str] = []
         values: list[float] = []
+        both = self._both
         for wrapper in self._parse(payload).calculations:
             if not wrapper.HasField("calculations"):
                 continue
             two = wrapper.calculations
             values.append(two.phase_a.power_calculations.real_power_w)
-            if two.HasField("phase_b"):
+            if both and two.HasField("phase_b"):
                 names.append(wrapper.calculation_name + "\0b")
                 values.append(two.phase_b.power_calculations.real_power_w)
             else:
@@ -221,14 +239,16 @@ class KarmanSubscriber:
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5557", topic: str = DEFAULT_TOPIC, *,
                  buffer_seconds: float = 120, clock: Clock = SYSTEM_CLOCK,
                  max_rate_hz: float = 240.0, rcvhwm: int = 100_000,
-                 max_skew_s: float = 30.0) -> None:
+                 max_skew_s: float = 30.0, phases: str = DEFAULT_PHASES) -> None:
         self.endpoint = endpoint
         self.topic = topic
         self.clock = clock
         self.rcvhwm = rcvhwm
         capacity = max(2, int(buffer_seconds * max_rate_hz))
         self._lock = threading.Condition()
-        self._decoder = CycleDecoder(CycleRing(capacity), topic, clock, max_skew_s)
+        self._decoder = CycleDecoder(CycleRing(capacity), topic, clock, max_skew_s,
+                                     phases=phases)
+        self.phases = phases
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: str | None = None
@@ -317,6 +337,16 @@ class KarmanSubscriber:
             if latest is None:
                 return []
             raw = self._decoder.ring.raw_between(latest - int(seconds * 1e9) + 1, latest)
+        out = []
+        for t, payload in raw:
+            cycle = decode_payload(payload)
+            out.append(Cycle(time_ns=t, seq=cycle.seq, streams=cycle.streams))
+        return out
+
+    def last_cycles(self, n: int) -> list[Cycle]:
+        """The newest n cycles, fully decoded, oldest first (the exporter's window)."""
+        with self._lock:
+            raw = self._decoder.ring.raw_last(n)
         out = []
         for t, payload in raw:
             cycle = decode_payload(payload)

@@ -363,6 +363,11 @@ class Ledger:
         return self._size
 
     @property
+    def hmac_key_id(self) -> str | None:
+        """Id of the ledger's HMAC key K[0] (None: created without HMAC)."""
+        return self._hmac_id
+
+    @property
     def signing_key_id(self) -> str | None:
         """Id of the key checkpoints are signed with now (None without one)."""
         return None if self._signing is None else signing_key_id(self._signing.public_key())

@@ -80,7 +80,7 @@ class Sparkd:
 
     def __init__(self, root: Path, *, drift: str = "reconcile",
                  karman: str | None = None, thermal_c: tuple[int, int] = (52, 45),
-                 keys: bool = False) -> None:
+                 keys: bool = False, extra_config: str = "") -> None:
         self.root = root
         self.sim_dir = root / "sim"
         self.state_dir = root / "state"
@@ -92,6 +92,7 @@ class Sparkd:
         self.config = root / "sparkd.yaml"
         self.log = root / "sparkd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.command = [str(VENV_BIN / "sparkd")]  # argv before `--config FILE`
         self.fleet = SimFleet.init(self.sim_dir, 8, "b200")
         self.jobs: dict[str, dict[str, Any]] = {}
         self.write_jobs()
@@ -111,7 +112,8 @@ class Sparkd:
             f"journal_path: {self.journal}\nspool_path: {self.spool}\n"
             f"metrics: {{address: 127.0.0.1, port: {_free_port()}}}\n"
             "sampler: {rate_hz: 10, seconds: 60}\n"
-            "automations: {period_s: 0.25, maintain_period_s: 1}\n" + karman_line)
+            "automations: {period_s: 0.25, maintain_period_s: 1}\n" + karman_line
+            + extra_config)
 
     # -- jobs known to the (static) job-context source ---------------------------
     def add_job(self, job_id: str, *, uid: int = OWNER_UID, account: str = "physics",
@@ -131,7 +133,7 @@ class Sparkd:
         self.socket.parent.mkdir(exist_ok=True)
         os.chmod(self.socket.parent, 0o755)
         out = self.log.open("ab")
-        self.proc = subprocess.Popen([str(VENV_BIN / "sparkd"), "--config", str(self.config)],
+        self.proc = subprocess.Popen([*self.command, "--config", str(self.config)],
                                      stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, umask=umask)
         out.close()

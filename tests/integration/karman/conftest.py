@@ -12,30 +12,43 @@ from spark_slurm.karman.csvfile import COLUMNS, Recording, read_recording
 from spark_slurm.karman.publisher import PublishStats, replay
 from spark_slurm.karman.transport import Publisher
 
-STREAMS = ("threephase/karman1", "threephase/karman2", "threephase/karman3")
+STREAMS = ("karman1", "karman2", "karman3")  # as the reference recordings name them
 
 
-def write_known_csv(path: Path, cycles: int = 30, step_ms: int = 185) -> Path:
-    """A recording whose every value is a simple function of (cycle, stream, phase)."""
-    lines = [",".join(COLUMNS) + ",sequence_number"]
+def write_known_csv(path: Path, cycles: int = 30, step_ms: int = 185, *,
+                    phase_b: bool = True, sequence: bool = True) -> Path:
+    """A recording whose every value is a simple function of (cycle, stream, phase).
+
+    `phase_b=False, sequence=False` is the reference recordings' layout.
+    """
+    lines = [",".join(COLUMNS) + (",sequence_number" if sequence else "")]
+    phases = ("phase_a", "phase_b") if phase_b else ("phase_a",)
     for i in range(cycles):
         t = 1_700_000_000_000 + i * step_ms
         for k, stream in enumerate(STREAMS):
-            for p, phase in enumerate(("phase_a", "phase_b")):
+            for p, phase in enumerate(phases):
                 real = 1000 + 37 * ((i * 7 + k * 3 + p) % 11) + 0.5 * k
                 volts = 119 + 0.25 * ((i + k + p) % 5)
                 pf = 0.97 + 0.005 * ((i + p) % 4)
                 apparent = round(real / pf, 2)
                 amps = round(apparent / volts, 3)
                 lines.append(f"{t},{stream},{phase},{volts},0.01,{amps},0.0,{real},"
-                             f"{apparent},{round(apparent * 0.2, 2)},{pf},{i}")
+                             f"{apparent},{round(apparent * 0.2, 2)},{pf}"
+                             + (f",{i}" if sequence else ""))
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 @pytest.fixture
 def known_csv(tmp_path: Path) -> Path:
+    """Two-phase rows with distinct phase_b values, and sequence numbers."""
     return write_known_csv(tmp_path / "known.csv")
+
+
+@pytest.fixture
+def reference_csv(tmp_path: Path) -> Path:
+    """The reference layout: karman1..3, phase_a rows only, no sequence_number column."""
+    return write_known_csv(tmp_path / "reference.csv", 60, 17, phase_b=False, sequence=False)
 
 
 @pytest.fixture

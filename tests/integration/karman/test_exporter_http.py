@@ -51,7 +51,7 @@ def test_metrics_match_values_computed_from_the_csv(publisher: Publisher, replay
     rec = read_recording(known_csv)
     proc, port = _start_exporter(publisher.endpoint)
     try:
-        thread, stats = replayer(known_csv)  # real cadence: 185 ms between cycles
+        thread, stats = replayer(known_csv)  # 60 Hz, as the reference replay
         thread.join(30)
         assert stats and stats[0].sent == len(rec.cycles)
         deadline = time.monotonic() + 10
@@ -60,9 +60,9 @@ def test_metrics_match_values_computed_from_the_csv(publisher: Publisher, replay
             assert time.monotonic() < deadline, "exporter never saw every cycle"
             time.sleep(0.1)
             metrics = _scrape(port)
-        # The last second before the newest cycle holds the last 6 cycles (5 x 185 ms).
-        assert metrics[("karman_window_cycles", ())] == 6
-        last = rec.cycles[-6:]
+        # The window is the last 300 messages: all 30 of this recording.
+        assert metrics[("karman_window_cycles", ())] == 30
+        last = rec.cycles
         for field, metric in FIELDS.items():
             for stream in ("threephase/karman1", "threephase/karman3"):
                 for phase in ("phase_a", "phase_b", "sum"):
@@ -71,7 +71,9 @@ def test_metrics_match_values_computed_from_the_csv(publisher: Publisher, replay
                     series = []
                     for c in last:
                         s = next(x for x in c.streams if x.name == stream)
-                        values = [getattr(r, field) for p, r in s.phases()
+                        # streams are phases: a stream's "sum" is its phase_a
+                        counted = [("phase_a", s.phase_a)] if phase == "sum" else s.phases()
+                        values = [getattr(r, field) for p, r in counted
                                   if phase in (p, "sum")]
                         series.append(sum(values))
                     want = {"latest": series[-1], "peak": max(series),
@@ -83,6 +85,14 @@ def test_metrics_match_values_computed_from_the_csv(publisher: Publisher, replay
         key = ("karman_real_power_watts", (("phase", "sum"), ("stat", "peak"),
                                            ("stream", "rack")))
         assert metrics[key] == pytest.approx(max(rack), rel=1e-6)
+        # The reference families beside ours: the same window, phase "a"/"b" labels.
+        ref = ("real_power_peak", (("phase", "b"), ("stream", "threephase/karman3")))
+        assert metrics[ref] == pytest.approx(
+            max((c.streams[2].phase_b or c.streams[2].phase_a).real_power_w or 0 for c in last),
+            rel=1e-6)
+        three = ("real_power_three_phase_average", (("phase", "a"),
+                                                    ("stream", "cycle-aligned")))
+        assert metrics[three] == pytest.approx(sum(rack) / len(rack), rel=1e-6)
         assert metrics[("karman_frames_total", ())] == len(rec.cycles)
         assert metrics[("karman_bad_frames_total", ())] == 0
         assert metrics[("karman_dropped_total", ())] == 0

@@ -14,6 +14,7 @@ import pytest
 from spark_slurm.gpu import open_backend
 from spark_slurm.gpu.sim import SimFleet
 from spark_slurm.karman import KarmanSubscriber
+from spark_slurm.karman.rack import RackModel
 
 
 def _free_port() -> int:
@@ -54,8 +55,11 @@ def test_cap_change_shows_up_as_a_rack_power_step(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert before.samples >= 20 and after.samples >= 20
     assert gpu_after < gpu_before - 2_000_000  # the cap really bit
-    expected_step = (gpu_before - gpu_after) / 0.94
+    rack = RackModel()  # what `karman sim` runs: fixed host floor, the PSUs' losses
+    expected_step = 1000 * (rack.node_power_w(gpu_before / 1000)
+                            - rack.node_power_w(gpu_after / 1000))
     assert before.mean_mw - after.mean_mw == pytest.approx(expected_step, rel=0.1)
-    assert before.mean_mw == pytest.approx(1_200_000 + gpu_before / 0.94, rel=0.05)
+    assert before.mean_mw == pytest.approx(1000 * rack.node_power_w(gpu_before / 1000),
+                                           rel=0.05)
     assert counts["dropped"] == 0 and counts["bad_frames"] == 0
     assert before.streams == 3

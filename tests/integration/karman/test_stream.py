@@ -40,14 +40,15 @@ def test_subscriber_windows_a_replayed_recording(publisher: Publisher, replayer:
     rec = read_recording(known_csv)
     with KarmanSubscriber(publisher.endpoint) as sub:
         start = time.time_ns()
-        thread, stats = replayer(known_csv, speed=5.0)
+        thread, stats = replayer(known_csv)
         thread.join(20)
         assert stats and stats[0].sent == len(rec.cycles)
         assert _wait(lambda: sub.stats()["decoded"] == len(rec.cycles))
         assert sub.wait_until(start, timeout_s=1)
         win = sub.window(start, time.time_ns())
-        expected = [round(sum(round((p.real_power_w or 0) * 1000)
-                              for s in c.streams for _, p in s.phases())) for c in rec.cycles]
+        # streams are phases: the rack is Σ phase_a, phase_b (here different) is not read
+        expected = [round(sum(round((s.phase_a.real_power_w or 0) * 1000)
+                              for s in c.streams)) for c in rec.cycles]
         assert win.samples == len(rec.cycles)
         assert (win.min_mw, win.max_mw) == (min(expected), max(expected))
         assert abs(win.mean_mw - sum(expected) / len(expected)) <= 1
@@ -118,6 +119,9 @@ def test_tail_prints_json_lines(publisher: Publisher, replayer: Replayer,
     assert proc.returncode == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     assert len(lines) == 5
+    assert lines[0]["phases"] == "streams-are-phases"
+    assert lines[0]["real_power_w"] == pytest.approx(
+        sum(s["phase_a"]["real_power_w"] for s in lines[0]["streams"]))
     assert [s["name"] for s in lines[0]["streams"]] == ["threephase/karman1",
                                                         "threephase/karman2",
                                                         "threephase/karman3"]
@@ -135,12 +139,21 @@ def test_record_writes_every_cycle_to_sqlite(publisher: Publisher, replayer: Rep
                 "--count", "30", "--duration", "30"])
     assert code == 0, capsys.readouterr().err
     con = sqlite3.connect(db)
-    assert con.execute(f"SELECT count(*), count(DISTINCT seq) FROM {TABLE}").fetchone() == (
-        180, 30)
+    # streams are phases: one row per stream (its phase_a) per cycle
+    assert con.execute(f"SELECT count(*), count(DISTINCT seq), count(DISTINCT phase) "
+                       f"FROM {TABLE}").fetchone() == (90, 30, 1)
     real = con.execute(f"SELECT real_power_w FROM {TABLE} WHERE seq = 0 AND "
-                       "stream = 'threephase/karman2' AND phase = 'phase_b'").fetchone()[0]
-    assert real == pytest.approx(1000 + 37 * ((0 + 3 + 1) % 11) + 0.5, abs=1e-3)
+                       "stream = 'threephase/karman2' AND phase = 'phase_a'").fetchone()[0]
+    assert real == pytest.approx(1000 + 37 * ((0 + 3 + 0) % 11) + 0.5, abs=1e-3)
     thread.join(10)
+    both = tmp_path / "both.db"
+    thread, _ = replayer(known_csv, speed=5.0, loop=True, duration_s=30)
+    assert run(["karman", "record", "--endpoint", publisher.endpoint, "--to", str(both),
+                "--count", "30", "--duration", "30", "--phases", "two-phase-per-stream"]) == 0
+    seq, real = sqlite3.connect(both).execute(
+        f"SELECT seq, real_power_w FROM {TABLE} WHERE stream = 'threephase/karman2' AND "
+        "phase = 'phase_b' ORDER BY time_ns LIMIT 1").fetchone()
+    assert real == pytest.approx(1000 + 37 * ((seq % 30 * 7 + 3 + 1) % 11) + 0.5, abs=1e-3)
 
 
 def test_independent_encoder_frame_over_a_real_socket(publisher: Publisher) -> None:
@@ -155,7 +168,7 @@ def test_independent_encoder_frame_over_a_real_socket(publisher: Publisher) -> N
         assert sub.wait_until(now, timeout_s=10)
         win = sub.window(now, now)
         cycle = sub.recent_cycles(1.0)[0]
-    assert (win.samples, win.mean_mw, win.streams) == (1, 2_469_000, 1)
+    assert (win.samples, win.mean_mw, win.streams) == (1, 1_234_500, 1)  # phase_a only
     assert cycle.seq == 9
     reading = cycle.streams[0].phase_b
     assert reading is not None
@@ -172,6 +185,7 @@ def test_tail_human_lines(publisher: Publisher, replayer: Replayer, known_csv: P
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     assert "karman1.a" in lines[0] and " W " in lines[0] and "seq=" in lines[0]
+    assert "karman1.b" not in lines[0]  # phase_b does not count: not shown
 
 
 def test_bad_endpoint_is_a_clear_error() -> None:

@@ -58,6 +58,10 @@ def test_good_config_resolves_paths_next_to_the_file(tmp_path: Path) -> None:
      "p:3:29: refusal_limit.rate_per_s: -1 is outside 0.0..1000.0"),
     ("policy: p.yaml\ngpu: {backend: sim, state_dir: s}\nrefusal_limit: 5\n",
      "p:3:16: refusal_limit: expected a mapping"),
+    ("policy: p.yaml\ngpu: {backend: nvml, persistence: force}\n",
+     "p:2:35: gpu.persistence: expected check or enable, got 'force'"),
+    ("policy: p.yaml\ngpu: {backend: nvml, readback_tolerance_mw: -5}\n",
+     "p:2:45: gpu.readback_tolerance_mw: -5 is outside 0..50000"),
 ])
 def test_bad_config_names_the_place(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -75,3 +79,11 @@ def test_the_shipped_example_config_is_valid() -> None:
     assert cfg.gpu_backend == "nvml" and cfg.socket_path == Path("/run/spark/sparkd.sock")
     assert cfg.metrics_address == "127.0.0.1" and cfg.slurm_user == "slurm"
     assert cfg.refusal_rate_per_s == 1.0 and cfg.refusal_burst == 20
+    assert (cfg.gpu_persistence, cfg.gpu_readback_tolerance_mw) == ("check", 1000)
+    assert cfg.gpu_gres_conf is None
+
+
+def test_gpu_gres_conf_resolves_next_to_the_file(tmp_path: Path) -> None:
+    cfg = parse_config("policy: p.yaml\ngpu: {backend: nvml, gres_conf: gres.conf, "
+                       "persistence: enable}\n", tmp_path / "sparkd.yaml")
+    assert cfg.gpu_gres_conf == tmp_path / "gres.conf" and cfg.gpu_persistence == "enable"

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from spark_slurm.daemon.facility import FacilityFollower
 from spark_slurm.daemon.writer import LedgerWriter
 from spark_slurm.ledger import Ledger, Receipt
@@ -134,3 +136,16 @@ def test_no_stream_or_disabled_is_unavailable_with_a_reason(tmp_path: Path) -> N
     (tmp_path / "d").mkdir()
     body = _run(tmp_path / "d", -1_200_000, enabled=False)
     assert body["verdict"] == "unavailable" and "disabled" in body["reason"]
+
+
+@pytest.mark.parametrize(("rack_delta_mw", "verdict"), [
+    (-1_200_000 + 120_000, "correlated"),  # exactly the tolerance away: still correlated
+    (-1_200_000 - 120_000, "correlated"),
+    (-1_200_000 + 120_001, "flagged"),  # one milliwatt further: flagged
+    (-1_200_000 - 120_001, "flagged"),
+])
+def test_the_tolerance_is_inclusive_on_both_sides(tmp_path: Path, rack_delta_mw: int,
+                                                  verdict: str) -> None:
+    body = _run(tmp_path, rack_delta_mw)
+    assert (body["verdict"], body["tolerance_mw"]) == (verdict, 120_000)
+    assert abs(body["delta_mw"] - body["expected_delta_mw"]) == abs(rack_delta_mw + 1_200_000)

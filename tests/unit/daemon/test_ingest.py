@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from spark_slurm.daemon.ingest import Cursor, CursorFile, LineFile
+from spark_slurm.daemon.ingest import Cursor, CursorFile, LineFile, ledger_cursor
+from spark_slurm.ledger import Ledger
 
 
 def test_torn_last_line_waits_and_the_cursor_persists(tmp_path: Path) -> None:
@@ -48,3 +49,23 @@ def test_the_ledger_cursor_wins_over_a_stale_file(tmp_path: Path) -> None:
     lines = LineFile(path, cursor, Cursor(ino, 8))
     assert [line for *_, line in lines.lines()] == [b"three"]
     assert LineFile(tmp_path / "missing", cursor, None).lines() == []
+
+
+def test_restart_resumes_after_the_newest_line_the_ledger_recorded(tmp_path: Path) -> None:
+    """Without a cursor file (lost in a crash) the ledger says where ingest got to:
+    the end of the newest journal line recorded, not the oldest (which would ingest
+    lines again), and never a line that came from the spool or the socket."""
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(b"one\ntwo\nthree\nfour\n")
+    ino = os.stat(path).st_ino
+    with Ledger.open(tmp_path / "l.db", node="n1") as ledger:
+        for offset, end in ((0, 4), (4, 8), (8, 14)):
+            ledger.append("cap", {"v": 1, "source": "journal",
+                                  "journal": {"inode": ino, "offset": offset, "end": end}})
+        ledger.append("cap", {"v": 1, "source": "socket"})
+        ledger.append("admission", {"v": 1, "source": "spool",
+                                    "spool": {"inode": ino, "offset": 0, "end": 2}})
+        start = ledger_cursor(ledger, "journal", ["cap", "restore", "reject"])
+    assert start == Cursor(ino, 14)
+    lines = LineFile(path, CursorFile(tmp_path / "no-cursor-file"), start)
+    assert [line for *_, line in lines.lines()] == [b"four"]

@@ -28,7 +28,9 @@ permissions: {owner_may: lower, admin_group: no-such-group-here}
 
 
 class FakeGpus:
-    """GPU 0 is a whole GPU whose slices 1 and 2 are MIG devices; GPU 3 refuses sets."""
+    """GPU 0 is a whole GPU whose backend devices 1 and 2 are MIG slices (with the
+    parent's minor number, as NVML reports them); GPU 3 refuses sets. Slurm numbers
+    the slices after the highest minor: 4 and 5."""
 
     def __init__(self) -> None:
         self.limit = {0: 700_000, 1: 700_000, 2: 700_000, 3: 700_000}
@@ -36,8 +38,8 @@ class FakeGpus:
 
     def devices(self) -> list[DeviceInfo]:
         return [DeviceInfo(0, 0, "0:0", "GPU-P", "fake"),
-                DeviceInfo(1, 1, "0:1", "MIG-1", "fake", mig_parent="GPU-P"),
-                DeviceInfo(2, 2, "0:2", "MIG-2", "fake", mig_parent="GPU-P"),
+                DeviceInfo(1, 0, "0:0", "MIG-1", "fake", mig_parent="GPU-P"),
+                DeviceInfo(2, 0, "0:0", "MIG-2", "fake", mig_parent="GPU-P"),
                 DeviceInfo(3, 3, "0:3", "GPU-3", "fake")]
 
     def limits(self, index: int) -> PowerLimits:
@@ -54,6 +56,9 @@ class FakeGpus:
 
     def persistence_mode(self, index: int) -> bool | None:
         return True
+
+    def set_persistence_mode(self, index: int, enabled: bool) -> None:
+        raise AssertionError("the pipeline never changes persistence mode")
 
     def close(self) -> None:
         pass
@@ -86,12 +91,13 @@ def _prolog(pipeline: Pipeline, job: str, gpus: list[int], watts: int) -> dict[s
 def test_a_mig_slice_never_changes_a_shared_parent(setup: tuple[Pipeline, FakeGpus, Ledger]
                                                    ) -> None:
     pipeline, gpus, _ = setup
+    assert sorted(pipeline.actuator.devices) == [0, 3, 4, 5]  # both slices, told apart
     with pytest.raises(Refusal) as err:
-        _prolog(pipeline, "1", [1], 400)
+        _prolog(pipeline, "1", [4], 400)
     assert err.value.code == "denied"
-    assert "shared with slices [2]" in err.value.reason
+    assert "shared with slices [5]" in err.value.reason
     assert gpus.sets == []
-    reply = _prolog(pipeline, "2", [1, 2], 800)  # the job holds every slice: the parent moves
+    reply = _prolog(pipeline, "2", [4, 5], 800)  # the job holds every slice: the parent moves
     assert reply["ok"] and gpus.sets == [(0, 400_000)]
 
 
@@ -111,7 +117,7 @@ def test_a_failed_set_is_recorded_per_gpu_and_not_governed(
 def test_cap_authority_owner_other_and_unknown_job(setup: tuple[Pipeline, FakeGpus, Ledger]
                                                    ) -> None:
     pipeline, gpus, _ = setup
-    _prolog(pipeline, "4", [1, 2], 1000)  # 500 W on the parent
+    _prolog(pipeline, "4", [4, 5], 1000)  # 500 W on the parent
     cap = request_from({"op": "cap", "job_id": "4", "watts_per_gpu": 300})
     reply = pipeline.cap(cap, Peer(1000, 1000, 5), Origin())
     assert reply["decision"]["action"] == "allow" and gpus.limit[0] == 300_000

@@ -173,6 +173,22 @@ class FakeNvml:
             raise NVMLError(NVML_ERROR_NOT_FOUND)
         return h.mig_slices[j]
 
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, h: Any) -> FakeDevice:
+        self._enter("nvmlDeviceGetDeviceHandleFromMigDeviceHandle")
+        if not isinstance(h, str):
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        return self.slices[h]
+
+    def nvmlDeviceIsMigDeviceHandle(self, h: Any) -> int:
+        self._enter("nvmlDeviceIsMigDeviceHandle")
+        return int(isinstance(h, str))
+
+    def nvmlDeviceSetPersistenceMode(self, h: Any, mode: int) -> None:
+        self._enter("nvmlDeviceSetPersistenceMode")
+        if not self.is_root:
+            raise NVMLError(NVML_ERROR_NO_PERMISSION)
+        self._dev(h).persistence = mode
+
     def nvmlDeviceGetPowerManagementLimitConstraints(self, h: Any) -> tuple[int, int]:
         self._enter("nvmlDeviceGetPowerManagementLimitConstraints")
         d = self._dev(h)

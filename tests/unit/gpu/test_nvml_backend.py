@@ -170,14 +170,17 @@ def test_mig_slices_map_to_their_parent_and_refuse_limit_changes() -> None:
     gpu.close()
 
 
-def test_without_a_driver_nvml_is_a_clean_gpu_lost() -> None:
-    try:
-        real = NvmlBackend()
-    except GpuLost as exc:
-        assert "NVML init" in str(exc) or "bindings unavailable" in str(exc)
-        return
-    real.close()
-    pytest.skip("this machine has a working NVML")
+@pytest.mark.parametrize("code", [fn.NVML_ERROR_LIBRARY_NOT_FOUND,
+                                  fn.NVML_ERROR_DRIVER_NOT_LOADED])
+def test_without_a_driver_nvml_is_a_clean_gpu_lost(code: int) -> None:
+    """No libnvidia-ml.so.1, or no kernel driver: a typed GpuLost naming init, and
+    nothing left initialised (the C fake's driver=0 covers the real ctypes path)."""
+    fake = h100_node(1)
+    fake.fail["nvmlInit"] = code
+    with pytest.raises(GpuLost, match=r"^NVML init: NVML error code") as err:
+        NvmlBackend(nvml=fake)
+    assert err.value.index is None
+    assert fake.initialised == 0 and fake.calls == ["nvmlInit"]
 
 
 def test_close_shuts_down_once_and_later_calls_fail_cleanly(nvml: FakeNvml) -> None:

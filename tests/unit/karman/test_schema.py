@@ -10,6 +10,7 @@ from pathlib import Path
 from spark_slurm.clock import ManualClock
 from spark_slurm.karman.ring import CycleRing
 from spark_slurm.karman.schema import (
+    TWO_PHASE_PER_STREAM,
     Cycle,
     PhaseReading,
     StreamReading,
@@ -61,10 +62,13 @@ def test_independently_encoded_frame_through_subscriber_path() -> None:
     assert dec.feed(b"cycle-aligned" + _independent_payload())
     win = ring.window(0, 2**63 - 1)
     assert win.samples == 1
-    assert win.mean_mw == round((2400.5 + 2200.25 + 2400.5) * 1000)
+    assert win.mean_mw == round((2400.5 + 2400.5) * 1000)  # Σ phase_a: streams are phases
     assert win.streams == 2
     assert dec.counts["missing_phase_b"] == 1
     assert ring.latest_time() == T0 * 1_000_000_000 + 250_000_000
+    two = CycleDecoder(CycleRing(16), "cycle-aligned", clock, phases=TWO_PHASE_PER_STREAM)
+    assert two.feed(b"cycle-aligned" + _independent_payload())
+    assert two.ring.window(0, 2**63 - 1).mean_mw == round((2400.5 + 2200.25 + 2400.5) * 1000)
 
 
 def _sample_cycle() -> Cycle:

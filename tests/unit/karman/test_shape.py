@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,7 +13,15 @@ from spark_slurm.karman import shape as shape_mod
 from spark_slurm.karman import subscriber
 from spark_slurm.karman.rack import RackModel
 from spark_slurm.karman.ring import CycleRing
-from spark_slurm.karman.schema import Cycle, PhaseReading, StreamReading, encode_frame
+from spark_slurm.karman.schema import (
+    PHASE_MODES,
+    STREAMS_ARE_PHASES,
+    TWO_PHASE_PER_STREAM,
+    Cycle,
+    PhaseReading,
+    StreamReading,
+    encode_frame,
+)
 from spark_slurm.karman.subscriber import CycleDecoder
 from tests.unit.karman import wire
 
@@ -19,10 +30,12 @@ P = 16_666_667
 TOPIC = b"cycle-aligned"
 
 
-def _pair() -> tuple[CycleDecoder, CycleDecoder]:
+def _pair(phases: str = STREAMS_ARE_PHASES) -> tuple[CycleDecoder, CycleDecoder]:
     """A fast decoder and a generic-only one, on identical clocks."""
-    return (CycleDecoder(CycleRing(64), "cycle-aligned", ManualClock(start_ns=NOW)),
-            CycleDecoder(CycleRing(64), "cycle-aligned", ManualClock(start_ns=NOW), fast=False))
+    return (CycleDecoder(CycleRing(64), "cycle-aligned", ManualClock(start_ns=NOW),
+                         phases=phases),
+            CycleDecoder(CycleRing(64), "cycle-aligned", ManualClock(start_ns=NOW), fast=False,
+                         phases=phases))
 
 
 def _state(dec: CycleDecoder) -> tuple[object, ...]:
@@ -45,8 +58,9 @@ def _rack_frames(n: int, start: int = 0) -> list[bytes]:
             for i in range(start, start + n)]
 
 
-def test_rack_stream_takes_the_fast_path_and_matches() -> None:
-    fast, slow = _pair()
+@pytest.mark.parametrize("phases", PHASE_MODES)
+def test_rack_stream_takes_the_fast_path_and_matches(phases: str) -> None:
+    fast, slow = _pair(phases)
     frames = _rack_frames(300)
     for frame in frames:
         _feed_both(fast, slow, frame)
@@ -149,16 +163,22 @@ def _frame_with_power(seq: int, phase_a_w: float, phase_b_w: float | None) -> by
     return encode_frame("cycle-aligned", Cycle(NOW + seq * P, seq, (stream,)))
 
 
-def test_non_finite_power_is_a_bad_frame_on_both_paths_and_never_poisons_a_window() -> None:
+@pytest.mark.parametrize("phases", PHASE_MODES)
+def test_non_finite_power_is_a_bad_frame_on_both_paths_and_never_poisons_a_window(
+        phases: str) -> None:
     nan, inf = float("nan"), float("inf")
+    both = phases == TWO_PHASE_PER_STREAM
     for poison in ((nan, 100.0), (100.0, inf), (-inf, None)):
-        fast, slow = _pair()
+        fast, slow = _pair(phases)
         # Enough good frames for the fast path to learn the shape first.
         for seq in range(20):
             _feed_both(fast, slow, _frame_with_power(seq, 100.0, 100.0 if poison[1] else None))
         before = dict(fast.counts)
-        assert _feed_both(fast, slow, _frame_with_power(20, *poison)) is False
-        assert fast.counts["bad_frames"] == before["bad_frames"] + 1
+        # A phase the semantics do not count is not read: streams-are-phases takes phase_a.
+        counted_bad = not math.isfinite(poison[0]) or (both and poison[1] is not None
+                                                       and not math.isfinite(poison[1]))
+        assert _feed_both(fast, slow, _frame_with_power(20, *poison)) is not counted_bad
+        assert fast.counts["bad_frames"] == before["bad_frames"] + counted_bad
         window = fast.ring.window(0, 2**62)
-        assert window.samples == 20
-        assert window.mean_mw == (200_000 if poison[1] else 100_000)
+        assert window.samples == 20 + (not counted_bad)
+        assert window.mean_mw == (200_000 if both and poison[1] else 100_000)

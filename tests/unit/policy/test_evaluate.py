@@ -160,3 +160,50 @@ def test_a_recorded_decision_replays_from_the_snapshot(pol: Policy) -> None:
     first = pol.evaluate(request)
     replayed = Policy.from_text(pol.snapshot_body()["text"]).evaluate(request)
     assert replayed == first
+
+
+def _mw(pol: Policy, mw: int, **kw: Any) -> tuple[str, int | None, str]:
+    kw.setdefault("op", "admission")
+    d = pol.evaluate(PowerRequest(gpus=kw.pop("gpus", 2), requested_mw_per_gpu=mw, **kw))
+    return d.action, d.granted_mw, d.rule
+
+
+@pytest.mark.parametrize(("mw", "kw", "expected"), [
+    (700_000, {}, ("allow", 700_000, "gpu-limits")),  # the site maximum itself
+    (700_001, {}, ("deny", None, "gpu-limits")),  # 1 mW over a deny maximum
+    (600_000, {"account": "physics"}, ("allow", 600_000, "tenant:physics")),
+    (600_001, {"account": "physics"}, ("clamp", 600_000, "tenant:physics")),
+    (350_000, {"account": "students"}, ("allow", 350_000, "tenant:students")),
+    (350_001, {"account": "students"}, ("deny", None, "tenant:students")),
+    (200_000, {}, ("allow", 200_000, "gpu-limits")),  # the minimum itself
+    (199_999, {}, ("clamp", 200_000, "gpu-limits")),
+])
+def test_each_bound_admits_its_own_value_and_nothing_past_it(
+        pol: Policy, mw: int, kw: dict[str, Any], expected: tuple[str, int | None, str]) -> None:
+    assert _mw(pol, mw, **kw) == expected
+
+
+@pytest.mark.parametrize(("mw", "expected"), [
+    (1_000_000, ("allow", 1_000_000, "admin-hw-limits")),
+    (1_000_001, ("clamp", 1_000_000, "hw-limits")),
+    (150_000, ("allow", 150_000, "admin-hw-limits")),
+    (149_999, ("clamp", 150_000, "hw-limits")),
+])
+def test_hardware_bounds_are_inclusive(pol: Policy, mw: int,
+                                       expected: tuple[str, int | None, str]) -> None:
+    assert _mw(pol, mw, op="cap", role="admin", hw_min_mw=150_000,
+               hw_max_mw=1_000_000) == expected
+
+
+@pytest.mark.parametrize(("asked", "action"), [
+    (400_000, "allow"),  # keeping the current cap is not a raise
+    (400_001, "deny"),  # one milliwatt more is
+    (401_000, "deny"),  # and so is one watt
+])
+def test_an_owner_may_not_raise_a_cap_by_even_one_watt(pol: Policy, asked: int,
+                                                       action: str) -> None:
+    d = pol.evaluate(PowerRequest(op="cap", gpus=2, requested_mw_per_gpu=asked, role="owner",
+                                  current_mw=400_000))
+    assert d.action == action
+    if action == "deny":
+        assert d.rule == "owner-lower-only"
