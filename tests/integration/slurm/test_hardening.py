@@ -230,8 +230,3 @@ def test_an_admins_drain_is_left_alone_and_a_prolog_error_of_ours_is_resumed(
     assert any(b["code"] == "failed-closed" for b in rejected), rejected
     stack.cluster.run(["scancel", job], check=False)
 
-
-def test_journal_entries_are_json_lines(stack: SparkStack) -> None:
-    text = stack.journal.read_text() if stack.journal.exists() else ""
-    for line in filter(None, text.splitlines()):
-        assert isinstance(json.loads(line), dict)
