@@ -7,7 +7,6 @@ really fill. The connection hog runs as `nobody` in its own process.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
