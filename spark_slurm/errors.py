@@ -167,6 +167,13 @@ class BadRequest(InputError):
     code = "bad-request"
 
 
+class DiskFull(SparkError):
+    """sparkd cannot record anything: the filesystem of its ledger or state is full."""
+
+    code = "disk-full"
+    exit_code = EXIT_CHECK_FAILED
+
+
 class DaemonUnavailable(CheckFailed):
     """The daemon's socket cannot be reached (not running, wrong path, no permission)."""
 

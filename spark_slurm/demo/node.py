@@ -82,6 +82,10 @@ class SparkNode:
         self.journal = self.state_dir / "journal.jsonl"
         self.run_dir = root / "run"      # /run/spark on a namespaced node
         self.socket = self.run_dir / "sparkd.sock"
+        # root's and the SlurmUser's own socket: the hook uses it, so no user crowding
+        # the public socket can delay a prolog (a short name: temp dirs are deep, and a
+        # unix socket path has 107 bytes)
+        self.scheduler_socket = self.run_dir / "sched.sock"
         self.hook_config = self.run_dir / "hook.json"
         self.daemon_config = root / "sparkd.yaml"
         self.clock_offset_s = 0.0
@@ -116,8 +120,10 @@ class SparkNode:
 
     # ------------------------------------------------------------------ build
     def build(self, *, policy: Path, cluster: str, trust_dir: Path,
-              automations: Mapping[str, float]) -> None:
-        """GPUs, keys (kept across rebuilds), the head's copy of them, the configs."""
+              automations: Mapping[str, float],
+              extra: Mapping[str, Any] | None = None) -> None:
+        """GPUs, keys (kept across rebuilds), the head's copy of them, the configs;
+        `extra` sections are merged into sparkd.yaml (a mapping merges key by key)."""
         for d in (self.state_dir, self.run_dir):
             d.mkdir(parents=True, exist_ok=True)
         if self.gpus:
@@ -131,7 +137,7 @@ class SparkNode:
         config: dict[str, Any] = {
             "node": self.name, "cluster": cluster, "state_dir": str(self.state_dir),
             "ledger": str(self.ledger), "policy": str(policy),
-            "socket": {"path": str(self.socket)},
+            "socket": {"path": str(self.socket), "scheduler_path": str(self.scheduler_socket)},
             "keys": {"hmac": str(self.hmac_key), "signing": str(self.signing_key)},
             "gpu": gpu, "job_context": {"source": "scontrol"},
             "journal_path": str(self.journal), "automations": dict(automations)}
@@ -141,6 +147,10 @@ class SparkNode:
             config["karman"] = {"endpoint": self.karman_endpoint}
         if self.metrics_port:
             config["metrics"] = {"address": self.address, "port": self.metrics_port}
+        for section, value in (extra or {}).items():
+            have = config.get(section)
+            config[section] = ({**have, **value} if isinstance(have, dict)
+                               and isinstance(value, Mapping) else value)
         self.daemon_config.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def trust(self, trust_dir: Path) -> None:
@@ -154,7 +164,7 @@ class SparkNode:
     def set_hook_mode(self, mode: str, timeout_s: float = 5.0) -> None:
         """Rewrite the hook config; the wrappers read it on every run."""
         self.hook_config.write_text(json.dumps({
-            "socket": str(self.socket), "journal": str(self.journal),
+            "socket": str(self.scheduler_socket), "journal": str(self.journal),
             "timeout_s": timeout_s, "on_daemon_down": mode}))
 
     # -------------------------------------------------------------- processes

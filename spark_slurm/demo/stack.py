@@ -66,6 +66,7 @@ class StackSpec:
     cluster_name: str = "spark-demo"
     automations: Mapping[str, float] = field(default_factory=lambda: {
         "maintain_period_s": 1.0, "checkpoint_interval_s": 10.0})
+    daemon_extra: Mapping[str, Any] = field(default_factory=dict)  # merged into sparkd.yaml
 
 
 @dataclass
@@ -170,7 +171,8 @@ class ClusterStack:
         self.services.env = self.cluster.env
         for host in self.hosts:
             host.build(policy=self.policy, cluster=self.spec.cluster_name,
-                       trust_dir=self.trust_dir, automations=self.spec.automations)
+                       trust_dir=self.trust_dir, automations=self.spec.automations,
+                       extra=self.spec.daemon_extra)
         if self.spec.exporter and self.spec.facility and self.spec.karman:
             self.exporter_port = EXPORTER_PORT if self.namespaced else free_port()
         if self.namespaced:

@@ -87,10 +87,14 @@ def test_sparkd_killed_during_a_multi_node_job_loses_nothing(cluster: ClusterSta
     assert all(n2.limits_w()[i] == 600 for i in held)      # the cap held while it was down
     n2.start_daemon()
     # on start sparkd restores the GPUs of the job that ended meanwhile, then ingests the
-    # epilog the hook journaled while it was down: both actions are PERs
-    restores = n2.wait_records(job, "restore", count=2)
+    # epilog the hook journaled while it was down: both are PERs, and the job end is
+    # restored exactly once (the journaled epilog is refused as already restored)
+    n2.wait_records(job, "reject")
+    restores = [r for r in n2.records(job) if r.kind == "restore"]
     assert [(r.body["source"], r.body["authority"]) for r in restores] == [
-        ("automation", "automation:startup"), ("journal", "journal")]
+        ("automation", "automation:startup")]
+    [late] = [r for r in n2.records(job) if r.kind == "reject"]
+    assert late.body["op"] == "epilog" and late.body["code"] == "already-restored", late.body
     n2.wait_limits({i: 1000 for i in range(8)})
     assert caps["n2"].seq in {r.seq for r in n2.records(job)}  # acknowledged PER kept
     [report] = verify_files([n2.ledger], str(n2.hmac_key), str(n2.public_key))

@@ -9,7 +9,7 @@ these tests fast. The daemon can be stopped and restarted (the daemon-down cases
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,11 @@ NODE_BUDGET_W = 4000
 
 
 class SparkStack(ClusterStack):
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, daemon_extra: Mapping[str, Any] | None = None) -> None:
         super().__init__(root, spec=StackSpec(
             nodes=1, gpu_model=GPU_TYPE, budget_w=NODE_BUDGET_W, facility=False,
-            exporter=False, metrics=False, cluster_name="spark"))
+            exporter=False, metrics=False, cluster_name="spark",
+            daemon_extra=dict(daemon_extra or {})))
 
 
 def bodies(records: list[Record]) -> Iterator[dict[str, Any]]:
