@@ -1,0 +1,137 @@
+"""Reads of a ledger's records that touch only what they return.
+
+Every read is a run of short pages keyed by seq (never one statement over the
+whole table, never the whole result in memory), and each filter goes through an
+index: the primary key for seq ranges, `per_job` for a job, and in schema 2
+`per_kind` (one index range per kind, merged in seq order), `per_ref` for a
+record's follow-ups and `per_ingest` for the ingest cursors. A schema-1 file
+(read-only tools may meet one) has only the first two, so there a kind filter
+falls back to scanning seq ranges; the writer upgrades its own ledger at open.
+
+`Ledger` (under its lock) and the read-only tools (`reader.LedgerReader`) run
+these same queries, so the daemon, `sparkctl ledger show` and a node-ledger
+audit read records the same way.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from spark_slurm.ledger.records import Record
+from spark_slurm.ledger.schema import row_to_record
+
+PAGE = 1000
+Fetch = Callable[[str, Sequence[Any]], list[Any]]
+"""Runs one query and returns all its rows (a page at most)."""
+
+# Written out in full (no string building): each is one fixed statement.
+_ASC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
+        "WHERE seq >= ? AND seq < ? ORDER BY seq LIMIT 1000")
+_DESC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
+         "WHERE seq <= ? AND seq >= ? ORDER BY seq DESC LIMIT 1000")
+_KIND_ASC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
+             "FROM per INDEXED BY per_kind "
+             "WHERE kind = ? AND seq >= ? AND seq < ? ORDER BY seq LIMIT 1000")
+_KIND_DESC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
+              "FROM per INDEXED BY per_kind "
+              "WHERE kind = ? AND seq <= ? AND seq >= ? ORDER BY seq DESC LIMIT 1000")
+_JOB = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
+        "FROM per INDEXED BY per_job "
+        "WHERE job_id = ? AND job_id IS NOT NULL AND seq >= ? AND seq < ? "
+        "ORDER BY seq LIMIT 1000")
+# per_ref and per_ingest are used only when the WHERE repeats their expressions
+_REF = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
+        "WHERE json_extract(CAST(body AS TEXT), '$.body.ref.seq') = ? "
+        "AND instr(body, '\"ref\":{') > 0 ORDER BY seq")
+_REF_SCAN = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
+             "WHERE seq > ? AND seq < ? AND instr(body, '\"ref\":{') > 0 "
+             "ORDER BY seq LIMIT 1000")
+_INGESTED = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
+             "FROM per INDEXED BY per_ingest "
+             "WHERE (instr(body, '\"source\":\"journal\"') > 0 "
+             "OR instr(body, '\"source\":\"spool\"') > 0) "
+             "AND seq <= ? ORDER BY seq DESC LIMIT 1000")
+_END = 2**62
+
+
+class Reads:
+    """Record queries over one connection; `fetch` runs a page (under a lock, for
+    the writer) and `version` is the file's schema version."""
+
+    def __init__(self, fetch: Fetch, version: int) -> None:
+        self._fetch = fetch
+        self.indexed = version >= 2
+
+    def _pages(self, sql: str, args: list[Any], at: int, step: int) -> Iterator[Record]:
+        """Run a page query again and again, moving args[at] one past the last seq
+        read (in the direction of `step`)."""
+        while True:
+            rows = self._fetch(sql, args)
+            for row in rows:
+                yield row_to_record(row)
+            if len(rows) < PAGE:
+                return
+            args[at] = int(rows[-1][0]) + step
+
+    def records(self, job_id: str | None = None, since: int | None = None,
+                kinds: Iterable[str] | None = None, until: int | None = None
+                ) -> Iterator[Record]:
+        """Records with since <= seq < until in seq order, of one job and/or kinds."""
+        lo, hi = since or 0, _END if until is None else until
+        wanted = None if kinds is None else frozenset(kinds)
+        if job_id is not None:
+            found = self._pages(_JOB, [job_id, lo, hi], 1, 1)
+        elif wanted is not None and self.indexed:
+            return heapq.merge(*(self._pages(_KIND_ASC, [k, lo, hi], 1, 1)
+                                 for k in sorted(wanted)), key=_seq)
+        else:
+            found = self._pages(_ASC, [lo, hi], 0, 1)
+        return found if wanted is None else (r for r in found if r.kind in wanted)
+
+    def newest_first(self, kinds: Iterable[str] | None = None, before: int | None = None,
+                     since: int = 0) -> Iterator[Record]:
+        """Records with since <= seq <= before from the newest back (start-up needs the
+        latest few, not a year of history)."""
+        hi = _END if before is None else before
+        wanted = None if kinds is None else frozenset(kinds)
+        if wanted is not None and self.indexed:
+            return heapq.merge(*(self._pages(_KIND_DESC, [k, hi, since], 1, -1)
+                                 for k in sorted(wanted)), key=_seq, reverse=True)
+        found = self._pages(_DESC, [hi, since], 0, -1)
+        return found if wanted is None else (r for r in found if r.kind in wanted)
+
+    def at(self, seq: int) -> Record | None:
+        """The record at `seq`, if there is one."""
+        return next(self.records(since=seq, until=seq + 1), None)
+
+    def latest(self, kind: str, before: int | None = None) -> Record | None:
+        """The newest record of a kind with seq < before (e.g. the policy in force)."""
+        return next(self.newest_first([kind], None if before is None else before - 1), None)
+
+    def followups(self, seq: int, within: int | None = None) -> list[Record]:
+        """Records whose body names `ref.seq` = seq (facility correlation and the
+        like), oldest first. Without the schema-2 index the next `within` records
+        are scanned (follow-ups come soon after what they follow)."""
+        if self.indexed:
+            return [row_to_record(r) for r in self._fetch(_REF, [seq])]
+        out = []
+        hi = _END if within is None else seq + 1 + within
+        for rec in self._pages(_REF_SCAN, [seq, hi], 0, 1):
+            ref = rec.body.get("ref")
+            if isinstance(ref, dict) and ref.get("seq") == seq:
+                out.append(rec)
+        return out
+
+    def ingested_newest_first(self) -> Iterator[Record]:
+        """Records ingested from the hook journal or the denial spool, newest first
+        (their bodies say `"source":"journal"` or `"source":"spool"`)."""
+        if self.indexed:
+            return self._pages(_INGESTED, [_END], 0, -1)
+        return (r for r in self._pages(_DESC, [_END, 0], 0, -1)
+                if r.body.get("source") in ("journal", "spool"))
+
+
+def _seq(record: Record) -> int:
+    return record.seq
