@@ -285,15 +285,13 @@ check_cp() { # index
 }
 for ((c = 0; c < NSTORED && ${#BAD_REASON} == 0; c++)); do check_cp "$c"; done
 # a stored checkpoint's size/time/key id columns: as its note says, by the key in force
-LAST_T=$(meta created_ns)
-while [ -z "$BAD_REASON" ] && IFS='|' read -r id csize ctype ctime ckid; do
+while [ -z "$BAD_REASON" ] && IFS='|' read -r id csize ctype ckid; do
   nsize=$(sed -n 2p "$TMP/cp$id") kid=
   for ((j = 0; j < NSIGN; j++)); do [ "${SIGN_FROM[j]}" -le "$nsize" ] && kid=${SIGN_ID[j]}; done
-  if [ "$csize" != "$nsize" ] || [ "$ctype" != integer ] || [ "$ctime" -lt "$LAST_T" ] || [ "$ckid" != "$kid" ]; then
+  if [ "$csize" != "$nsize" ] || [ "$ctype" != integer ] || [ "$ckid" != "$kid" ]; then
     bad - "stored checkpoint #$id: its size/time/key id columns do not match its signed note"
   fi
-  LAST_T=$ctime
-done < <(q "SELECT id, size, typeof(time_ns), time_ns, key_id FROM checkpoint ORDER BY id" 2>/dev/null)
+done < <(q "SELECT id, size, typeof(time_ns), key_id FROM checkpoint ORDER BY id" 2>/dev/null)
 finish_if_bad
 if [ -n "$PUB_ID" ]; then
   member=0; for ((j = 0; j < NSIGN; j++)); do [ "${SIGN_ID[j]}" = "$PUB_ID" ] && member=1; done

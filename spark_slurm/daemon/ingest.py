@@ -59,16 +59,19 @@ class CursorFile:
 
 
 def ledger_cursor(ledger: LedgerLike, source: str, kinds: list[str]) -> Cursor | None:
-    """The end of the last line already recorded from `source`, per the ledger."""
-    best: Cursor | None = None
-    for record in ledger.records(kinds=kinds):
+    """The end of the last line already recorded from `source`, per the ledger: its
+    newest such PER, read through the ledger's index of ingested records (start-up
+    must not read a year of history to find it)."""
+    for record in ledger.ingested_newest_first():
+        if record.kind not in kinds:
+            continue
         body = record.body
         if body.get("source") != source or not isinstance(body.get(source), dict):
             continue
         where = body[source]
         if "inode" in where and "end" in where:
-            best = Cursor(int(where["inode"]), int(where["end"]))
-    return best
+            return Cursor(int(where["inode"]), int(where["end"]))
+    return None
 
 
 class LineFile:

@@ -22,6 +22,8 @@ from typing import Any
 GENESIS_PREV = bytes(32)
 """The previous hash of the genesis record (seq 0): 32 zero bytes."""
 EMPTY_ROOT = hashlib.sha256(b"").digest()
+BLOCK_BITS = 12
+"""Leaves are merged in aligned runs of up to 2^BLOCK_BITS at a time."""
 SUBTREE_LEVEL = 8
 """Perfect subtrees of 2^SUBTREE_LEVEL leaves and more are what `subtrees` records
 (the ledger's `tree` table): any proof then needs at most two blocks of leaves."""
@@ -115,26 +117,13 @@ class Chain:
     def link(self, bodies: Iterable[bytes]) -> list[bytes]:
         """Append records with these stored bytes (the writer); returns their hashes."""
         sha = hashlib.sha256
-        head, size, base, fh = self.head, self.size, self.base, self.hashes
-        marks, subs = self.marks, self.subtrees
+        data = list(bodies)
+        head = self.head
         out: list[bytes] = []
-        for body in bodies:
+        for body in data:
             head = sha(head + body).digest()
             out.append(head)
-            leaf = sha(b"\x00" + body).digest()
-            n = size - base
-            if subs is not None and n & 0xFF == 0xFF:
-                self.size, self.head = size, head
-                self.push(leaf)
-            else:
-                while n & 1:
-                    leaf = sha(b"\x01" + fh.pop() + leaf).digest()
-                    n >>= 1
-                fh.append(leaf)
-            size += 1
-            if marks and size in marks:
-                self.marked[size] = (list(fh), head)
-        self.size, self.head = size, head
+        self._grow(data, out)
         return out
 
     def accept(self, rows: Sequence[Sequence[Any]]) -> int:
@@ -142,31 +131,77 @@ class Chain:
         prev_hash, hash, ...) while each continues the chain: next seq, prev hash
         equal to the head, hash equal to H(prev ‖ body). Returns how many were
         taken; the chain then stands after the last of them."""
-        sha = hashlib.sha256
-        head, size, base, fh = self.head, self.size, self.base, self.hashes
-        marks, subs = self.marks, self.subtrees
-        taken = 0
-        try:
-            for row in rows:
-                body = row[4]
-                if row[0] != size or row[5] != head or sha(head + body).digest() != row[6]:
-                    break
-                head = row[6]
-                leaf = sha(b"\x00" + body).digest()
-                n = size - base
-                if subs is not None and n & 0xFF == 0xFF:
-                    self.size, self.head = size, head
-                    self.push(leaf)
-                else:
-                    while n & 1:
-                        leaf = sha(b"\x01" + fh.pop() + leaf).digest()
-                        n >>= 1
-                    fh.append(leaf)
-                size += 1
-                taken += 1
-                if marks and size in marks:
-                    self.marked[size] = (list(fh), head)
-        except TypeError:  # a column of the wrong type: not a continuation
-            pass
-        self.size, self.head = size, head
+        taken = self._continuing(rows)
+        if taken:
+            part = rows if taken == len(rows) else rows[:taken]
+            self._grow([r[4] for r in part], [r[6] for r in part])
         return taken
+
+    def _continuing(self, rows: Sequence[Sequence[Any]]) -> int:
+        """How many leading rows continue the chain (the state does not move). A
+        whole page is checked with list operations; only a page with a break in
+        it is walked row by row to find where."""
+        sha = hashlib.sha256
+        size, head = self.size, self.head
+        try:
+            prevs = [r[5] for r in rows]
+            hashes = [r[6] for r in rows]
+            if prevs and prevs[0] == head and prevs[1:] == hashes[:-1] \
+                    and [r[0] for r in rows] == list(range(size, size + len(rows))) \
+                    and [sha(r[5] + r[4]).digest() for r in rows] == hashes:
+                return len(rows)
+        except TypeError:  # a column of the wrong type: found below
+            pass
+        for i, r in enumerate(rows):
+            try:
+                if r[0] != size or r[5] != head or sha(head + r[4]).digest() != r[6]:
+                    return i
+            except TypeError:
+                return i
+            head, size = r[6], size + 1
+        return len(rows)
+
+    def _grow(self, bodies: Sequence[bytes], hashes: Sequence[bytes]) -> None:
+        """Add records (stored bytes and hashes, continuing the chain) to the tree,
+        keeping the compact range at each size in `marks` on the way."""
+        sha = hashlib.sha256
+        start, end = self.size, self.size + len(bodies)
+        cuts = sorted(m - start for m in self.marks if start < m <= end) if self.marks else []
+        done = 0
+        for cut in [*cuts, len(bodies)]:
+            if cut > done:
+                self._leaves([sha(b"\x00" + b).digest() for b in bodies[done:cut]])
+                self.head = hashes[cut - 1]
+                done = cut
+            if cut in cuts:
+                self.marked[self.size] = (list(self.hashes), self.head)
+
+    def add_leaves(self, leaves: list[bytes]) -> None:
+        """Merge leaf hashes (of the next records, in order) into the compact range;
+        the head does not move (for a tree rebuilt from stored bytes alone)."""
+        self._leaves(leaves)
+
+    def _leaves(self, leaves: list[bytes]) -> None:
+        """Merge leaf hashes into the compact range: each aligned run of 2^k leaves
+        (k <= BLOCK_BITS) is hashed level by level in list comprehensions, then
+        grafted whole; the perfect subtrees it forms are recorded on the way."""
+        sha = hashlib.sha256
+        i, n = 0, len(leaves)
+        while i < n:
+            local = self.size - self.base
+            k = min(BLOCK_BITS, (n - i).bit_length() - 1,
+                    (local & -local).bit_length() - 1 if local else BLOCK_BITS)
+            if k == 0:
+                self.push(leaves[i])
+                i += 1
+                continue
+            level = leaves[i:i + (1 << k)]
+            subs, at = self.subtrees, self.size
+            for height in range(1, k + 1):
+                level = [sha(b"\x01" + a + b).digest()
+                         for a, b in zip(level[0::2], level[1::2], strict=True)]
+                if subs is not None and height >= SUBTREE_LEVEL:
+                    first = at >> height
+                    subs.extend((height, first + j, h) for j, h in enumerate(level))
+            self.push(level[0], k)
+            i += 1 << k

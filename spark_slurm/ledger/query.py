@@ -23,36 +23,39 @@ from spark_slurm.ledger.records import Record
 from spark_slurm.ledger.schema import row_to_record
 
 PAGE = 1000
+FIRST_PAGE = 16
+"""Pages grow from FIRST_PAGE rows to PAGE (x4 each time): a reader that wants the
+newest few of six kinds reads a few dozen rows, not six thousand."""
 Fetch = Callable[[str, Sequence[Any]], list[Any]]
 """Runs one query and returns all its rows (a page at most)."""
 
 # Written out in full (no string building): each is one fixed statement.
 _ASC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
-        "WHERE seq >= ? AND seq < ? ORDER BY seq LIMIT 1000")
+        "WHERE seq >= ? AND seq < ? ORDER BY seq LIMIT ?")
 _DESC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
-         "WHERE seq <= ? AND seq >= ? ORDER BY seq DESC LIMIT 1000")
+         "WHERE seq <= ? AND seq >= ? ORDER BY seq DESC LIMIT ?")
 _KIND_ASC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
              "FROM per INDEXED BY per_kind "
-             "WHERE kind = ? AND seq >= ? AND seq < ? ORDER BY seq LIMIT 1000")
+             "WHERE kind = ? AND seq >= ? AND seq < ? ORDER BY seq LIMIT ?")
 _KIND_DESC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
               "FROM per INDEXED BY per_kind "
-              "WHERE kind = ? AND seq <= ? AND seq >= ? ORDER BY seq DESC LIMIT 1000")
+              "WHERE kind = ? AND seq <= ? AND seq >= ? ORDER BY seq DESC LIMIT ?")
 _JOB = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
         "FROM per INDEXED BY per_job "
         "WHERE job_id = ? AND job_id IS NOT NULL AND seq >= ? AND seq < ? "
-        "ORDER BY seq LIMIT 1000")
+        "ORDER BY seq LIMIT ?")
 # per_ref and per_ingest are used only when the WHERE repeats their expressions
 _REF = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
         "WHERE json_extract(CAST(body AS TEXT), '$.body.ref.seq') = ? "
         "AND instr(body, '\"ref\":{') > 0 ORDER BY seq")
 _REF_SCAN = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
              "WHERE seq > ? AND seq < ? AND instr(body, '\"ref\":{') > 0 "
-             "ORDER BY seq LIMIT 1000")
+             "ORDER BY seq LIMIT ?")
 _INGESTED = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
              "FROM per INDEXED BY per_ingest "
              "WHERE (instr(body, '\"source\":\"journal\"') > 0 "
              "OR instr(body, '\"source\":\"spool\"') > 0) "
-             "AND seq <= ? ORDER BY seq DESC LIMIT 1000")
+             "AND seq <= ? ORDER BY seq DESC LIMIT ?")
 _END = 2**62
 
 
@@ -66,14 +69,16 @@ class Reads:
 
     def _pages(self, sql: str, args: list[Any], at: int, step: int) -> Iterator[Record]:
         """Run a page query again and again, moving args[at] one past the last seq
-        read (in the direction of `step`)."""
+        read (in the direction of `step`); the page size is the last parameter."""
+        limit = FIRST_PAGE
         while True:
-            rows = self._fetch(sql, args)
+            rows = self._fetch(sql, [*args, limit])
             for row in rows:
                 yield row_to_record(row)
-            if len(rows) < PAGE:
+            if len(rows) < limit:
                 return
             args[at] = int(rows[-1][0]) + step
+            limit = min(PAGE, limit * 4)
 
     def records(self, job_id: str | None = None, since: int | None = None,
                 kinds: Iterable[str] | None = None, until: int | None = None

@@ -38,11 +38,12 @@ else:  # run as a script: the sibling modules, without the package's imports
     from chain import GENESIS_PREV, Chain  # type: ignore[import-not-found,no-redef]
 
 PAGE = 4096
+CACHE = 4096
+"""Envelope parts cached per kind and per job id; a cache that holds this many
+starts over (records of a job are near each other), so memory stays flat."""
 MAX_SPECIAL = 4096
 """A worker holding more state-moving rows than this gives up (the caller then
 scans in-process, where they are consumed page by page)."""
-# as records._PLAIN: strings made of these need no JSON escaping
-_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+[],")
 _SELECT = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
            "WHERE seq >= ? AND seq < ? ORDER BY seq")
 # the bytes the format hashes, whichever storage class (TEXT or BLOB) a row uses
@@ -65,7 +66,10 @@ class Abort(Exception):
 
 
 def _json_str(value: str) -> str:
-    return f'"{value}"' if set(value) <= _PLAIN else json.dumps(value, ensure_ascii=False)
+    """JSON of a string as the writer makes it (ensure_ascii off)."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    return json.dumps(value, ensure_ascii=False)
 
 
 def envelope_tail(kind: str, job_id: str | None) -> bytes:
@@ -94,7 +98,8 @@ class Scan:
         self.keys = hmac_epochs.EpochKeys(k0) if k0 is not None else None
         self.on_special = on_special
         self.special: list[Special] = []
-        self.tails: dict[tuple[str, str | None], bytes] = {}
+        self.kinds: dict[str, bytes] = {}  # envelope parts as JSON, bounded caches
+        self.jobs: dict[str | None, bytes] = {}
         self.macs: dict[int, Callable[[bytes], bytes]] = {}  # epoch -> MAC, key fixed
         self.fast_key_id: str | None = None  # key id of the current run of plain rows
         self.fast_mac: Callable[[bytes], bytes] | None = None
@@ -103,19 +108,29 @@ class Scan:
 
     def run(self, hi: int) -> tuple[int, str] | None:
         """Check [chain.size, hi); the first failure as (seq, reason), or None."""
-        cur = self.conn.execute(_SELECT, (self.chain.size, hi))
-        while True:
-            at = self.chain.size
-            try:
-                rows = cur.fetchmany(PAGE)
-            except (sqlite3.DatabaseError, UnicodeDecodeError):
-                return self._damaged(at, hi)
-            if not rows:
-                return None
-            bad = self.page(rows)
-            self._flush()
-            if bad is not None:
-                return bad
+        conn = self.conn
+        lenient = conn.text_factory
+        conn.text_factory = str  # the C decoder; invalid UTF-8 goes to _damaged
+        try:
+            cur = conn.execute(_SELECT, (self.chain.size, hi))
+            while True:
+                at = self.chain.size
+                try:
+                    rows = cur.fetchmany(PAGE)
+                except (sqlite3.DatabaseError, UnicodeDecodeError):
+                    conn.text_factory = lenient
+                    return self._damaged(at, hi)
+                if not rows:
+                    return None
+                bad = self.page(rows)
+                self._flush()
+                if bad is not None:
+                    return bad
+        except (sqlite3.DatabaseError, UnicodeDecodeError):
+            conn.text_factory = lenient
+            return self._damaged(self.chain.size, hi)
+        finally:
+            conn.text_factory = lenient
 
     def _flush(self) -> None:
         if self.special:
@@ -128,8 +143,14 @@ class Scan:
             subs.clear()
 
     def _damaged(self, at: int, hi: int) -> tuple[int, str] | None:
-        """A page SQLite cannot read: re-read row by row to blame the right record."""
-        cur = self.conn.execute(_SELECT, (at, hi))
+        """A page SQLite cannot read (or text that is not UTF-8): re-read row by row,
+        text decoded leniently, to blame the right record."""
+        if self.conn.text_factory is str:
+            self.conn.text_factory = _lenient
+        try:
+            cur = self.conn.execute(_SELECT, (at, hi))
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            return (at, f"SQLite cannot read the record: {exc}")
         while True:
             try:
                 row = cur.fetchone()
@@ -176,19 +197,30 @@ class Scan:
     def _fast(self, rows: Sequence[Any]) -> int:
         """How many leading rows pass the column, envelope and MAC checks; rows that
         move state are collected for `on_special` instead of MAC-checked here."""
-        tails = self.tails
+        kinds, jobs = self.kinds, self.jobs
         fast_key_id, fast_mac = self.fast_key_id, self.fast_mac
         hmac_id = self.hmac_id
         special = self.special
         i = 0
         for seq, time_ns, kind, job_id, body, _prev, h, mac, key_id in rows:
-            if type(body) is not bytes or type(h) is not bytes or type(kind) is not str \
-                    or type(time_ns) is not int or not (job_id is None or type(job_id) is str):
+            if type(body) is not bytes or type(h) is not bytes or type(time_ns) is not int:
                 break
-            tail = tails.get((kind, job_id))
-            if tail is None:
-                tail = tails[(kind, job_id)] = envelope_tail(kind, job_id)
-            if not body.endswith(b'%b%d,"time_ns":%d}' % (tail, seq, time_ns)) \
+            kind_part = kinds.get(kind)
+            if kind_part is None:
+                if type(kind) is not str:
+                    break
+                if len(kinds) >= CACHE:
+                    kinds.clear()
+                kind_part = kinds[kind] = b',"kind":%b,"seq":' % _json_str(kind).encode()
+            job_part = jobs.get(job_id)
+            if job_part is None:
+                if not (job_id is None or type(job_id) is str):
+                    break
+                if len(jobs) >= CACHE:
+                    jobs.clear()
+                job_part = jobs[job_id] = b',"job":null' if job_id is None \
+                    else b',"job":%b' % _json_str(job_id).encode()
+            if not body.endswith(b'%b%b%d,"time_ns":%d}' % (job_part, kind_part, seq, time_ns)) \
                     or not body.startswith(b'{"body":'):
                 break
             if key_id is not None and key_id == fast_key_id and kind != "key" \
@@ -253,6 +285,11 @@ class Scan:
             self.special.append((seq, kind, body, h, mac, key_id))
             self.fast_key_id, self.fast_mac = self._run_key(kind, seq, key_id)
         return None
+
+
+def _lenient(data: bytes) -> str:
+    """Invalid UTF-8 as U+FFFD, so the checks fail cleanly (as schema.connect reads)."""
+    return data.decode("utf-8", "replace")
 
 
 def head_before(conn: sqlite3.Connection, lo: int) -> bytes | None:

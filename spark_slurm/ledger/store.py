@@ -59,6 +59,16 @@ def rotation_message(origin: str, new_public_raw: bytes) -> bytes:
     return ROTATE_LABEL + origin.encode() + b"\n" + new_public_raw
 
 
+def _check_owner(path: Path, meta: Mapping[str, str], node: str | None, cluster: str) -> None:
+    """An existing ledger must be this node's and this cluster's (checked before
+    anything, the schema upgrade included, writes to it)."""
+    if node is not None and node != meta["node"]:
+        raise LedgerError(f"{path}: ledger belongs to node {meta['node']!r}, not {node!r}")
+    if cluster != meta["cluster"]:
+        raise LedgerError(f"{path}: ledger belongs to cluster {meta['cluster']!r}, "
+                          f"not {cluster!r}")
+
+
 class Ledger:
     """A node's Power Event Record ledger. Use `Ledger.open`."""
 
@@ -112,9 +122,11 @@ class Ledger:
                                    node=node or socket.gethostname().split(".")[0],
                                    cluster=cluster, clock=clock, epoch_seconds=epoch_seconds)
             else:
-                meta = upgrade(conn, p, read_meta(conn, p))
+                meta = read_meta(conn, p)
+                _check_owner(p, meta, node, cluster)
+                meta = upgrade(conn, p, meta)
             led = cls(conn, p, meta, clock, checkpoint_interval_s)
-            led._load(hmac_key, signing_key, node, cluster if exists else None)
+            led._load(hmac_key, signing_key)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise LedgerError(f"{p}: cannot use ledger: {exc}") from None
@@ -163,14 +175,8 @@ class Ledger:
             raise
         return meta
 
-    def _load(self, hmac_key: bytes | None, signing_key: Ed25519PrivateKey | None,
-              node: str | None, cluster: str | None) -> None:
+    def _load(self, hmac_key: bytes | None, signing_key: Ed25519PrivateKey | None) -> None:
         where = str(self.path)
-        if node is not None and node != self.node:
-            raise LedgerError(f"{where}: ledger belongs to node {self.node!r}, not {node!r}")
-        if cluster is not None and cluster != self.cluster:
-            raise LedgerError(f"{where}: ledger belongs to cluster {self.cluster!r}, "
-                              f"not {cluster!r}")
         last = self._conn.execute(
             "SELECT seq, hash FROM per ORDER BY seq DESC LIMIT 1").fetchone()
         state = dict(self._conn.execute("SELECT key, value FROM state").fetchall())

@@ -53,8 +53,7 @@ def fill_tree(conn: sqlite3.Connection) -> int:
     seq = 0
     while rows := conn.execute("SELECT seq, CAST(body AS BLOB) FROM per WHERE seq >= ? "
                                "ORDER BY seq LIMIT ?", (seq, PAGE)).fetchall():
-        for _, body in rows:
-            chain.push(leaf_hash(body))
+        chain.add_leaves([leaf_hash(body) for _, body in rows])
         conn.executemany(INSERT_TREE, chain.subtrees)
         chain.subtrees.clear()
         seq = int(rows[-1][0]) + 1

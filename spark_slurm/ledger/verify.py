@@ -189,16 +189,15 @@ def _verify(conn: sqlite3.Connection, p: Path, w: Walk, stored: list[Any], *,
 
 def _check_columns(w: Walk, cps: list[Checkpoint], columns: list[tuple[str, Any, Any, Any]]
                    ) -> None:
-    """A stored checkpoint's size, time and key id columns (readers use them to pick
-    one) must agree with its signed note and the key in force, times never going back."""
-    last = int(w.meta["created_ns"])
+    """A stored checkpoint's size and key id columns (readers pick checkpoints by
+    them) must agree with its signed note and the key in force; its time (unsigned,
+    informational: a clock may step back) must at least be an integer."""
     for cp, (label, size, time_ns, key_id) in zip(cps, columns, strict=True):
         key = _key_at(w, cp.size)
-        if size != cp.size or type(time_ns) is not int or time_ns < last or key is None \
+        if size != cp.size or type(time_ns) is not int or key is None \
                 or key_id != signing_key_id(key):
             raise Bad(None, f"{label}: its size/time/key id columns do not match its "
                       "signed note")
-        last = time_ns
 
 
 def _integrity(conn: sqlite3.Connection, w: Walk) -> list[str]:
