@@ -316,10 +316,20 @@ fi
 
 if [ -z "$BAD_REASON" ]; then  # table definitions exactly as docs/ledger-format.md gives them
   case "$SV" in 1) DDL_SHA=2ebe065b677822cd0296faff1e52fb7151443d3d5e6bb40a7de3fc1ff4fbda58 ;;
-                2) DDL_SHA=1e80aa3132212613fe7239b77de9c26b1d1eb3187249812e6d2388bb463020f4 ;; esac
+                2) DDL_SHA=2e79bcbbf977ef989f0bc7eafb794f531560155dbac352c7429cd16156eb578b ;; esac
   [ "$(q "SELECT type || '|' || name || '|' || tbl_name || '|' || coalesce(sql, '-') FROM sqlite_master ORDER BY name" 2>/dev/null \
         | sha256sum | cut -c1-64)" = "$DDL_SHA" ] \
     || bad - "table definitions differ from ledger schema version $SV"
+fi
+if [ -z "$BAD_REASON" ] && [ "$SV" = 2 ]; then  # the newest record of each ingest source
+  for src in journal spool; do
+    want=$(q "SELECT max(seq) FROM per WHERE json_valid(CAST(body AS TEXT))
+                AND json_extract(CAST(body AS TEXT), '\$.body.source') = '$src'")
+    got=$(q "SELECT CAST(value AS TEXT) FROM state WHERE key = 'latest.$src'")
+    [ "$got" = "$want" ] || { bad - "saved newest $src record does not match the records"; break; }
+  done
+  other=$(q "SELECT key FROM state WHERE key LIKE 'latest.%' AND key NOT IN ('latest.journal', 'latest.spool') ORDER BY key LIMIT 1")
+  [ -n "$BAD_REASON" ] || [ -z "$other" ] || bad - "unknown saved state '$other'"
 fi
 if [ -z "$BAD_REASON" ] && [ "$SV" = 2 ]; then  # stored subtrees: exactly those of the records
   touch "$TMP/subtrees"

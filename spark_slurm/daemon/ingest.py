@@ -60,17 +60,17 @@ class CursorFile:
 
 def ledger_cursor(ledger: LedgerLike, source: str, kinds: list[str]) -> Cursor | None:
     """The end of the last line already recorded from `source`, per the ledger: its
-    newest such PER, read through the ledger's index of ingested records (start-up
+    newest PER from that source, which the ledger keeps a pointer to (start-up
     must not read a year of history to find it)."""
-    for record in ledger.ingested_newest_first():
-        if record.kind not in kinds:
-            continue
-        body = record.body
-        if body.get("source") != source or not isinstance(body.get(source), dict):
-            continue
-        where = body[source]
-        if "inode" in where and "end" in where:
-            return Cursor(int(where["inode"]), int(where["end"]))
+    record = ledger.latest_ingested(source)
+    if record is None or record.kind not in kinds:
+        return None
+    body = record.body
+    if body.get("source") != source or not isinstance(body.get(source), dict):
+        return None
+    where = body[source]
+    if "inode" in where and "end" in where:
+        return Cursor(int(where["inode"]), int(where["end"]))
     return None
 
 

@@ -15,16 +15,19 @@ from typing import Any
 from spark_slurm.ledger import hmac_epochs
 from spark_slurm.ledger.chain import Chain
 from spark_slurm.ledger.records import body_bytes, check_kind, envelope_suffix, job_of
+from spark_slurm.ledger.schema import INGEST_SOURCES
 
 Row = tuple[int, int, str, str | None, bytes, bytes, bytes, bytes | None, str | None]
 """A `per` table row in INSERT_PER column order."""
 
 
 def chain_rows(batch: Sequence[tuple[str, Mapping[str, Any]]], rows: list[Row], *, now: int,
-               chain: Chain, key: bytes | None, key_id: str | None) -> None:
+               chain: Chain, key: bytes | None, key_id: str | None,
+               latest: dict[str, int] | None = None) -> None:
     """Append one row per (kind, body) to `rows`, linked onto `chain` (which moves
     past them). Every body is encoded before the chain moves, so a body that
-    cannot be stored raises with the chain and `rows` untouched."""
+    cannot be stored raises with the chain and `rows` untouched. `latest`, when
+    given, gets the seq of the last record from each ingest source."""
     mac_of = None if key is None else hmac_epochs.mac_function(key)
     tails: dict[tuple[str, str | None], bytes] = {}
     time_tail = f',"time_ns":{now}}}'.encode()
@@ -39,6 +42,8 @@ def chain_rows(batch: Sequence[tuple[str, Mapping[str, Any]]], rows: list[Row], 
             tails[(kind, job)] = tail
         encoded.append((kind, job, b"".join((b'{"body":', body_bytes(body), tail,
                                              str(seq).encode(), time_tail))))
+        if latest is not None and (source := body.get("source")) in INGEST_SOURCES:
+            latest[source] = seq
         seq += 1
     prev = chain.head
     seq = chain.size

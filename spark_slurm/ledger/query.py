@@ -3,10 +3,11 @@
 Every read is a run of short pages keyed by seq (never one statement over the
 whole table, never the whole result in memory), and each filter goes through an
 index: the primary key for seq ranges, `per_job` for a job, and in schema 2
-`per_kind` (one index range per kind, merged in seq order), `per_ref` for a
-record's follow-ups and `per_ingest` for the ingest cursors. A schema-1 file
-(read-only tools may meet one) has only the first two, so there a kind filter
-falls back to scanning seq ranges; the writer upgrades its own ledger at open.
+`per_kind` (one index range per kind, merged in seq order; a record's follow-ups
+are read forward through it for a bounded time) and the `state` row that names
+each ingest source's newest record. A schema-1 file (read-only tools may meet
+one) has only the first two, so there a kind filter falls back to scanning seq
+ranges; the writer upgrades its own ledger at open.
 
 `Ledger` (under its lock) and the read-only tools (`reader.LedgerReader`) run
 these same queries, so the daemon, `sparkctl ledger show` and a node-ledger
@@ -44,18 +45,17 @@ _JOB = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
         "FROM per INDEXED BY per_job "
         "WHERE job_id = ? AND job_id IS NOT NULL AND seq >= ? AND seq < ? "
         "ORDER BY seq LIMIT ?")
-# per_ref and per_ingest are used only when the WHERE repeats their expressions
-_REF = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
-        "WHERE json_extract(CAST(body AS TEXT), '$.body.ref.seq') = ? "
-        "AND instr(body, '\"ref\":{') > 0 ORDER BY seq")
+_FOLLOW = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
+           "FROM per INDEXED BY per_kind "
+           "WHERE kind = ? AND seq > ? AND seq < ? ORDER BY seq LIMIT ?")
 _REF_SCAN = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
-             "WHERE seq > ? AND seq < ? AND instr(body, '\"ref\":{') > 0 "
-             "ORDER BY seq LIMIT ?")
-_INGESTED = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
-             "FROM per INDEXED BY per_ingest "
-             "WHERE (instr(body, '\"source\":\"journal\"') > 0 "
-             "OR instr(body, '\"source\":\"spool\"') > 0) "
-             "AND seq <= ? ORDER BY seq DESC LIMIT ?")
+             "WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?")
+FOLLOWUP_KINDS = ("facility", "recovery", "release")
+"""Kinds that follow up an earlier record (`body.ref`, docs/per-schema.md)."""
+FOLLOWUP_HORIZON_NS = 3600 * 1_000_000_000
+"""Follow-ups are written within the facility window of what they follow (seconds,
+or minutes at most; they are never carried over a restart): a search for them ends
+at the first candidate written more than this after the record they follow."""
 _END = 2**62
 
 
@@ -115,27 +115,44 @@ class Reads:
         """The newest record of a kind with seq < before (e.g. the policy in force)."""
         return next(self.newest_first([kind], None if before is None else before - 1), None)
 
-    def followups(self, seq: int, within: int | None = None) -> list[Record]:
-        """Records whose body names `ref.seq` = seq (facility correlation and the
-        like), oldest first. Without the schema-2 index the next `within` records
-        are scanned (follow-ups come soon after what they follow)."""
-        if self.indexed:
-            return [row_to_record(r) for r in self._fetch(_REF, [seq])]
+    def followups(self, seq: int, time_ns: int) -> list[Record]:
+        """Records of the follow-up kinds whose body's `ref.seq` is `seq` (written at
+        `time_ns`), oldest first: read forward through the kind index until
+        FOLLOWUP_HORIZON_NS after it, matching the canonical bytes before parsing."""
+        tag = b'"ref":{'
         out = []
-        hi = _END if within is None else seq + 1 + within
-        for rec in self._pages(_REF_SCAN, [seq, hi], 0, 1):
-            ref = rec.body.get("ref")
-            if isinstance(ref, dict) and ref.get("seq") == seq:
-                out.append(rec)
+        end = time_ns + FOLLOWUP_HORIZON_NS
+        if self.indexed:
+            found = heapq.merge(*(self._pages(_FOLLOW, [k, seq, _END], 1, 1)
+                                  for k in FOLLOWUP_KINDS), key=_seq)
+        else:
+            found = (r for r in self._pages(_REF_SCAN, [seq, _END], 0, 1)
+                     if r.kind in FOLLOWUP_KINDS)
+        for rec in found:
+            if rec.time_ns > end:
+                break
+            if tag in rec.body_bytes and b'"seq":%d' % seq in rec.body_bytes:
+                ref = rec.body.get("ref")
+                if isinstance(ref, dict) and ref.get("seq") == seq:
+                    out.append(rec)
         return out
 
-    def ingested_newest_first(self) -> Iterator[Record]:
-        """Records ingested from the hook journal or the denial spool, newest first
-        (their bodies say `"source":"journal"` or `"source":"spool"`)."""
+    def latest_ingested(self, source: str) -> Record | None:
+        """The newest record whose body's `source` is `source` (one of
+        schema.INGEST_SOURCES), from `state.latest.<source>`; a schema-1 file has
+        no such row and is searched from the head back."""
         if self.indexed:
-            return self._pages(_INGESTED, [_END], 0, -1)
-        return (r for r in self._pages(_DESC, [_END, 0], 0, -1)
-                if r.body.get("source") in ("journal", "spool"))
+            rows = self._fetch("SELECT value FROM state WHERE key = ?", [f"latest.{source}"])
+            if not rows:
+                return None
+            value = bytes(rows[0][0]) if isinstance(rows[0][0], bytes) else str(rows[0][0])
+            seq = int(value)
+            return self.at(seq)
+        mark = b'"source":"%b"' % source.encode()
+        for rec in self._pages(_DESC, [_END, 0], 0, -1):
+            if mark in rec.body_bytes and rec.body.get("source") == source:
+                return rec
+        return None
 
 
 def _seq(record: Record) -> int:

@@ -24,10 +24,6 @@ from spark_slurm.ledger.records import Record
 from spark_slurm.ledger.schema import open_existing, schema_version
 from spark_slurm.ledger.tree import StoredTree, ledger_tree
 
-V1_FOLLOWUP_WINDOW = 100_000
-"""On a schema-1 file (no follow-up index) follow-ups are looked for this many
-records after the one they follow (the daemon writes them seconds later)."""
-
 
 class LedgerReader:
     """One ledger file, read-only, in one read snapshot. Use as a context manager."""
@@ -80,8 +76,14 @@ class LedgerReader:
         return self._reads.latest(kind, before)
 
     def followups(self, seq: int) -> list[Record]:
-        """Records whose body's `ref.seq` is `seq`, oldest first."""
-        return self._reads.followups(seq, V1_FOLLOWUP_WINDOW)
+        """Follow-ups (facility, recovery, release) whose body's `ref.seq` is `seq`,
+        oldest first (see query.Reads.followups for how far it looks)."""
+        rec = self.record(seq)
+        return [] if rec is None else self._reads.followups(seq, rec.time_ns)
+
+    def latest_ingested(self, source: str) -> Record | None:
+        """The newest record ingested from `source` ("journal" or "spool")."""
+        return self._reads.latest_ingested(source)
 
     def checkpoints(self) -> list[Checkpoint]:
         """Checkpoints kept in the file, oldest first (unverified: see verify)."""

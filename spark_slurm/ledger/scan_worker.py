@@ -38,6 +38,10 @@ else:  # run as a script: the sibling modules, without the package's imports
     from chain import GENESIS_PREV, Chain  # type: ignore[import-not-found,no-redef]
 
 PAGE = 4096
+INGEST_SOURCES = ("journal", "spool")
+"""= schema.INGEST_SOURCES: the verifier finds each one's newest record (the writer
+keeps `state.latest.<source>`), by its canonical bytes first, then its JSON."""
+_MARKS = tuple((src, b'"source":"' + src.encode() + b'"') for src in INGEST_SOURCES)
 CACHE = 4096
 """Envelope parts cached per kind and per job id; a cache that holds this many
 starts over (records of a job are near each other), so memory stays flat."""
@@ -56,9 +60,10 @@ Special = tuple[int, str, bytes, bytes, bytes | None, str | None]
 Task = tuple[str, int, int, str | None, bytes | None, tuple[int, ...]]
 """(path, lo, hi, hmac id, K[0] or None, tree sizes in (lo, hi] to report)."""
 Result = tuple[tuple[int, str] | None, list[Special], int, bytes, list[bytes],
-               list[tuple[int, list[bytes], bytes]], int, int]
+               list[tuple[int, list[bytes], bytes]], int, int, dict[str, int]]
 """(first failure as (seq, reason) or None, state-moving rows, next seq, head hash,
-local compact range, [(size, compact range, head) per mark], subtree count, subtree sum)."""
+local compact range, [(size, compact range, head) per mark], subtree count, subtree
+sum, newest seq per ingest source)."""
 
 
 class Abort(Exception):
@@ -105,6 +110,7 @@ class Scan:
         self.fast_mac: Callable[[bytes], bytes] | None = None
         self.subtree_count = 0
         self.subtree_sum = 0
+        self.latest: dict[str, int] = {}  # ingest source -> newest seq seen
 
     def run(self, hi: int) -> tuple[int, str] | None:
         """Check [chain.size, hi); the first failure as (seq, reason), or None."""
@@ -198,6 +204,7 @@ class Scan:
         """How many leading rows pass the column, envelope and MAC checks; rows that
         move state are collected for `on_special` instead of MAC-checked here."""
         kinds, jobs = self.kinds, self.jobs
+        mark_journal, mark_spool = _MARKS[0][1], _MARKS[1][1]
         fast_key_id, fast_mac = self.fast_key_id, self.fast_mac
         hmac_id = self.hmac_id
         special = self.special
@@ -223,6 +230,8 @@ class Scan:
             if not body.endswith(b'%b%b%d,"time_ns":%d}' % (job_part, kind_part, seq, time_ns)) \
                     or not body.startswith(b'{"body":'):
                 break
+            if mark_journal in body or mark_spool in body:
+                self._ingested(seq, body)
             if key_id is not None and key_id == fast_key_id and kind != "key" \
                     and mac is not None:
                 if fast_mac is not None and fast_mac(h) != mac:
@@ -236,6 +245,16 @@ class Scan:
             i += 1
         self.fast_key_id, self.fast_mac = fast_key_id, fast_mac
         return i
+
+    def _ingested(self, seq: int, body: bytes) -> None:
+        """A record whose bytes name an ingest source: note it if its body says so."""
+        try:
+            envelope = json.loads(body)
+            source = envelope["body"].get("source")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return  # not an envelope: the record checks say so
+        if source in INGEST_SOURCES:
+            self.latest[source] = seq
 
     def _run_key(self, kind: str, seq: int, key_id: str | None
                  ) -> tuple[str | None, Callable[[bytes], bytes] | None]:
@@ -273,6 +292,8 @@ class Scan:
             return (seq, "seq/time/kind/job columns do not match the hashed bytes")
         if chain.accept([cast]) != 1:
             return (seq, "hash does not match prev hash + stored bytes (body or hash edited)")
+        if any(mark in body for _, mark in _MARKS):
+            self._ingested(seq, body)
         plain = key_id is not None and key_id == self.fast_key_id and kind != "key" \
             and mac is not None
         if plain:
@@ -325,7 +346,7 @@ def scan_chunk(task: Task) -> Result | None:
         chain = scan.chain
         marked = [(size, hashes, h) for size, (hashes, h) in sorted(chain.marked.items())]
         return (bad, special, chain.size, chain.head, chain.hashes, marked,
-                scan.subtree_count, scan.subtree_sum)
+                scan.subtree_count, scan.subtree_sum, scan.latest)
     except (Abort, sqlite3.Error, UnicodeDecodeError):
         return None
     finally:

@@ -48,10 +48,6 @@ CREATE TABLE checkpoint (
 
 UPGRADE_V2 = """
 CREATE INDEX per_kind ON per (kind);
-CREATE INDEX per_ref ON per (json_extract(CAST(body AS TEXT), '$.body.ref.seq'))
-    WHERE instr(body, '"ref":{') > 0;
-CREATE INDEX per_ingest ON per (seq)
-    WHERE instr(body, '"source":"journal"') > 0 OR instr(body, '"source":"spool"') > 0;
 CREATE TABLE tree (
     level INTEGER NOT NULL,
     idx INTEGER NOT NULL,
@@ -59,9 +55,17 @@ CREATE TABLE tree (
     PRIMARY KEY (level, idx)
 ) WITHOUT ROWID;
 """
-"""What version 2 adds to version 1: indexes for reads that must not scan the whole
-ledger (a kind's newest record, a record's follow-ups, the ingest cursors) and the
-stored Merkle subtrees that make an inclusion proof cost O(log n)."""
+"""What version 2 adds to version 1: an index by kind (a kind's newest record without
+a scan) and the stored Merkle subtrees that make an inclusion proof cost O(log n).
+Version 2 also keeps `state` rows `latest.journal` and `latest.spool` (see
+INGEST_SOURCES)."""
+
+INGEST_SOURCES = ("journal", "spool")
+"""Body `source` values whose newest record the writer notes in `state` as
+`latest.<source>` = its seq (ASCII decimal), in the same transaction: sparkd's
+ingest cursors come from that record, so start-up never searches for it."""
+INGEST_MARKS = tuple((src, b'"source":"' + src.encode() + b'"') for src in INGEST_SOURCES)
+"""Each ingest source and the bytes its records' canonical body holds."""
 
 DDL = DDL_V1 + UPGRADE_V2
 DDLS = {1: DDL_V1, 2: DDL}

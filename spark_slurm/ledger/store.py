@@ -90,6 +90,7 @@ class Ledger:
         self._epoch = 0
         self._key: bytes | None = None
         self._chain = Chain()  # head and Merkle compact range after the last record
+        self._latest: dict[str, int] = {}  # ingest source -> seq, in the write at hand
         self._reads = Reads(self._fetch, SCHEMA_VERSION)
         self._last_cp_size = 0
         self._last_cp_ns = 0
@@ -239,6 +240,7 @@ class Ledger:
         saved = (self._chain.copy(), self._epoch, self._key)
         rows: list[_Row] = []
         self._chain.subtrees = []
+        self._latest = {}
         try:
             epoch_before = self._epoch
             self._seal_elapsed(now, rows)
@@ -259,7 +261,8 @@ class Ledger:
         key = self._key if self._hmac_id is not None else None
         kid = hmac_epochs.key_id(self._hmac_id, self._epoch) \
             if key is not None and self._hmac_id is not None else None
-        chain_rows(batch, rows, now=now, chain=self._chain, key=key, key_id=kid)
+        chain_rows(batch, rows, now=now, chain=self._chain, key=key, key_id=kid,
+                   latest=self._latest)
 
     def _seal_elapsed(self, now: int, rows: list[_Row]) -> None:
         """Seal every epoch that has ended, then move to the current epoch's key."""
@@ -283,6 +286,9 @@ class Ledger:
             conn.executemany(INSERT_PER, rows)
             if subtrees:
                 conn.executemany(INSERT_TREE, subtrees)
+            if self._latest:
+                conn.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", [
+                    (f"latest.{src}", str(seq).encode()) for src, seq in self._latest.items()])
             conn.execute("UPDATE state SET value = ? WHERE key = 'frontier'",
                          (self._chain.to_bytes(),))
             if self._key is not None:
@@ -377,10 +383,10 @@ class Ledger:
         (sparkd's start-up needs each GPU's last limit, not a year of history)."""
         return self._reads.newest_first(kinds)
 
-    def ingested_newest_first(self) -> Iterator[Record]:
-        """Records ingested from the hook journal or the denial spool, newest first
-        (an index range: the ingest cursors never read the rest of the ledger)."""
-        return self._reads.ingested_newest_first()
+    def latest_ingested(self, source: str) -> Record | None:
+        """The newest record whose body's `source` is `source` ("journal" or "spool"),
+        found through `state` (the ingest cursors never search the ledger for it)."""
+        return self._reads.latest_ingested(source)
 
     def _fetch(self, sql: str, args: Sequence[Any]) -> list[Any]:
         """One page of a query, under the lock (see `query.Reads`)."""

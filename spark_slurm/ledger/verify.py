@@ -39,6 +39,7 @@ from spark_slurm.ledger.keys import (
 from spark_slurm.ledger.reader import ledger_meta
 from spark_slurm.ledger.scan_worker import subtree_digest
 from spark_slurm.ledger.schema import (
+    INGEST_SOURCES,
     SCHEMA_ROWS,
     expected_schema,
     open_existing,
@@ -171,6 +172,7 @@ def _verify(conn: sqlite3.Connection, p: Path, w: Walk, stored: list[Any], *,
             if conn.execute(SCHEMA_ROWS).fetchall() != expected_schema(version):
                 raise Bad(None, f"table definitions differ from ledger schema version {version}")
             if version >= 2:
+                _check_latest(conn, w)
                 _check_tree(conn, w)
             problems = _integrity(conn, w)
             if problems != ["ok"]:
@@ -238,6 +240,21 @@ def _check_tree(conn: sqlite3.Connection, w: Walk) -> None:
         total += subtree_digest(level, idx, h)
     if (count, total % 2**256) != w.subtrees:
         raise Bad(None, "stored Merkle subtrees do not match the records")
+
+
+def _check_latest(conn: sqlite3.Connection, w: Walk) -> None:
+    """`state.latest.<source>` must name each ingest source's newest record (sparkd's
+    ingest cursors start from it), and be absent for a source with no record."""
+    state = {str(k): v for k, v in conn.execute(
+        "SELECT key, value FROM state WHERE key LIKE 'latest.%'")}
+    for source in INGEST_SOURCES:
+        got = state.pop(f"latest.{source}", None)
+        want = w.latest.get(source)
+        if (None if got is None else bytes(got) if isinstance(got, bytes) else str(got).encode()
+                ) != (None if want is None else str(want).encode()):
+            raise Bad(None, f"saved newest {source} record does not match the records")
+    if state:
+        raise Bad(None, f"unknown saved state {sorted(state)[0]!r}")
 
 
 def verify_files(ledgers: Sequence[str | os.PathLike[str]], key_file: str | None = None,

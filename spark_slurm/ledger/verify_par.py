@@ -121,7 +121,8 @@ def _combine(results: Iterable[Result], scratch: Walk, count: int) -> Bad | None
     chain = Chain()
     chain.subtrees = []
     subtree_count, subtree_sum = 0, 0
-    for bad, special, end, head, hashes, marked, n_subs, sum_subs in results:
+    latest: dict[str, int] = {}
+    for bad, special, end, head, hashes, marked, n_subs, sum_subs, newest in results:
         try:
             for row in special:
                 slow_row(scratch, row)
@@ -137,12 +138,14 @@ def _combine(results: Iterable[Result], scratch: Walk, count: int) -> Bad | None
         chain.head = head
         subtree_count += n_subs
         subtree_sum += sum_subs
+        latest.update(newest)  # chunks in seq order: later ones win
     subs = chain.subtrees or []
     subtree_count += len(subs)
     subtree_sum += sum(scan_worker.subtree_digest(*s) for s in subs)
     chain.subtrees = None
     scratch.count, scratch.head, scratch.chain = count, chain.head, chain
     scratch.subtrees = (subtree_count, subtree_sum % 2**256)
+    scratch.latest = latest
     return None
 
 
@@ -159,6 +162,7 @@ def _adopt(w: Walk, scratch: Walk) -> None:
     w.count, w.head, w.integrity = scratch.count, scratch.head, scratch.integrity
     w.chain = scratch.chain
     w.subtrees = scratch.subtrees
+    w.latest = scratch.latest
     w.roots.update(scratch.roots)
     w.hmac_id, w.epoch, w.sealed = scratch.hmac_id, scratch.epoch, scratch.sealed
     w.signing[:] = scratch.signing

@@ -49,6 +49,7 @@ class Walk:
         self.need = need  # tree sizes whose root and head we must remember
         self.roots: dict[int, tuple[bytes, bytes]] = {}
         self.subtrees = (0, 0)  # count and multiset hash of the stored subtrees expected
+        self.latest: dict[str, int] = {}  # ingest source -> seq of its newest record
         self.epoch = 0
         self.sealed = False
         self.signing: list[tuple[int, Ed25519PublicKey]] = []  # (from tree size, key)
@@ -158,6 +159,7 @@ def walk(conn: sqlite3.Connection, w: Walk) -> None:
     w.count, w.head, w.chain = chain.size, chain.head, chain
     w.roots.update((size, (fold(hashes), h)) for size, (hashes, h) in chain.marked.items())
     w.subtrees = (scan.subtree_count, scan.subtree_sum % 2**256)
+    w.latest = scan.latest
 
 
 def slow_row(w: Walk, row: tuple[int, str, bytes, bytes, bytes | None, str | None]) -> None:

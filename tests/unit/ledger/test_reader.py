@@ -13,6 +13,7 @@ from spark_slurm.clock import ManualClock
 from spark_slurm.ledger import Ledger, verify_ledger
 from spark_slurm.ledger.merkle import inclusion_proof, leaf_hash, verify_inclusion
 from spark_slurm.ledger.reader import LedgerReader
+from tests.unit.ledger.conftest import needs_shell_tools, shell_verify
 
 JOBS = 90
 
@@ -71,13 +72,21 @@ def test_index_reads_equal_full_scans(ledger: tuple[Path, list[int]]) -> None:
             assert reader.followups(seq) == expected
 
 
-def test_ingested_records_newest_first(ledger: tuple[Path, list[int]]) -> None:
+def test_the_newest_ingested_record_is_kept_in_state(ledger: tuple[Path, list[int]]) -> None:
     path, _ = ledger
-    with Ledger.open(path, None, node="n1", cluster="c1", clock=ManualClock(2**62)) as led:
-        got = list(led.ingested_newest_first())
-        every = list(led.records())
-    assert got == [r for r in every[::-1] if r.body.get("source") in ("journal", "spool")]
-    assert len(got) == JOBS // 10
+    with LedgerReader(path) as reader:
+        every = list(reader.records())
+        journal = [r for r in every if r.body.get("source") == "journal"]
+        assert len(journal) == JOBS // 10
+        assert reader.latest_ingested("journal") == journal[-1]
+        assert reader.latest_ingested("spool") is None
+    clock = ManualClock(every[-1].time_ns)
+    with Ledger.open(path, None, node="n1", cluster="c1", clock=clock) as led:
+        assert led.latest_ingested("journal") == journal[-1]
+        spool = led.append("admission", {"v": 1, "node": "n1", "source": "spool"})
+        led.append("cap", {"v": 1, "node": "n1", "source": "socket", "text": '"source":"spool"'})
+        assert led.latest_ingested("spool") == next(led.records(since=spool.seq))
+    assert verify_ledger(path).ok
 
 
 def test_inclusion_proofs_from_stored_subtrees(ledger: tuple[Path, list[int]]) -> None:
@@ -107,6 +116,11 @@ def _sql(path: Path, sql: str) -> None:
     ("UPDATE tree SET hash = zeroblob(32)", "stored Merkle subtrees do not match"),
     ("DELETE FROM tree", "stored Merkle subtrees do not match"),
     ("INSERT INTO tree VALUES (9, 0, zeroblob(32))", "stored Merkle subtrees do not match"),
+    ("UPDATE state SET value = CAST(CAST(value AS TEXT) - 4 AS BLOB) WHERE key = "
+     "'latest.journal'", "saved newest journal record does not match"),
+    ("DELETE FROM state WHERE key = 'latest.journal'", "saved newest journal record"),
+    ("INSERT INTO state VALUES ('latest.spool', CAST('3' AS BLOB))", "saved newest spool"),
+    ("INSERT INTO state VALUES ('latest.x', CAST('3' AS BLOB))", "unknown saved state"),
     ("UPDATE checkpoint SET size = size - 1 WHERE id = 2", "columns do not match"),
     ("UPDATE checkpoint SET key_id = 'x' WHERE id = 2", "columns do not match"),
     ("UPDATE checkpoint SET time_ns = 'soon' WHERE id = 3", "columns do not match"),
@@ -118,6 +132,20 @@ def test_derived_tables_are_verified(ledger: tuple[Path, list[int]], sql: str,
     _sql(path, sql)
     report = verify_ledger(path)
     assert not report.ok and reason in report.reason and report.first_bad_seq is None
+
+
+@needs_shell_tools
+@pytest.mark.parametrize("sql", [
+    "UPDATE tree SET hash = zeroblob(32)",
+    "DELETE FROM state WHERE key = 'latest.journal'",
+    "UPDATE checkpoint SET key_id = 'x' WHERE id = 2",
+])
+def test_the_shell_verifier_checks_them_too(ledger: tuple[Path, list[int]], sql: str) -> None:
+    path, _ = ledger
+    _sql(path, sql)
+    code, text = shell_verify(path)
+    report = verify_ledger(path)
+    assert code == 1 and text.strip().endswith(report.reason), (text, report.reason)
 
 
 def test_a_proof_reads_at_most_two_blocks_of_leaves(tmp_path: Path) -> None:
