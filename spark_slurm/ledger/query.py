@@ -2,12 +2,14 @@
 
 Every read is a run of short pages keyed by seq (never one statement over the
 whole table, never the whole result in memory), and each filter goes through an
-index: the primary key for seq ranges, `per_job` for a job, and in schema 2
-`per_kind` (one index range per kind, merged in seq order; a record's follow-ups
-are read forward through it for a bounded time) and the `state` row that names
-each ingest source's newest record. A schema-1 file (read-only tools may meet
-one) has only the first two, so there a kind filter falls back to scanning seq
-ranges; the writer upgrades its own ledger at open.
+index: the primary key for seq ranges (a record's follow-ups are read forward
+from it for a bounded time), `per_job` for a job, and in schema 2 `per_rare` for
+the rare kinds start-up looks up (one index range per kind, merged in seq order)
+and the `state` row that names each ingest source's newest record. Other kind
+filters scan seq ranges: they are asked within a job's range or from the head
+back to the last start-up. A schema-1 file (read-only tools may meet one) lacks
+`per_rare`, so there every kind filter scans; the writer upgrades its own ledger
+at open.
 
 `Ledger` (under its lock) and the read-only tools (`reader.LedgerReader`) run
 these same queries, so the daemon, `sparkctl ledger show` and a node-ledger
@@ -21,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from spark_slurm.ledger.records import Record
-from spark_slurm.ledger.schema import row_to_record
+from spark_slurm.ledger.schema import RARE_KINDS, row_to_record
 
 PAGE = 1000
 FIRST_PAGE = 16
@@ -35,19 +37,19 @@ _ASC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id F
         "WHERE seq >= ? AND seq < ? ORDER BY seq LIMIT ?")
 _DESC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
          "WHERE seq <= ? AND seq >= ? ORDER BY seq DESC LIMIT ?")
+# per_rare is used only when the WHERE repeats its condition
 _KIND_ASC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
-             "FROM per INDEXED BY per_kind "
-             "WHERE kind = ? AND seq >= ? AND seq < ? ORDER BY seq LIMIT ?")
+             "FROM per INDEXED BY per_rare "
+             "WHERE kind IN ('genesis', 'key', 'policy', 'reconcile') "
+             "AND kind = ? AND seq >= ? AND seq < ? ORDER BY seq LIMIT ?")
 _KIND_DESC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
-              "FROM per INDEXED BY per_kind "
-              "WHERE kind = ? AND seq <= ? AND seq >= ? ORDER BY seq DESC LIMIT ?")
+              "FROM per INDEXED BY per_rare "
+              "WHERE kind IN ('genesis', 'key', 'policy', 'reconcile') "
+              "AND kind = ? AND seq <= ? AND seq >= ? ORDER BY seq DESC LIMIT ?")
 _JOB = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
         "FROM per INDEXED BY per_job "
         "WHERE job_id = ? AND job_id IS NOT NULL AND seq >= ? AND seq < ? "
         "ORDER BY seq LIMIT ?")
-_FOLLOW = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
-           "FROM per INDEXED BY per_kind "
-           "WHERE kind = ? AND seq > ? AND seq < ? ORDER BY seq LIMIT ?")
 _REF_SCAN = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
              "WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?")
 FOLLOWUP_KINDS = ("facility", "recovery", "release")
@@ -57,6 +59,7 @@ FOLLOWUP_HORIZON_NS = 3600 * 1_000_000_000
 or minutes at most; they are never carried over a restart): a search for them ends
 at the first candidate written more than this after the record they follow."""
 _END = 2**62
+RARE = frozenset(RARE_KINDS)
 
 
 class Reads:
@@ -88,7 +91,7 @@ class Reads:
         wanted = None if kinds is None else frozenset(kinds)
         if job_id is not None:
             found = self._pages(_JOB, [job_id, lo, hi], 1, 1)
-        elif wanted is not None and self.indexed:
+        elif wanted is not None and self.indexed and wanted <= RARE:
             return heapq.merge(*(self._pages(_KIND_ASC, [k, lo, hi], 1, 1)
                                  for k in sorted(wanted)), key=_seq)
         else:
@@ -101,7 +104,7 @@ class Reads:
         latest few, not a year of history)."""
         hi = _END if before is None else before
         wanted = None if kinds is None else frozenset(kinds)
-        if wanted is not None and self.indexed:
+        if wanted is not None and self.indexed and wanted <= RARE:
             return heapq.merge(*(self._pages(_KIND_DESC, [k, hi, since], 1, -1)
                                  for k in sorted(wanted)), key=_seq, reverse=True)
         found = self._pages(_DESC, [hi, since], 0, -1)
@@ -117,21 +120,17 @@ class Reads:
 
     def followups(self, seq: int, time_ns: int) -> list[Record]:
         """Records of the follow-up kinds whose body's `ref.seq` is `seq` (written at
-        `time_ns`), oldest first: read forward through the kind index until
-        FOLLOWUP_HORIZON_NS after it, matching the canonical bytes before parsing."""
+        `time_ns`), oldest first: the records after it are read forward until one
+        written FOLLOWUP_HORIZON_NS after it, matched on the canonical bytes before
+        their JSON is parsed."""
         tag = b'"ref":{'
         out = []
         end = time_ns + FOLLOWUP_HORIZON_NS
-        if self.indexed:
-            found = heapq.merge(*(self._pages(_FOLLOW, [k, seq, _END], 1, 1)
-                                  for k in FOLLOWUP_KINDS), key=_seq)
-        else:
-            found = (r for r in self._pages(_REF_SCAN, [seq, _END], 0, 1)
-                     if r.kind in FOLLOWUP_KINDS)
-        for rec in found:
+        for rec in self._pages(_REF_SCAN, [seq, _END], 0, 1):
             if rec.time_ns > end:
                 break
-            if tag in rec.body_bytes and b'"seq":%d' % seq in rec.body_bytes:
+            if rec.kind in FOLLOWUP_KINDS and tag in rec.body_bytes \
+                    and b'"seq":%d' % seq in rec.body_bytes:
                 ref = rec.body.get("ref")
                 if isinstance(ref, dict) and ref.get("seq") == seq:
                     out.append(rec)

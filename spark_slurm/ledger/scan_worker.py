@@ -46,8 +46,10 @@ CACHE = 4096
 """Envelope parts cached per kind and per job id; a cache that holds this many
 starts over (records of a job are near each other), so memory stays flat."""
 MAX_SPECIAL = 4096
-"""A worker holding more state-moving rows than this gives up (the caller then
-scans in-process, where they are consumed page by page)."""
+MAX_SPECIAL_TOTAL = 65536
+"""A worker holding more state-moving rows than these, in one chunk or in all of
+its chunks, gives up (the caller then scans in-process, where they are consumed
+page by page): an honest ledger has a couple per HMAC epoch."""
 _SELECT = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
            "WHERE seq >= ? AND seq < ? ORDER BY seq")
 # the bytes the format hashes, whichever storage class (TEXT or BLOB) a row uses
@@ -356,7 +358,13 @@ def scan_chunk(task: Task) -> Result | None:
 def main() -> None:
     """Script entry: pickled list of tasks in, pickled list of results out."""
     tasks = pickle.load(sys.stdin.buffer)  # noqa: S301 - from the parent verifier
-    pickle.dump([scan_chunk(t) for t in tasks], sys.stdout.buffer)
+    results: list[Result | None] = []
+    held = 0
+    for task in tasks:
+        result = scan_chunk(task) if held <= MAX_SPECIAL_TOTAL else None
+        held += len(result[1]) if result is not None else 0
+        results.append(result)
+    pickle.dump(results, sys.stdout.buffer)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ CREATE TABLE checkpoint (
 """
 
 UPGRADE_V2 = """
-CREATE INDEX per_kind ON per (kind);
+CREATE INDEX per_rare ON per (kind) WHERE kind IN ('genesis', 'key', 'policy', 'reconcile');
 CREATE TABLE tree (
     level INTEGER NOT NULL,
     idx INTEGER NOT NULL,
@@ -55,10 +55,15 @@ CREATE TABLE tree (
     PRIMARY KEY (level, idx)
 ) WITHOUT ROWID;
 """
-"""What version 2 adds to version 1: an index by kind (a kind's newest record without
-a scan) and the stored Merkle subtrees that make an inclusion proof cost O(log n).
+"""What version 2 adds to version 1: an index of the rare kinds start-up looks up
+(the policy in force, the signing key, the last start-up) and the stored Merkle
+subtrees that make an inclusion proof cost O(log n).
 Version 2 also keeps `state` rows `latest.journal` and `latest.spool` (see
 INGEST_SOURCES)."""
+
+RARE_KINDS = ("genesis", "key", "policy", "reconcile")
+"""The kinds `per_rare` indexes (as its WHERE lists them): a few per day at most,
+so the index costs appends and integrity checks next to nothing."""
 
 INGEST_SOURCES = ("journal", "spool")
 """Body `source` values whose newest record the writer notes in `state` as

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spark_slurm.cli import run
-from spark_slurm.errors import LedgerError, SparkError
+from spark_slurm.errors import LedgerError, LedgerKeyError, SparkError
 from spark_slurm.ledger import Ledger, VerifyReport, export_checkpoint, verify_ledger
 from spark_slurm.ledger.checkpoint import sign_checkpoint
 from spark_slurm.ledger.merkle import Frontier, leaf_hash
@@ -310,7 +310,7 @@ def _dump(path: Path) -> dict[str, list[tuple[object, ...]]] | None:
 def _outcome(path: Path, built: Built) -> VerifyReport | SparkError:
     try:
         return verify_ledger(path, built.keys.hmac, built.keys.public, built.kept)
-    except LedgerError as exc:
+    except (LedgerError, LedgerKeyError) as exc:  # unusable input (a flipped meta key id)
         return exc
 
 
