@@ -316,7 +316,7 @@ fi
 
 if [ -z "$BAD_REASON" ]; then  # table definitions exactly as docs/ledger-format.md gives them
   case "$SV" in 1) DDL_SHA=2ebe065b677822cd0296faff1e52fb7151443d3d5e6bb40a7de3fc1ff4fbda58 ;;
-                2) DDL_SHA=df6c50f4da3979ba7caab73ac1ef8f91eac0c1936fe82f2dd90e4132c2b310b8 ;; esac
+                2) DDL_SHA=d4974010cc096fe707a4e8a9cd18fb9fc28d620f6c4a5ff975b88fed697b18d4 ;; esac
   [ "$(q "SELECT type || '|' || name || '|' || tbl_name || '|' || coalesce(sql, '-') FROM sqlite_master ORDER BY name" 2>/dev/null \
         | sha256sum | cut -c1-64)" = "$DDL_SHA" ] \
     || bad - "table definitions differ from ledger schema version $SV"

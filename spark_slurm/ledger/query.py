@@ -40,11 +40,11 @@ _DESC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id 
 # per_rare is used only when the WHERE repeats its condition
 _KIND_ASC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
              "FROM per INDEXED BY per_rare "
-             "WHERE kind IN ('genesis', 'key', 'policy', 'reconcile') "
+             "WHERE (kind = 'genesis' OR kind = 'key' OR kind = 'policy' OR kind = 'reconcile') "
              "AND kind = ? AND seq >= ? AND seq < ? ORDER BY seq LIMIT ?")
 _KIND_DESC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
               "FROM per INDEXED BY per_rare "
-              "WHERE kind IN ('genesis', 'key', 'policy', 'reconcile') "
+              "WHERE (kind = 'genesis' OR kind = 'key' OR kind = 'policy' OR kind = 'reconcile') "
               "AND kind = ? AND seq <= ? AND seq >= ? ORDER BY seq DESC LIMIT ?")
 _JOB = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
         "FROM per INDEXED BY per_job "
