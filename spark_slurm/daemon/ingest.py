@@ -77,18 +77,25 @@ class CursorFile:
 def ledger_cursor(ledger: LedgerLike, source: str, kinds: list[str],
                   path: Path | None = None) -> Cursor | None:
     """The end of the last line already recorded from `source` (from the file at
-    `path`, when given: the journal and its reserve share a source), per the ledger."""
-    best: Cursor | None = None
-    for record in ledger.records(kinds=kinds):
-        body = record.body
-        if body.get("source") != source or not isinstance(body.get(source), dict):
-            continue
-        where = body[source]
-        if path is not None and where.get("path") not in (None, str(path)):
-            continue
-        if "inode" in where and "end" in where:
-            best = Cursor(int(where["inode"]), int(where["end"]))
-    return best
+    `path`, when given: the journal and its reserve share a source), per the ledger:
+    its newest PER from that source, which the ledger keeps a pointer to (start-up
+    must not read a year of history to find it).
+
+    When that PER came from the other file of the source, None: files are ingested
+    one after the other and each line's cursor is saved once its PER is durable, so
+    only the file of the newest PER can have a cursor file that lags the ledger."""
+    record = ledger.latest_ingested(source)
+    if record is None or record.kind not in kinds:
+        return None
+    body = record.body
+    if body.get("source") != source or not isinstance(body.get(source), dict):
+        return None
+    where = body[source]
+    if path is not None and where.get("path") not in (None, str(path)):
+        return None
+    if "inode" in where and "end" in where:
+        return Cursor(int(where["inode"]), int(where["end"]))
+    return None
 
 
 class LineFile:

@@ -328,7 +328,7 @@ def _outcome(path: Path, built: Built) -> VerifyReport | SparkError:
     key ids makes the given keys "not this ledger's" (LedgerKeyError): refused, exit 2."""
     try:
         return verify_ledger(path, built.keys.hmac, built.keys.public, built.kept)
-    except (LedgerError, LedgerKeyError) as exc:
+    except (LedgerError, LedgerKeyError) as exc:  # unusable input (a flipped meta key id)
         return exc
 
 
