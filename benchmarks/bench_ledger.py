@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import harness
+from benchmarks import harness, ledger_scale
 from spark_slurm.ledger import Ledger, VerifyReport, verify_ledger, verify_par
 from spark_slurm.ledger.keys import keygen, load_hmac_key, load_signing_key
 from spark_slurm.ledger.records import body_bytes
@@ -93,7 +93,10 @@ def _timed_verify(db: Path, key: bytes | None, *,
 
 def run() -> list[harness.Section]:
     with tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp:
-        return [_run(Path(tmp))]
+        sections = [_run(Path(tmp))]
+    if os.environ.get(ledger_scale.SIZES_ENV) != "0":  # =0 skips the ledgers of millions
+        sections.append(ledger_scale.section())
+    return sections
 
 
 def _run(tmp: Path) -> harness.Section:

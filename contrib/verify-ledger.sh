@@ -53,7 +53,8 @@ q() { sqlite3 -batch -noheader -separator '|' "$URI" "$@"; }
 meta() { q "SELECT value FROM meta WHERE key='$1'" 2>/dev/null; }
 q "SELECT 1 FROM meta LIMIT 1" >/dev/null 2>&1 || unusable "not a ledger (no readable meta table)"
 [ "$(meta format)" = "spark-slurm-ledger" ] || unusable "not a ledger (format is '$(meta format)')"
-[ "$(meta schema_version)" = "1" ] || unusable "unknown ledger schema version '$(meta schema_version)'"
+SV=$(meta schema_version)
+case "$SV" in 1|2) ;; *) unusable "unknown ledger schema version '$SV' (this tool reads 1 and 2)" ;; esac
 NODE=$(meta node) CLUSTER=$(meta cluster) HMAC_ID=$(meta hmac_key_id)
 ORIGIN="spark/$CLUSTER/$NODE"
 
@@ -147,7 +148,8 @@ N=$(wc -l < "$TMP/rows")
 ( cd "$TMP/l" && seq 0 $((N - 1)) | xargs -r sha256sum ) > "$TMP/leaves" 2>/dev/null
 
 # genesis facts, checked against the meta table
-G=$(q "SELECT json_extract($B,'\$.body.format') = 'spark-slurm-ledger' AND json_extract($B,'\$.body.schema_version') = 1,
+G=$(q "SELECT json_extract($B,'\$.body.format') = 'spark-slurm-ledger' AND json_extract($B,'\$.body.schema_version') IN (1, 2)
+            AND json_extract($B,'\$.body.schema_version') <= $SV,
           json_extract($B,'\$.body.node') IS (SELECT value FROM meta WHERE key='node')
             AND json_extract($B,'\$.body.cluster') IS (SELECT value FROM meta WHERE key='cluster'),
           CAST(json_extract($B,'\$.body.created_ns') AS TEXT) IS (SELECT value FROM meta WHERE key='created_ns')
@@ -240,9 +242,13 @@ while IFS='|' read -r seq prev hash cols kind event sealepoch sealkid mac kepoch
       SEALED=1
     elif [ "$event" = rotate ]; then rotation "$seq"; [ -z "$BAD_REASON" ] || break; fi
   fi
-  # Merkle frontier (compact range): merge equal-size subtrees
-  h=$leaf n=$seq
-  while (( n & 1 )); do h=$(node_hash "${STACK[${#STACK[@]}-1]}" "$h"); unset 'STACK[${#STACK[@]}-1]'; n=$((n >> 1)); done
+  # Merkle frontier (compact range): merge equal-size subtrees; note each perfect
+  # subtree of 2^8 leaves or more (schema 2 stores them in the tree table)
+  h=$leaf n=$seq lvl=0
+  while (( n & 1 )); do
+    h=$(node_hash "${STACK[${#STACK[@]}-1]}" "$h"); unset 'STACK[${#STACK[@]}-1]'; n=$((n >> 1)); lvl=$((lvl + 1))
+    [ "$lvl" -lt 8 ] || echo "$lvl|$((seq >> lvl))|$h" >> "$TMP/subtrees"
+  done
   STACK+=("$h")
   EXPECT=$((seq + 1))
   if [ -n "${NEED[$EXPECT]+x}" ]; then ROOT_AT[$EXPECT]=$(frontier_root); HEAD_AT[$EXPECT]=$HEAD; fi
@@ -278,6 +284,14 @@ check_cp() { # index
     bad $((size - 1)) "Merkle root at size $size differs from $label"
 }
 for ((c = 0; c < NSTORED && ${#BAD_REASON} == 0; c++)); do check_cp "$c"; done
+# a stored checkpoint's size/time/key id columns: as its note says, by the key in force
+while [ -z "$BAD_REASON" ] && IFS='|' read -r id csize ctype ckid; do
+  nsize=$(sed -n 2p "$TMP/cp$id") kid=
+  for ((j = 0; j < NSIGN; j++)); do [ "${SIGN_FROM[j]}" -le "$nsize" ] && kid=${SIGN_ID[j]}; done
+  if [ "$csize" != "$nsize" ] || [ "$ctype" != integer ] || [ "$ckid" != "$kid" ]; then
+    bad - "stored checkpoint #$id: its size/time/key id columns do not match its signed note"
+  fi
+done < <(q "SELECT id, size, typeof(time_ns), key_id FROM checkpoint ORDER BY id" 2>/dev/null)
 finish_if_bad
 if [ -n "$PUB_ID" ]; then
   member=0; for ((j = 0; j < NSIGN; j++)); do [ "${SIGN_ID[j]}" = "$PUB_ID" ] && member=1; done
@@ -301,9 +315,26 @@ if [ -z "$BAD_REASON" ] && [ -n "$HMAC_ID" ]; then
 fi
 
 if [ -z "$BAD_REASON" ]; then  # table definitions exactly as docs/ledger-format.md gives them
+  case "$SV" in 1) DDL_SHA=2ebe065b677822cd0296faff1e52fb7151443d3d5e6bb40a7de3fc1ff4fbda58 ;;
+                2) DDL_SHA=d4974010cc096fe707a4e8a9cd18fb9fc28d620f6c4a5ff975b88fed697b18d4 ;; esac
   [ "$(q "SELECT type || '|' || name || '|' || tbl_name || '|' || coalesce(sql, '-') FROM sqlite_master ORDER BY name" 2>/dev/null \
-        | sha256sum | cut -c1-64)" = 2ebe065b677822cd0296faff1e52fb7151443d3d5e6bb40a7de3fc1ff4fbda58 ] \
-    || bad - "table definitions differ from ledger schema version 1"
+        | sha256sum | cut -c1-64)" = "$DDL_SHA" ] \
+    || bad - "table definitions differ from ledger schema version $SV"
+fi
+if [ -z "$BAD_REASON" ] && [ "$SV" = 2 ]; then  # the newest record of each ingest source
+  for src in journal spool; do
+    want=$(q "SELECT max(seq) FROM per WHERE json_valid(CAST(body AS TEXT))
+                AND json_extract(CAST(body AS TEXT), '\$.body.source') = '$src'")
+    got=$(q "SELECT CAST(value AS TEXT) FROM state WHERE key = 'latest.$src'")
+    [ "$got" = "$want" ] || { bad - "saved newest $src record does not match the records"; break; }
+  done
+  other=$(q "SELECT key FROM state WHERE key LIKE 'latest.%' AND key NOT IN ('latest.journal', 'latest.spool') ORDER BY key LIMIT 1")
+  [ -n "$BAD_REASON" ] || [ -z "$other" ] || bad - "unknown saved state '$other'"
+fi
+if [ -z "$BAD_REASON" ] && [ "$SV" = 2 ]; then  # stored subtrees: exactly those of the records
+  touch "$TMP/subtrees"
+  [ "$(q "SELECT level || '|' || idx || '|' || lower(hex(hash)) FROM tree" 2>/dev/null | sort)" = "$(sort "$TMP/subtrees")" ] \
+    || bad - "stored Merkle subtrees do not match the records"
 fi
 if [ -z "$BAD_REASON" ]; then
   QC=$(q "PRAGMA integrity_check" 2>&1 | head -1)

@@ -2,9 +2,11 @@
 # Installs the Debian packages spark-slurm's tests and demo run for real:
 # Slurm (slurmctld, slurmd), munge, Lua 5.1/5.3/5.4 (job_submit.lua checks), sqlite3 and
 # openssl (contrib/verify-ledger.sh), PostgreSQL (the Karman TimescaleDB sink path),
-# promtool (the shipped alert rules), systemd-analyze (the shipped units) and rsync
-# (collect-ledgers.sh). Idempotent and quiet when everything is already there; exits 1
-# when something is missing and it is not root, so `make test` stops there.
+# promtool (the shipped alert rules), systemd-analyze (the shipped units), and for the
+# multi-node cluster (network namespaces, a bridge, ssh between the hosts): iproute2
+# (ip), util-linux (nsenter, unshare), openssh-server and openssh-client. Idempotent and
+# quiet when everything is already there; exits 1 when something is missing and it is
+# not root, so `make test` stops there.
 set -euo pipefail
 need=()
 command -v slurmctld >/dev/null 2>&1 || need+=(slurm-wlm)
@@ -19,9 +21,12 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 [ -e /usr/include/stdio.h ] || need+=(libc6-dev)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # promtool, and the Karman exporter test's server
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
-command -v rsync >/dev/null 2>&1 || need+=(rsync)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need+=(postgresql)
 fi
@@ -35,6 +40,6 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # Debian starts daemons on install; our tests run their own in temp dirs.
-for svc in slurmctld slurmd munge postgresql prometheus; do
+for svc in slurmctld slurmd munge postgresql prometheus ssh; do
   systemctl stop "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1 || true
 done

@@ -167,6 +167,13 @@ class BadRequest(InputError):
     code = "bad-request"
 
 
+class DiskFull(SparkError):
+    """sparkd cannot record anything: the filesystem of its ledger or state is full."""
+
+    code = "disk-full"
+    exit_code = EXIT_CHECK_FAILED
+
+
 class DaemonUnavailable(CheckFailed):
     """The daemon's socket cannot be reached (not running, wrong path, no permission)."""
 
@@ -229,6 +236,22 @@ class MergeFailed(CheckFailed):
 
 class WitnessError(CheckFailed):
     """A checkpoint the witness refuses: bad signature, unknown key, or not consistent."""
+
+
+class FetchError(SparkError):
+    """One node's ledger could not be collected; `unreachable` when the transport never
+    reached the node (ssh's own failure), as opposed to a failure on the node."""
+
+    def __init__(self, node: str, reason: str, unreachable: bool = False) -> None:
+        super().__init__(f"{node}: {reason}")
+        self.node = node
+        self.reason = reason
+        self.unreachable = unreachable
+
+
+class CollectFailed(CheckFailed):
+    """A collection ran, but a node was not collected, witnessed or merged cleanly, or its
+    clock is off (exit 1); the healthy nodes were collected and merged regardless."""
 
 
 class UnknownJob(InputError):

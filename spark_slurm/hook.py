@@ -3,14 +3,21 @@
 Runs for every job on every node, so it must start fast and never hang: it
 imports nothing from the package (and nothing outside the standard library),
 sends one JSON request line over the daemon's unix socket under a hard
-deadline, and exits. When the daemon cannot be reached it appends the request
-to a local journal (O_APPEND + fsync; sparkd ingests it on start) and exits
-as the configured fail mode says, so nothing is lost either way.
+deadline, and exits. A `busy` answer (every connection slot taken) or a full
+listen queue is retried with a short backoff until the deadline. When the
+daemon cannot be reached, or answers without a record (`disk-full`, no `seq`),
+the hook appends the request to a local journal (O_APPEND + fsync; sparkd
+ingests it on start and while it runs) and exits as the configured fail mode
+says, so nothing is lost either way. If the journal's filesystem is full, the
+line goes into the reserve sparkd set aside (`<journal>.reserve`, written in
+place under an flock).
 
-`status` asks the daemon whether it answers (the node health check uses it).
+`status` asks the daemon whether it answers and is healthy (the node health
+check uses it: a full disk, for instance, makes it fail with the reason).
 
 Exit codes (Slurm drains the node and requeues/holds the job on non-zero):
-  0  the daemon accepted the request, or it was journaled under fail_open
+  0  the daemon accepted the request (or, for an epilog, had already recorded
+     the job's restore), or it was journaled under fail_open
   1  the daemon refused it (e.g. prolog denied by policy), it was journaled
      under fail_closed, or it could not even be journaled
   2  usage or configuration error (bad arguments, unreadable config, no job id)
@@ -31,7 +38,7 @@ if TYPE_CHECKING:   # typing costs milliseconds at start; the hook runs once per
 USAGE = "usage: spark-hook prolog|epilog|status [--config PATH]"
 DEFAULT_CONFIG = "/etc/spark/hook.json"
 DEFAULTS: dict[str, Any] = {
-    "socket": "/run/spark/sparkd.sock",
+    "socket": "/run/spark/sparkd-scheduler.sock",  # root's own: no user can crowd it
     "journal": "/var/lib/spark/journal.jsonl",
     "timeout_s": 5.0,
     "on_daemon_down": "fail_closed",
@@ -94,6 +101,14 @@ class HookError(Exception):
 
 class Unreachable(Exception):
     """The daemon did not answer (missing socket, refused, timeout, garbled reply)."""
+
+
+class Busy(Unreachable):
+    """The daemon's listen queue is full: worth another try within the deadline."""
+
+
+EAGAIN = 11
+BACKOFF_S = (0.02, 0.05, 0.1, 0.2, 0.3)
 
 
 def load_config(path: str) -> dict[str, Any]:
@@ -178,21 +193,31 @@ def ask_daemon(path: str, request: Mapping[str, Any], timeout_s: float) -> dict[
     try:
         sock.settimeout(timeout_s)
         sock.connect(path)
-        sock.sendall(line)
+        try:
+            sock.sendall(line)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # turned away before our line arrived: its `busy` answer may be waiting
+            lost: OSError | None = exc
+        else:
+            lost = None
         buf = b""
         while b"\n" not in buf:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise Unreachable(f"no reply within {timeout_s:g}s")
+                raise Unreachable(f"no reply within {timeout_s:.3g}s")
             sock.settimeout(left)
             chunk = sock.recv(65536)
             if not chunk:
+                if lost is not None:
+                    raise lost
                 raise Unreachable("daemon closed the connection without a reply")
             buf += chunk
             if len(buf) > MAX_REPLY:
                 raise Unreachable("reply larger than 1 MiB")
     except TimeoutError:
-        raise Unreachable(f"no reply within {timeout_s:g}s") from None
+        raise Unreachable(f"no reply within {timeout_s:.3g}s") from None
+    except BlockingIOError:  # connect(2) on a unix socket whose backlog is full
+        raise Busy(f"socket {path}: listen queue full") from None
     except FileNotFoundError:
         raise Unreachable(f"socket {path} does not exist") from None
     except ConnectionRefusedError:
@@ -210,35 +235,102 @@ def ask_daemon(path: str, request: Mapping[str, Any], timeout_s: float) -> dict[
     return reply
 
 
+def ask_until(path: str, request: Mapping[str, Any], deadline: float) -> dict[str, Any]:
+    """ask_daemon, again after a short pause while the daemon says it is busy (or its
+    listen queue is full), until the monotonic `deadline`; the last answer wins."""
+    attempt = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Unreachable("no reply before the deadline")
+        try:
+            reply = ask_daemon(path, request, left)
+        except Busy as exc:
+            why = str(exc)
+        else:
+            error = reply.get("error")
+            if reply["ok"] or not isinstance(error, dict) or error.get("code") != "busy":
+                return reply
+            why = f"busy: {error.get('message', '')}"
+        pause = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+        attempt += 1
+        if time.monotonic() + pause >= deadline:
+            raise Unreachable(f"{why} (retried {attempt} times within the deadline)")
+        time.sleep(pause)
+
+
+ENOSPC, EDQUOT = 28, 122
+
+
 def journal(path: str, request: Mapping[str, Any], mode: str, error: str,
-            now_ns: int) -> None:
-    """Append the request durably (one line, O_APPEND, fsync) for sparkd to ingest."""
+            now_ns: int) -> str:
+    """Append the request durably (one line, O_APPEND, fsync) for sparkd to ingest;
+    into the reserve when the journal's filesystem is full. Returns where it went."""
     entry = dict(request)
     entry.update({"journaled_ns": now_ns, "hook_exit": mode, "error": error})
-    data = (dumps(entry) + "\n").encode()
+    # the leading newline ends a line a full disk tore, so this entry parses whole
+    data = ("\n" + dumps(entry) + "\n").encode()
     parent = path.rpartition("/")[0]
     if parent:
         import os  # noqa: PLC0415 (only the rare journal path needs makedirs)
 
         os.makedirs(parent, mode=0o700, exist_ok=True)
-    fd = posix.open(path, posix.O_WRONLY | posix.O_APPEND | posix.O_CREAT, 0o600)
     try:
-        posix.write(fd, data)  # one write() of one line: appends from many hooks never interleave
-        posix.fsync(fd)
-    finally:
-        posix.close(fd)
+        fd = posix.open(path, posix.O_WRONLY | posix.O_APPEND | posix.O_CREAT, 0o600)
+        try:
+            # one write() of one line: appends from many hooks never interleave
+            if posix.write(fd, data) != len(data):
+                raise OSError(ENOSPC, "short write: no space left on device")
+            posix.fsync(fd)
+        finally:
+            posix.close(fd)
+    except OSError as exc:
+        if exc.errno not in (ENOSPC, EDQUOT):
+            raise
+        write_reserve(path + ".reserve", data)
+        return path + ".reserve"
+    return path
+
+
+def write_reserve(path: str, data: bytes, tries: int = 3) -> None:
+    """Write one line into the pre-allocated reserve, over its first NUL bytes."""
+    import fcntl  # noqa: PLC0415 (only when the disk is full)
+
+    for _ in range(tries):
+        fd = posix.open(path, posix.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if posix.fstat(fd).st_ino != posix.stat(path).st_ino:
+                continue  # sparkd swapped in a fresh reserve while we waited: use that
+            size = posix.fstat(fd).st_size
+            content = posix.pread(fd, size, 0)
+            end = content.find(b"\0")
+            if end < 0 or end + len(data) > size:
+                raise OSError(ENOSPC, f"reserve {path} is full")
+            if posix.pwrite(fd, data, end) != len(data):
+                raise OSError(ENOSPC, f"short write to the reserve {path}")
+            posix.fsync(fd)
+            return
+        finally:
+            posix.close(fd)  # and the lock with it
+    raise OSError(ENOSPC, f"reserve {path} kept being replaced")
 
 
 def check_status(cfg: Mapping[str, Any], out: Any = sys.stdout) -> int:
-    """Health check: 0 when sparkd answers a status request with ok, else 1 and why."""
+    """Health check: 0 when sparkd answers a status request with ok and healthy,
+    else 1 and why (the first line is what the health check drains with)."""
     try:
-        reply = ask_daemon(cfg["socket"], {"op": "status", "id": "health"},
-                           float(cfg["timeout_s"]))
+        reply = ask_until(cfg["socket"], {"op": "status", "id": "health"},
+                          time.monotonic() + float(cfg["timeout_s"]))
     except Unreachable as exc:
         print(f"sparkd not answering: {exc}", file=out)
         return EXIT_FAIL
     if not reply["ok"]:
         print(f"sparkd unhealthy: {reply.get('error') or 'status not ok'}", file=out)
+        return EXIT_FAIL
+    if reply.get("healthy") is False:
+        problems = reply.get("problems") or ["status says unhealthy"]
+        print(f"sparkd unhealthy: {'; '.join(str(p) for p in problems)}", file=out)
         return EXIT_FAIL
     print("sparkd ok", file=out)
     return EXIT_OK
@@ -252,22 +344,37 @@ def run(op: str, env: Mapping[str, str], cfg: Mapping[str, Any],
     request = build_request(op, env)
     tag = f"spark-hook {op} job {request['job_id']}"
     try:
-        reply = ask_daemon(cfg["socket"], request, float(cfg["timeout_s"]))
+        reply = ask_until(cfg["socket"], request, time.monotonic() + float(cfg["timeout_s"]))
     except Unreachable as exc:
-        mode = str(cfg["on_daemon_down"])
-        try:
-            journal(cfg["journal"], request, mode, str(exc), time.time_ns())
-        except OSError as jexc:
-            print(f"{tag}: daemon unreachable ({exc}) and journal {cfg['journal']} "
-                  f"not writable ({jexc.strerror or jexc}); failing closed", file=err)
-            return EXIT_FAIL
-        print(f"{tag}: daemon unreachable ({exc}); journaled to {cfg['journal']}, {mode}",
-              file=err)
-        return EXIT_OK if mode == "fail_open" else EXIT_FAIL
-    if not reply["ok"]:
-        print(f"{tag}: refused by sparkd: {reply.get('error') or 'no reason given'}", file=err)
+        return _journal_and_exit(cfg, request, tag, f"daemon unreachable ({exc})", str(exc),
+                                 err=err)
+    if reply["ok"]:
+        return EXIT_OK
+    error = reply.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    if "seq" not in reply:  # answered, but nothing recorded: the journal must hold it
+        text = f"{code}: {error.get('message', '')}" if isinstance(error, dict) \
+            else str(error or "refused without a record")
+        return _journal_and_exit(cfg, request, tag, f"not recorded by sparkd ({text})", text,
+                                 err=err)
+    if op == "epilog" and code == "already-restored":
+        return EXIT_OK  # the job's end is recorded (and its GPUs restored) already
+    print(f"{tag}: refused by sparkd: {error or 'no reason given'}", file=err)
+    return EXIT_FAIL
+
+
+def _journal_and_exit(cfg: Mapping[str, Any], request: Mapping[str, Any], tag: str,
+                      what: str, error: str, *, err: Any) -> int:
+    """Journal a request the daemon did not record, then exit as the fail mode says."""
+    mode = str(cfg["on_daemon_down"])
+    try:
+        where = journal(cfg["journal"], request, mode, error, time.time_ns())
+    except OSError as jexc:
+        print(f"{tag}: {what} and journal {cfg['journal']} not writable "
+              f"({jexc.strerror or jexc}); failing closed", file=err)
         return EXIT_FAIL
-    return EXIT_OK
+    print(f"{tag}: {what}; journaled to {where}, {mode}", file=err)
+    return EXIT_OK if mode == "fail_open" else EXIT_FAIL
 
 
 def environ() -> Mapping[str, str]:

@@ -28,6 +28,22 @@ def slurm_unavailable_reason() -> str | None:
     return None
 
 
+def multinode_unavailable_reason() -> str | None:
+    """Why a namespaced multi-node cluster cannot run here (None when it can)."""
+    from spark_slurm.demo import netns  # noqa: PLC0415 (only the multi-node tests need it)
+
+    return slurm_unavailable_reason() or netns.unavailable_reason()
+
+
+def require(reason: str | None, what: str) -> None:
+    """Skip when `reason` says this machine cannot run `what`; under CI=true, fail."""
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run {what}: {reason}")
+    pytest.skip(reason)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reason = slurm_unavailable_reason()
     if reason is None:

@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "backup": "spark_slurm.cli.head_cmd:backup",
     "restore": "spark_slurm.cli.head_cmd:restore",
     "witness": "spark_slurm.cli.head_cmd:witness",
+    "collect": "spark_slurm.cli.collect_cmd:collect",
     "audit": "spark_slurm.cli.audit_cmd:audit",
     "replay": "spark_slurm.cli.audit_cmd:replay",
     "demo": "spark_slurm.cli.demo_cmd:demo",

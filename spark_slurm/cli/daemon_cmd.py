@@ -52,10 +52,12 @@ def status(socket_path: Path, as_json: bool) -> None:
     rows = [[g["index"], _w(g.get("power_mw")), _w(g.get("enforced_mw")),
              _w(g.get("governed_mw")),
              "–" if g.get("temp_mc") is None else f"{g['temp_mc'] / 1000:.0f} °C",
-             g.get("job") or "–",
+             g.get("job") or ("(another user's)" if g.get("held") else "–"),
              ",".join(f for f in ("throttled", "fault") if g.get(f)) or "ok"]
             for g in reply.get("gpus", [])]
     echo_table(["gpu", "power", "limit", "governed", "temp", "job", "state"], rows)
+    for problem in reply.get("problems", []):
+        click.echo(f"UNHEALTHY: {problem}")
     jobs = reply.get("jobs", [])
     click.echo(f"{len(jobs)} job(s) governed" + (": " + ", ".join(
         f"{j['job_id']} ({j.get('user')}, {_w(j.get('granted_mw'))}/GPU)" for j in jobs)

@@ -18,11 +18,15 @@ from spark_slurm.errors import ScenarioFailed
               help="Leave the cluster running afterwards and print how to use and stop it.")
 @click.option("--stop", "stop_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Stop a demo left running with --keep in this directory.")
+@click.option("--nodes", type=int, default=None,
+              help="Compute nodes, each in its own network namespace with its own slurmd, "
+                   "sparkd and GPUs (default 3 where namespaces work, else 1).")
 @click.option("--json", "as_json", is_flag=True, help="Also print the results as JSON.")
-def demo(scenarios: tuple[str, ...], workdir: Path | None, keep: bool, stop_dir: Path | None,
-         as_json: bool) -> None:
-    """Start munge, Slurm, sparkd, 8 sim B200 GPUs and a Karman stream, run the scenarios
-    (thermal, deny, driver-crash, oob, dynamic; default all) as real sbatch jobs, audit
+def demo(scenarios: tuple[str, ...], *, workdir: Path | None, keep: bool, stop_dir: Path | None,
+         nodes: int | None, as_json: bool) -> None:
+    """Start munge, Slurm, sparkd, 8 sim B200 GPUs per node and a Karman stream, run the
+    scenarios (thermal, deny, driver-crash, oob, dynamic, multi-node; default all) as
+    real sbatch jobs, collect and merge every node's ledger on the head node, audit
     every job, verify the ledger, write plots, and clean up.
 
     Exit 0 when every scenario's checks pass, 1 when one fails (listed), 2 for a
@@ -34,7 +38,7 @@ def demo(scenarios: tuple[str, ...], workdir: Path | None, keep: bool, stop_dir:
         for line in stop_demo(stop_dir):
             click.echo(f"stopped {line}")
         return
-    result = run_demo(scenarios, workdir, keep, click.echo)
+    result = run_demo(scenarios, workdir, keep, click.echo, nodes=nodes)
     if as_json:
         echo_json(result.to_json())
     passed = sum(1 for s in result.scenarios if s.ok)

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from spark_slurm.daemon.connections import ConnectionLimits
 from spark_slurm.daemon.requests import executor_name_ok
 from spark_slurm.errors import ConfigError
 from spark_slurm.karman.config import parse_source
@@ -21,7 +22,8 @@ from spark_slurm.karman.config import parse_source
 _KNOWN = {
     "node", "cluster", "socket", "state_dir", "ledger", "keys", "gpu", "policy", "karman",
     "metrics", "job_context", "slurm_user", "journal_path", "spool_path", "sampler",
-    "automations", "max_request_bytes", "refusal_limit", "executors",
+    "automations", "max_request_bytes", "refusal_limit", "executors", "connections",
+    "disk", "files", "recovery",
 }
 
 
@@ -56,6 +58,7 @@ class DaemonConfig:
     policy_path: Path
     socket_path: Path
     socket_mode: int = 0o666
+    scheduler_socket: Path | None = None
     cluster: str = "spark"
     hmac_key: Path | None = None
     signing_key: Path | None = None
@@ -79,9 +82,17 @@ class DaemonConfig:
     sampler_seconds: float = 60.0
     monitor_period_s: float = 0.5
     maintain_period_s: float = 5.0
+    ingest_period_s: float = 1.0
+    checkpoint_interval_s: float = 900.0
     max_request_bytes: int = 65536
     refusal_rate_per_s: float = 1.0
     refusal_burst: int = 20
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    disk_min_free_bytes: int = 64 << 20
+    journal_reserve_bytes: int = 1 << 20
+    files_group: str | None = None
+    resume_nodes: bool = False
+    drain_reason_prefix: str = "spark:"
     executors: ExecutorSettings = field(default_factory=ExecutorSettings)
 
 
@@ -204,15 +215,17 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         if key not in _KNOWN:
             raise reader.fail(str(key), f"unknown key (known: {', '.join(sorted(_KNOWN))})")
     for key in ("socket", "keys", "gpu", "karman", "metrics", "job_context", "sampler",
-                "automations", "refusal_limit", "executors"):
+                "automations", "refusal_limit", "executors", "connections", "disk",
+                "files", "recovery"):
         reader.section(key)
 
     state_dir = reader.path_("state_dir", Path("/var/lib/spark"))
     assert state_dir is not None
     node = reader.text("node") or os.uname().nodename.split(".")[0]
     backend = reader.text("gpu.backend", "sim") or "sim"
-    if backend not in ("sim", "nvml"):
-        raise reader.fail("gpu.backend", f"unknown backend {backend!r} (sim or nvml)")
+    if backend not in ("sim", "nvml", "none"):
+        raise reader.fail("gpu.backend", f"unknown backend {backend!r} (sim, nvml, or none "
+                          "for a host without GPUs)")
     gpu_state = reader.path_("gpu.state_dir")
     if backend == "sim" and gpu_state is None:
         raise reader.fail("gpu", "the sim backend needs gpu.state_dir "
@@ -243,6 +256,7 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         socket_path=reader.path_("socket.path", Path("/run/spark/sparkd.sock"))
         or Path("/run/spark/sparkd.sock"),
         socket_mode=_mode(reader),
+        scheduler_socket=_scheduler_socket(reader),
         hmac_key=reader.path_("keys.hmac"),
         signing_key=reader.path_("keys.signing"),
         gpu_backend=backend,
@@ -266,11 +280,65 @@ def parse_config(text: str, path: Path) -> DaemonConfig:
         sampler_seconds=reader.number("sampler.seconds", 60.0, 5.0, 3600.0),
         monitor_period_s=reader.number("automations.period_s", 0.5, 0.05, 1.0),
         maintain_period_s=reader.number("automations.maintain_period_s", 5.0, 0.5, 3600.0),
+        ingest_period_s=reader.number("automations.ingest_period_s", 1.0, 0.2, 3600.0),
+        checkpoint_interval_s=reader.number("automations.checkpoint_interval_s", 900.0, 1.0,
+                                            86400.0),
         max_request_bytes=int(reader.number("max_request_bytes", 65536, 256, 1 << 24)),
         refusal_rate_per_s=reader.number("refusal_limit.rate_per_s", 1.0, 0.0, 1000.0),
         refusal_burst=reader.whole("refusal_limit.burst", 20, 0, 100_000),
+        connections=_connections(reader),
+        disk_min_free_bytes=reader.whole("disk.min_free_mb", 64, 0, 1 << 30) << 20,
+        journal_reserve_bytes=reader.whole("disk.reserve_kb", 1024, 16, 1 << 20) << 10,
+        files_group=reader.text("files.group"),
+        resume_nodes=_resume(reader, source),
+        drain_reason_prefix=reader.text("recovery.reason_prefix", "spark:") or "spark:",
         executors=_executors(reader),
     )
+
+
+def _connections(reader: _Reader) -> ConnectionLimits:
+    """The `connections` section: slots, the scheduler's reserve, per-uid quota and rate."""
+    for key in reader.section("connections"):
+        if key not in ("max", "reserved", "per_uid", "rate_per_s", "burst", "idle_timeout_s",
+                       "refuse_per_s"):
+            raise reader.fail(f"connections.{key}", "unknown key (known: max, reserved, "
+                              "per_uid, rate_per_s, burst, idle_timeout_s, refuse_per_s)")
+    limits = ConnectionLimits(
+        max_connections=reader.whole("connections.max", 256, 2, 100_000),
+        reserved=reader.whole("connections.reserved", 32, 1, 100_000),
+        per_uid=reader.whole("connections.per_uid", 8, 1, 100_000),
+        rate_per_s=reader.number("connections.rate_per_s", 20.0, 0.0, 100_000.0),
+        burst=reader.whole("connections.burst", 40, 0, 1_000_000),
+        idle_timeout_s=reader.number("connections.idle_timeout_s", 10.0, 0.5, 3600.0),
+        refuse_per_s=reader.number("connections.refuse_per_s", 2000.0, 0.0, 1e7))
+    if limits.reserved >= limits.max_connections:
+        raise reader.fail("connections.reserved", f"{limits.reserved} leaves no slot of "
+                          f"connections.max ({limits.max_connections}) for users")
+    return limits
+
+
+def _scheduler_socket(reader: _Reader) -> Path | None:
+    """socket.scheduler_path: root's and the SlurmUser's own socket (0600), beside the
+    public one unless named; `false` turns it off."""
+    if reader.get("socket.scheduler_path") is False:
+        return None
+    named = reader.path_("socket.scheduler_path")
+    if named is not None:
+        return named
+    public = reader.path_("socket.path", Path("/run/spark/sparkd.sock"))
+    assert public is not None
+    return public.with_name("sparkd-scheduler.sock")
+
+
+def _resume(reader: _Reader, source: str) -> bool:
+    """recovery.resume_nodes: true, false, or auto (on wherever Slurm is the job source)."""
+    value = reader.get("recovery.resume_nodes")
+    if value is None or value == "auto":
+        return source != "static"
+    if not isinstance(value, bool):
+        raise reader.fail("recovery.resume_nodes", f"expected true, false or auto, got "
+                          f"{value!r}")
+    return value
 
 
 _EXECUTOR_KEYS = {"validate_only", "users", "deadline_s", "max_deadline_s", "expect"}

@@ -22,19 +22,25 @@ from spark_slurm import __version__
 from spark_slurm.daemon.actuation import Actuator
 from spark_slurm.daemon.automations import Monitor
 from spark_slurm.daemon.config import DaemonConfig, load_config
+from spark_slurm.daemon.connections import ConnectionGate
 from spark_slurm.daemon.contracts import PolicyLike, ReceiptLike
+from spark_slurm.daemon.diskspace import DiskWatch, is_disk_full
 from spark_slurm.daemon.executor_intents import PendingIntents
 from spark_slurm.daemon.executors import ExecutorGate
 from spark_slurm.daemon.facility import FacilityFollower
+from spark_slurm.daemon.filemodes import FileModes, secure_files, secure_spool
 from spark_slurm.daemon.ingest import Ingestor
 from spark_slurm.daemon.metrics import DaemonMetrics
 from spark_slurm.daemon.peers import Authority, uid_of
 from spark_slurm.daemon.pipeline import Pipeline, Refusal
 from spark_slurm.daemon.ratelimit import RefusalLimiter
-from spark_slurm.daemon.server import SocketServer
+from spark_slurm.daemon.recovery import NodeRecovery
+from spark_slurm.daemon.reserve import Reserve
+from spark_slurm.daemon.server import SocketServer, raise_fd_limit
 from spark_slurm.daemon.service import Service, pid_rss_kib
 from spark_slurm.daemon.startup import reconcile_at_start, record_policy
-from spark_slurm.daemon.state import IntentStore, NodeState
+from spark_slurm.daemon.state import IntentStore, NodeState, last_action
+from spark_slurm.daemon.upkeep import Upkeep
 from spark_slurm.daemon.writer import LedgerWriter
 from spark_slurm.errors import (
     EXIT_CHECK_FAILED,
@@ -54,6 +60,7 @@ from spark_slurm.ledger.keys import load_hmac_key
 from spark_slurm.ledger.rotation import open_rotating, rotate
 from spark_slurm.policy import Policy
 from spark_slurm.slurm.context import open_context_source
+from spark_slurm.slurm.runner import SubprocessRunner
 
 log = logging.getLogger("sparkd")
 _BLIND_STREAM: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -102,16 +109,32 @@ class Daemon:
         group = getattr(self._policy.settings, "admin_group", None)
         return Authority(slurm_uid=slurm_uid, admin_group=group)
 
+    def _scheduler_uid(self, uid: int) -> bool:
+        """Root or the SlurmUser, from the uid alone (the accept loop asks per connection,
+        so the SlurmUser's uid is looked up once, at start)."""
+        return uid == 0 or (self._slurm_uid is not None and uid == self._slurm_uid)
+
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
         self._policy = self._load_policy()  # a bad policy stops us before anything runs
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        hmac_key = initial_hmac_key(cfg.hmac_key, cfg.ledger_path)
+        hmac_key = initial_hmac_key(cfg.hmac_key, cfg.ledger_path)  # and a missing key
+        self.modes = FileModes.for_group(cfg.files_group)
+        self._slurm_uid = uid_of(cfg.slurm_user) if cfg.slurm_user else None
+        raise_fd_limit()
+        self.reserve = Reserve(cfg.journal_path, cfg.journal_reserve_bytes, self.modes)
+        secure_files(cfg, self.modes, self.reserve, self._slurm_uid)
+        self.disk = DiskWatch([cfg.ledger_path.parent, cfg.state_dir, cfg.journal_path.parent],
+                              cfg.disk_min_free_bytes)
+        self.disk.check()
+        cfg.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+        self.modes.ledger(cfg.ledger_path)  # -wal and -shm take the database file's mode
         # settles a signing-key rotation that a crash interrupted, then opens
         self.ledger = open_rotating(cfg.ledger_path, hmac_key, cfg.signing_key,
-                                    node=cfg.node, cluster=cfg.cluster)
+                                    node=cfg.node, cluster=cfg.cluster,
+                                    checkpoint_interval_s=cfg.checkpoint_interval_s)
         self._parts.append(self.ledger)
+        self.modes.ledger(cfg.ledger_path)
         if cfg.hmac_key is not None and hmac_key is None:
             if self.ledger.hmac_key_id is None:
                 log.warning("keys.hmac is set but %s was created without HMAC: its records "
@@ -134,6 +157,7 @@ class Daemon:
         if self.stream is None and cfg.karman_endpoint:
             karman_stats = _BLIND_STREAM.copy  # a broken stream reads as a blind one
         self.limiter = RefusalLimiter(cfg.refusal_rate_per_s, cfg.refusal_burst)
+        self.gate = ConnectionGate(cfg.connections, self._scheduler_uid)
         self.metrics = DaemonMetrics(cfg.node, karman_stats,
                                      rate_limited=lambda: self.limiter.suppressed_total)
         record_policy(self.ledger, self._policy, str(cfg.policy_path))
@@ -173,27 +197,47 @@ class Daemon:
         self.pipeline = Pipeline(
             node=cfg.node, actuator=self.actuator, writer=self.writer, policy=self.policy,
             state=self.state, intents=intents, authority=self.authority,
-            context_source=self.source, follow_up=self.facility.schedule)
+            context_source=self.source, follow_up=self.facility.schedule,
+            last_action=lambda job_id: last_action(self.ledger, job_id))
         if cfg.executors.enabled:  # validate-only mode on some or all GPUs
             self.executors = ExecutorGate(self.pipeline, cfg.executors,
                                           PendingIntents(cfg.state_dir), count=self.metrics.count)
             self.executors.resume(self.ledger)
             self.pipeline.executors = self.executors
+        self.recovery = NodeRecovery(node=cfg.node, runner=SubprocessRunner(),
+                                     commit=self.writer.commit, healthy=self.disk_healthy,
+                                     prefix=cfg.drain_reason_prefix) \
+            if cfg.resume_nodes else None
+        hook_failed = self.recovery.note_failure if self.recovery is not None else None
         self.service = Service(self.pipeline, status=self.status, ingest=self.ingest,
                                observe=self.metrics.observe_latency,
                                limiter=self.limiter,
                                rotate_key=self.rotate_key if cfg.signing_key else None,
+                               disk=self.disk, tallies=(self.gate.tally,),
+                               hook_failed=hook_failed,
                                intent=self.executors.announce if self.executors else None)
+        self.metrics.watch(self.disk, self.gate, self.service)
         self.ingestor = Ingestor(node=cfg.node, ledger=self.ledger, writer=self.writer,
                                  handle=self.service.handle, state_dir=cfg.state_dir,
-                                 journal_path=cfg.journal_path, spool_path=cfg.spool_path)
+                                 journal_path=cfg.journal_path, spool_path=cfg.spool_path,
+                                 reserve=self.reserve, hook_failed=hook_failed,
+                                 save_cursor=self.modes.apply)
         self.ingest()
+        self.upkeep = Upkeep(disk=self.disk, ingest=self.ingest, ingestor=self.ingestor,
+                             service=self.service, reserve=self.reserve,
+                             recovery=self.recovery,
+                             watched=(cfg.spool_path, cfg.journal_path, self.reserve.path),
+                             settle_s=cfg.ingest_period_s)
+        if self.recovery is not None:
+            self.recovery.schedule()
         self.monitor = Monitor(self.pipeline, self.policy, period_s=cfg.monitor_period_s,
                                count=self.metrics.count, on_sample=self._sampled,
                                executors=self.executors)
         self.monitor.start()
         self.server = SocketServer(cfg.socket_path, self.service, mode=cfg.socket_mode,
-                                   max_request_bytes=cfg.max_request_bytes)
+                                   max_request_bytes=cfg.max_request_bytes, gate=self.gate,
+                                   scheduler_path=cfg.scheduler_socket,
+                                   scheduler_owner=self._slurm_uid)
         self.server.start()
         self.metrics_port = self.metrics.serve(cfg.metrics_address, cfg.metrics_port)
         log.info("sparkd ready on %s (node %s, %d GPUs, ledger head %s, metrics port %s)",
@@ -264,8 +308,20 @@ class Daemon:
 
     def ingest(self) -> dict[str, Any]:
         with self._policy_lock:
-            counts = self.ingestor.run()
+            if self.config.spool_path is not None:
+                secure_spool(self.config.spool_path, self.modes, self._slurm_uid)
+            try:
+                counts = self.ingestor.run()
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                self.disk.mark_full(str(exc))
+                log.error("ingest stopped: %s; it goes on once space is back", exc)
+                return {"ingested": {}, "stopped": f"disk full: {exc}"}
         return {"ingested": counts}
+
+    def disk_healthy(self) -> bool:
+        return self.disk.healthy
 
     def status(self) -> dict[str, Any]:
         gpus = []
@@ -284,8 +340,16 @@ class Daemon:
         jobs = [{"job_id": j.job_id, "user": j.user, "uid": j.uid, "gpus": j.gpus,
                  "granted_mw": j.granted_mw} for j in self.state.jobs.values()]
         head = self.ledger.head()  # includes records the ledger writes itself (seals)
+        problems = self.disk.problems()
         out: dict[str, Any] = {
-            "node": self.config.node, "pid": os.getpid(), "healthy": True,
+            "node": self.config.node, "pid": os.getpid(), "healthy": not problems,
+            "problems": problems,
+            "time_ns": time.time_ns(),  # this daemon's clock: the head estimates skew from it
+            "disk": self.disk.report(),
+            "connections": {"open": self.gate.open, "refused": self.gate.refused(),
+                            "timed_out": self.gate.timed_out},
+            "unrecorded": {"kept": len(self.service.backlog),
+                           "dropped": self.service.backlog.dropped},
             "uptime_s": (time.time_ns() - self.started_ns) // 1_000_000_000,
             "rss_kib": pid_rss_kib(),
             "policy": {"sha256": self._policy.sha256, "path": str(self.config.policy_path)},
@@ -309,14 +373,13 @@ class Daemon:
         self._stop.set()
 
     def flush_refusals(self) -> None:
-        """Record the requests the refusal limit answered since the last flush."""
-        service = getattr(self, "service", None)
-        if service is None:
-            return
-        try:
-            service.flush_refusals()
-        except SparkError as exc:  # kept by the limiter; tried again at the next flush
-            log.error("cannot record rate-limited requests yet: %s", exc)
+        """Record the requests the limits counted since the last flush."""
+        upkeep = getattr(self, "upkeep", None)
+        if upkeep is not None:
+            upkeep.flush()
+
+    def maintain(self) -> None:
+        self.upkeep.turn()
 
     def wait(self) -> None:
         while not self._stop.wait(0.5):
@@ -353,6 +416,8 @@ class Daemon:
             self.gpu.close()
         if started:
             log.info("sparkd stopped")
+
+
 
 
 def initial_hmac_key(path: Path | None, ledger: Path) -> bytes | None:
@@ -397,6 +462,10 @@ def run_daemon(config_path: Path) -> int:
         if hup.is_set():
             hup.clear()
             daemon.reload_policy()
+        try:
+            daemon.maintain()
+        except Exception:  # the loop must outlive one bad turn (it is logged)
+            log.exception("maintenance turn failed")
         if time.monotonic() - flushed >= config.maintain_period_s:
             flushed = time.monotonic()
             daemon.flush_refusals()
@@ -419,15 +488,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_daemon(args.config)
-    except InputError as exc:
-        print(f"sparkd: {exc.message}", file=sys.stderr)
-        return EXIT_USAGE
-    except SparkError as exc:
-        print(f"sparkd: {exc.message}", file=sys.stderr)
-        return EXIT_CHECK_FAILED
-    except OSError as exc:
-        print(f"sparkd: {exc}", file=sys.stderr)
-        return EXIT_CHECK_FAILED
+    except Exception as exc:
+        if is_disk_full(exc):
+            # exit 1, not 2: systemd restarts sparkd (Restart=on-failure) until space is
+            # back; meanwhile the hook journals into its reserve and the health check drains
+            print(f"sparkd: cannot record anything, the disk is full: {exc}", file=sys.stderr)
+            return EXIT_CHECK_FAILED
+        if isinstance(exc, InputError):
+            print(f"sparkd: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(exc, SparkError):
+            print(f"sparkd: {exc.message}", file=sys.stderr)
+            return EXIT_CHECK_FAILED
+        if isinstance(exc, OSError):
+            print(f"sparkd: {exc}", file=sys.stderr)
+            return EXIT_CHECK_FAILED
+        raise
 
 
 if __name__ == "__main__":

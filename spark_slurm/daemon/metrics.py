@@ -65,6 +65,10 @@ class DaemonMetrics:
             self._karman = karman
             self._karman_stats = karman_stats
 
+    def watch(self, disk: Any, gate: Any, service: Any) -> None:
+        """Disk, connection and unrecorded-answer figures, read at each scrape."""
+        self.registry.register(_Health(self.node, disk, gate, service))
+
     def refresh_karman(self) -> None:
         stats = getattr(self, "_karman_stats", None)
         if stats is None:
@@ -145,3 +149,69 @@ class _RateLimited:
             "requesting uid ran out of refusal budget", labels=["node"])
         family.add_metric([self._node], self._total())
         yield family
+
+
+class _Health:
+    """What keeps the node usable, read from the daemon's parts at each scrape:
+    `spark_healthy`, `spark_disk_free_bytes{path}`, `spark_disk_full`,
+    `spark_connections_open`, `spark_connections_refused_total{reason}` (turned away
+    busy: pool, per-uid, rate, idle-timeout, partial-timeout),
+    `spark_connections_timed_out_total`, `spark_requests_unrecorded_total`
+    (answered disk-full; recorded once space is back) and
+    `spark_requests_read_total{op}` (status and ingest: counted, not recorded)."""
+
+    def __init__(self, node: str, disk: Any, gate: Any, service: Any) -> None:
+        self._node = node
+        self._disk = disk
+        self._gate = gate
+        self._service = service
+
+    def describe(self) -> list[Any]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (  # noqa: PLC0415 (lazy)
+            CounterMetricFamily,
+            GaugeMetricFamily,
+        )
+
+        node = self._node
+        healthy = GaugeMetricFamily("spark_healthy", "1 when sparkd reports itself healthy "
+                                    "(the health check drains the node otherwise)",
+                                    labels=["node"])
+        healthy.add_metric([node], 1.0 if self._disk.healthy else 0.0)
+        yield healthy
+        free = GaugeMetricFamily("spark_disk_free_bytes", "Free bytes on the filesystems of "
+                                 "the ledger, state and journal", labels=["node", "path"])
+        for space in self._disk.free():
+            free.add_metric([node, space.path], float(space.free_bytes))
+        yield free
+        full = GaugeMetricFamily("spark_disk_full", "1 while a write has failed for lack of "
+                                 "space and space has not come back", labels=["node"])
+        full.add_metric([node], 1.0 if self._disk.full else 0.0)
+        yield full
+        opened = GaugeMetricFamily("spark_connections_open", "Open socket connections",
+                                   labels=["node"])
+        opened.add_metric([node], float(self._gate.open))
+        yield opened
+        refused = CounterMetricFamily("spark_connections_refused", "Connections and requests "
+                                      "turned away busy, by reason", labels=["node", "reason"])
+        for reason, n in sorted(self._gate.refused().items()):
+            refused.add_metric([node, reason], float(n))
+        yield refused
+        timed = CounterMetricFamily("spark_connections_timed_out", "Connections closed for "
+                                    "sending no complete request in time", labels=["node"])
+        timed.add_metric([node], float(self._gate.timed_out))
+        yield timed
+        unrecorded = CounterMetricFamily("spark_requests_unrecorded", "Requests answered "
+                                         "disk-full (recorded once space is back)",
+                                         labels=["node"])
+        users = sum(self._service.unrecorded.totals().values())
+        unrecorded.add_metric([node], float(users + self._service.kept_total))
+        yield unrecorded
+        reads = CounterMetricFamily("spark_requests_read", "Read-only requests answered "
+                                    "(status, ingest): counted, not recorded as PERs",
+                                    labels=["node", "op"])
+        for op, n in sorted(dict(self._service.reads).items()):
+            reads.add_metric([node, op], float(n))
+        yield reads

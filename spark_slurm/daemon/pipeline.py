@@ -10,6 +10,7 @@ the fsync happens outside it, which is what lets coinciding requests batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -98,7 +99,8 @@ class Pipeline:
     def __init__(self, *, node: str, actuator: Actuator, writer: LedgerWriter,
                  policy: Callable[[], PolicyLike], state: NodeState, intents: IntentStore,
                  authority: Callable[[], Authority], context_source: JobContextSource | None,
-                 follow_up: FollowUp | None = None) -> None:
+                 follow_up: FollowUp | None = None,
+                 last_action: Callable[[str], Any] | None = None) -> None:
         self.node = node
         self.actuator = actuator
         self.writer = writer
@@ -108,6 +110,7 @@ class Pipeline:
         self.authority = authority
         self.context_source = context_source
         self.follow_up = follow_up
+        self.last_action = last_action  # the job's newest cap/restore PER (ledger lookup)
         self.lock = threading.RLock()
         # validate-only mode: set by sparkd when executors.validate_only names GPUs
         self.executors: ExecutorGate | None = None
@@ -217,6 +220,31 @@ class Pipeline:
                              f"{e['readback_mw']} mW", "expected_mw": e["intended_mw"],
                     "enforced_mw": e["readback_mw"], "source": "automation"})
 
+    def _undo(self, gpus: list[int], governed: dict[int, int | None],
+              jobs: dict[str, JobState]) -> None:
+        """Put GPUs and jobs back as they were when a change's PER could not be
+        committed (a full disk): an action without its PER would be unprovable."""
+        for g in gpus:
+            mw = governed.get(g)
+            if mw is None or self.external(g):  # an executor's GPU: sparkd set nothing
+                continue
+            entry = self.actuator.apply(g, self.state.target(g, mw))
+            if "error" in entry:
+                log.error("GPU %s: could not roll back to %s mW: %s", g, mw, entry["error"])
+            self.state.governed[g] = mw
+        self.state.jobs = jobs
+        log.warning("GPUs %s put back to %s: the change could not be recorded", gpus, governed)
+
+    def _already_restored(self, job_id: str) -> None:
+        """Refuse an epilog for a job whose end is recorded: one restore PER per job end."""
+        if job_id in self.state.ending:
+            raise Refusal("already-restored", f"job {job_id}: an earlier epilog is recording "
+                          "its restore; nothing changed")
+        last = None if self.last_action is None else self.last_action(job_id)
+        if last is not None and last.kind == "restore":
+            raise Refusal("already-restored", f"job {job_id}: its restore is already recorded "
+                          f"(PER seq {last.seq}); nothing changed")
+
     def _admission_seen(self, facts: JobFacts, origin: Origin) -> None:
         """The admission job_submit.lua made, as its token in admin_comment shows."""
         token = facts.token or {}
@@ -266,6 +294,8 @@ class Pipeline:
                 granted_mw=granted, account=facts.account, partition=facts.partition,
                 qos=facts.qos, workload_class=facts.workload_class)
             self.intents.begin(job)  # the restore intent is durable before any limit moves
+            jobs_before = self.state.jobs
+            governed_before = {g: self.state.governed.get(g) for g in gpus}
             jobs = dict(self.state.jobs)
             jobs[job.job_id] = job
             self.state.jobs = jobs
@@ -292,84 +322,101 @@ class Pipeline:
                          "paths": _paths(_telemetry_status(entries), facts.status,
                                          decision["action"])})
             attach = self._expect("prolog", facts.job_id, entries, body, decision)
-            receipt = self._commit_action("cap", body, gpus, attach)
+            try:
+                receipt = self._commit_action("cap", body, gpus, attach)
+            except Exception:
+                self._undo(gpus, governed_before, jobs_before)
+                if job.job_id not in jobs_before:
+                    with contextlib.suppress(OSError):
+                        self.intents.end(job.job_id)
+                raise
         return self.reply(request, receipt, decision, entries)
 
     def epilog(self, request: Request, peer: Peer, origin: Origin) -> dict[str, Any]:
         assert request.job_id is not None
         # The job-context source may be slow (scontrol): ask it before taking the lock.
-        early = None if request.job_id in self.state.jobs else gather(
-            request, self.context_source, self.node)
+        early = None
+        if request.job_id not in self.state.jobs:
+            self._already_restored(request.job_id)
+            early = gather(request, self.context_source, self.node)
         with self.lock:
             job = self.state.jobs.get(request.job_id)
-            if request.job_id in self.state.ending:
-                job = None  # a repeated epilog while the first is committing
-            elif job is not None:
-                self.state.ending.add(request.job_id)
-            notes: list[str] = []
-            if job is None:
-                facts = early or gather(request, self.context_source, self.node)
-                gpus = [g for g in facts.gpus if self.actuator.known(g)
-                        and self.state.owner_of(g) is None]
-                targets = {g: self.state.governed.get(g) for g in gpus}
-                notes.append("no cap recorded for this job on this node; limits checked "
-                             "against the governed idle value")
-                context = facts.body()
-            else:
-                targets = {g: job.previous_mw.get(g) for g in job.gpus}
-                context = {"job_id": job.job_id, "user": job.user, "uid": job.uid,
-                           "gpus": job.gpus, "status": "ok"}
-            total = 0
-            changed_ns = time.time_ns()
-            def restore_one(g: int) -> dict[str, Any]:
-                before, enforced, err = self.actuator.before(g)
-                mw = targets[g] if targets[g] is not None else enforced
-                if mw is None:
-                    return {"index": g, "error": err or "no restore target"}
-                if self.external(g):  # the executor restores it; sparkd expects and checks
-                    entry = self._expected(g, mw, enforced)
-                    if job is None:
-                        entry["governed_mw"] = entry.pop("expected_mw")
-                else:
-                    entry = self.actuator.apply(g, self.state.target(g, mw))
-                entry["before"] = before
-                entry["previous_mw"] = mw
-                if job is not None and job.start_energy_mj.get(g) is not None:
-                    try:
-                        energy = energy_between(job.start_energy_mj[g],
-                                                job.start_energy_epoch.get(g, 0),
-                                                self.actuator.sample(g))
-                        entry["energy_mj"] = energy.energy_mj
-                        entry["energy_reset"] = energy.reset
-                    except GpuError as exc:
-                        entry["energy_error"] = error_text(exc)
-                return entry
-
-            entries = self.actuator.each(list(targets), restore_one)
-            for entry in entries:
-                total += int(entry.get("energy_mj", 0))
-                if "error" not in entry and "intended_mw" in entry:
-                    self.state.governed[entry["index"]] = entry["intended_mw"]
-            body = self.base(request, peer, "scheduler", "slurm-epilog", origin)
-            body.update({"op": "epilog", "context": context, "gpus": entries,
-                         "energy_mj": total, "energy_known": job is not None,
-                         "changed_ns": changed_ns,
-                         "paths": _paths(_telemetry_status(entries) if entries else "ok",
-                                         "ok" if job is not None else "partial", "allow")})
-            if notes:
-                body["notes"] = notes
-            self._mismatch_faults(entries, request.job_id)
-            attach = self._expect("epilog", request.job_id, entries, body, None)
+            if job is None or request.job_id in self.state.ending:
+                self._already_restored(request.job_id)  # again, now under the lock
+            self.state.ending.add(request.job_id)  # a concurrent repeat is refused
             try:
-                receipt = self._commit_action("restore", body, list(targets), attach)
+                return self._restore(request, peer, origin, job, early)
             finally:
-                if job is not None:
-                    self.state.ending.discard(request.job_id)
-            if job is not None:
-                jobs = dict(self.state.jobs)
-                jobs.pop(request.job_id, None)
-                self.state.jobs = jobs
+                self.state.ending.discard(request.job_id)
+
+    def _restore(self, request: Request, peer: Peer, origin: Origin, job: JobState | None,
+                 early: JobFacts | None) -> dict[str, Any]:
+        """The epilog's work, under the lock, for a job marked as ending."""
+        assert request.job_id is not None
+        notes: list[str] = []
+        if job is None:
+            facts = early or gather(request, self.context_source, self.node)
+            gpus = [g for g in facts.gpus if self.actuator.known(g)
+                    and self.state.owner_of(g) is None]
+            targets = {g: self.state.governed.get(g) for g in gpus}
+            notes.append("no cap recorded for this job on this node; limits checked "
+                         "against the governed idle value")
+            context = facts.body()
+        else:
+            targets = {g: job.previous_mw.get(g) for g in job.gpus}
+            context = {"job_id": job.job_id, "user": job.user, "uid": job.uid,
+                       "gpus": job.gpus, "status": "ok"}
+        total = 0
+        changed_ns = time.time_ns()
+
+        def restore_one(g: int) -> dict[str, Any]:
+            before, enforced, err = self.actuator.before(g)
+            mw = targets[g] if targets[g] is not None else enforced
+            if mw is None:
+                return {"index": g, "error": err or "no restore target"}
+            if self.external(g):  # the executor restores it; sparkd expects and checks
+                entry = self._expected(g, mw, enforced)
+                if job is None:
+                    entry["governed_mw"] = entry.pop("expected_mw")
+            else:
+                entry = self.actuator.apply(g, self.state.target(g, mw))
+            entry["before"] = before
+            entry["previous_mw"] = mw
+            if job is not None and job.start_energy_mj.get(g) is not None:
+                try:
+                    energy = energy_between(job.start_energy_mj[g],
+                                            job.start_energy_epoch.get(g, 0),
+                                            self.actuator.sample(g))
+                    entry["energy_mj"] = energy.energy_mj
+                    entry["energy_reset"] = energy.reset
+                except GpuError as exc:
+                    entry["energy_error"] = error_text(exc)
+            return entry
+
+        entries = self.actuator.each(list(targets), restore_one)
+        for entry in entries:
+            total += int(entry.get("energy_mj", 0))
+            if "error" not in entry and "intended_mw" in entry:
+                self.state.governed[entry["index"]] = entry["intended_mw"]
+        body = self.base(request, peer, "scheduler", "slurm-epilog", origin)
+        body.update({"op": "epilog", "context": context, "gpus": entries,
+                     "energy_mj": total, "energy_known": job is not None,
+                     "changed_ns": changed_ns,
+                     "paths": _paths(_telemetry_status(entries) if entries else "ok",
+                                     "ok" if job is not None else "partial", "allow")})
+        if notes:
+            body["notes"] = notes
+        self._mismatch_faults(entries, request.job_id)
+        attach = self._expect("epilog", request.job_id, entries, body, None)
+        receipt = self._commit_action("restore", body, list(targets), attach)
+        if job is not None:
+            jobs = dict(self.state.jobs)
+            jobs.pop(request.job_id, None)
+            self.state.jobs = jobs
+            try:
                 self.intents.end(request.job_id)  # only once the restore is durable
+            except OSError as exc:  # start-up sees the restore PER and drops the intent
+                log.warning("job %s: restore recorded, intent not closed: %s", job.job_id, exc)
         return self.reply(request, receipt, None, entries)
 
     def cap(self, request: Request, peer: Peer, origin: Origin) -> dict[str, Any]:
@@ -407,6 +454,8 @@ class Pipeline:
         with self.lock:
             changed_ns = time.time_ns()
             targets = {g: self.state.target(g, granted) for g in job.gpus}
+            governed_before = {g: self.state.governed.get(g) for g in job.gpus}
+            granted_before = job.granted_mw
 
             def change_one(g: int) -> dict[str, Any]:
                 before, enforced, _ = self.actuator.before(g)
@@ -427,7 +476,12 @@ class Pipeline:
                          "changed_ns": changed_ns,
                          "paths": _paths(_telemetry_status(entries), "ok",
                                          decision["action"])})
-            receipt = self._commit_action("cap", body, job.gpus)
+            try:
+                receipt = self._commit_action("cap", body, job.gpus)
+            except Exception:
+                job.granted_mw = granted_before
+                self._undo(job.gpus, governed_before, self.state.jobs)
+                raise
         return self.reply(request, receipt, decision, entries)
 
     def reply(self, request: Request, receipt: ReceiptLike, decision: dict[str, Any] | None,

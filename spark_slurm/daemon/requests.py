@@ -79,7 +79,16 @@ def _str(data: dict[str, Any], key: str, limit: int = 4096) -> str | None:
         raise BadRequest(f"field {key!r} must be a string, got {type(value).__name__}")
     if len(value) > limit:
         raise BadRequest(f"field {key!r} is longer than {limit} characters")
+    _unicode(value, key)
     return value
+
+
+def _unicode(value: str, key: str) -> None:
+    """JSON's \\ud800 escapes decode to lone surrogates, which UTF-8 (and so a PER) refuses."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"field {key!r} holds an unpaired UTF-16 surrogate escape") from None
 
 
 def _int(data: dict[str, Any], key: str, low: int, high: int) -> int | None:
@@ -99,19 +108,27 @@ def _watts_mw(data: dict[str, Any], key: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRequest(f"field {key!r} must be a number of watts, got {value!r}")
-    if not math.isfinite(value) or value <= 0 or value > 1_000_000:
-        raise BadRequest(f"field {key!r} = {value} is not a usable number of watts")
+    # compare before any float conversion: a 4000-digit integer overflows a float
+    if not 0 < value <= 1_000_000 or (isinstance(value, float) and not math.isfinite(value)):
+        shown = str(value) if len(str(value)) <= 40 else f"a {len(str(value))}-digit number"
+        raise BadRequest(f"field {key!r} = {shown} is not a usable number of watts")
     return round(value * 1000)
 
 
 def parse_request(line: bytes) -> Request:
     """Parse and check one request line (without its newline)."""
+    if not line.strip():
+        raise BadRequest("empty request line (one JSON object per line is expected)")
     try:
         data = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
         raise BadRequest("request is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON at column {exc.colno}: {exc.msg}") from None
+    except RecursionError:  # the C decoder recurses once per nesting level
+        raise BadRequest("request is nested too deeply to be a request") from None
+    except ValueError as exc:  # e.g. an integer past Python's int/str digit limit
+        raise BadRequest(f"malformed JSON: {exc}") from None
     return request_from(data)
 
 
@@ -130,6 +147,12 @@ def request_from(data: Any) -> Request:
     rid = data.get("id")
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
         raise BadRequest("field 'id' must be a string or an integer")
+    if isinstance(rid, int) and not -(2**63) <= rid < 2**63:
+        raise BadRequest("field 'id' is outside the 64-bit integer range")
+    if isinstance(rid, str):
+        if len(rid) > 256:
+            raise BadRequest("field 'id' is longer than 256 characters")
+        _unicode(rid, "id")
     job_id = data.get("job_id")
     if isinstance(job_id, int) and not isinstance(job_id, bool):
         job_id = str(job_id)

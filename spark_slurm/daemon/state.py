@@ -8,6 +8,7 @@ replays the ledger the same way every time (start-up, tests, audits).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterable
@@ -111,6 +112,15 @@ def governed_latest(newest_first: Iterable[Any], gpus: Iterable[int]) -> dict[in
     return governed
 
 
+def last_action(ledger: Any, job_id: str) -> Any:
+    """The job's newest `cap` or `restore` PER on this ledger, or None: a `restore`
+    there means the job's end is already recorded (through the job_id index)."""
+    last = None
+    for record in ledger.records(job_id=job_id, kinds=["cap", "restore"]):
+        last = record
+    return last
+
+
 def limits_set_by(record: Any) -> list[tuple[int, int]]:
     """(GPU, governed mW) pairs one PER sets, in the order it sets them."""
     kind = record.kind
@@ -165,7 +175,13 @@ class IntentStore:
     def _append(self, entry: dict[str, Any]) -> None:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.write(self._fd, json.dumps(entry, sort_keys=True).encode() + b"\n")
+            os.fchmod(self._fd, 0o600)
+        # the leading newline ends a line a full disk tore, so this one parses whole
+        data = b"\n" + json.dumps(entry, sort_keys=True).encode() + b"\n"
+        written = os.write(self._fd, data)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, f"{self.path}: short write ({written} of {len(data)} "
+                          "bytes): no space left")
         os.fdatasync(self._fd)
 
     def begin(self, job: JobState) -> None:

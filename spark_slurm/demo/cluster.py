@@ -1,12 +1,15 @@
-"""A throwaway single-node Slurm cluster in one directory: munged, slurmctld, slurmd.
+"""A throwaway Slurm cluster in one directory: munged, slurmctld and one or more slurmd.
 
+With no `Topology` it is one node on this host (loopback, the host's name) and
+the ports are picked free. With one, the controller `ctl` and every compute
+node run in their own network, UTS and mount namespaces (see netns.py), each
+with its own address and hostname, so `sbatch -N3` spans three real slurmd.
 Every path (state, spool, logs, pids, the munge key and socket) lives under the
-directory and the ports are picked free, so several clusters can share a
-machine. GPUs are plain files named nvidiaN under `dev/` (gres.conf needs a
-File= for a gpu GRES); `gpupower` is a count-only GRES in watts per node. The
-daemons run in the foreground under a `ServiceGroup`, so a failed start or a
-failed scenario never leaves one behind. Every Slurm client command goes
-through the injected `Runner`.
+directory, so several clusters can share a machine. GPUs are plain files named
+nvidiaN under `dev/` (gres.conf needs a File= for a gpu GRES); `gpupower` is a
+count-only GRES in watts per node. The daemons run in the foreground under a
+`ServiceGroup`, so a failed start or a failed scenario never leaves one behind.
+Every Slurm client command goes through the injected `Runner`.
 """
 
 from __future__ import annotations
@@ -17,15 +20,18 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spark_slurm.demo.netns import Topology
 from spark_slurm.demo.services import ServiceGroup, wait_for
 from spark_slurm.errors import ServiceError, SlurmCommandFailed
 from spark_slurm.slurm.runner import Runner, RunResult, SubprocessRunner
 
 START_TIMEOUT_S = 60.0
+CONTROLLER = "ctl"          # the controller's hostname in a namespaced cluster
+CTLD_PORT, SLURMD_PORT = 6817, 6818   # each namespace has its own port space
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                           "BOOT_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "DEADLINE"})
 
@@ -59,12 +65,16 @@ class ClusterSpec:
     job_submit_files: Sequence[Path] = ()   # job_submit.lua and what it loads
     health_check: Path | None = None
     extra_conf: Sequence[str] = ()
+    node_gpupower_w: Mapping[str, int] = field(default_factory=dict)  # per-node budgets
     partitions: Sequence[str] = ("gpu", "debug")
 
 
 @dataclass
 class SlurmCluster:
-    """A running (or stopped) cluster; `env` is what Slurm client commands need."""
+    """A running (or stopped) cluster; `env` is what Slurm client commands need.
+
+    `node` is the (first) compute node; `nodes` all of them. With a `topology`
+    (already up), the nodes are its members other than `ctl`."""
 
     root: Path
     spec: ClusterSpec = field(default_factory=ClusterSpec)
@@ -72,6 +82,7 @@ class SlurmCluster:
     name: str = ""
     services: ServiceGroup | None = None
     runner: Runner | None = None
+    topology: Topology | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -89,29 +100,56 @@ class SlurmCluster:
             self.runner = SubprocessRunner(self.env, timeout_s=30.0)
         self.ctld_port = 0
         self.slurmd_port = 0
+        if self.topology is not None:
+            self.nodes = [n for n in self.topology.names if n != CONTROLLER]
+            self.node = self.nodes[0]
+            self.ctld_port, self.slurmd_port = CTLD_PORT, SLURMD_PORT
+        else:
+            self.nodes = [self.node]
+
+    def in_ns(self, member: str, argv: Sequence[str]) -> list[str]:
+        """`argv` as run on `member` (`ctl` or a node): inside its namespaces, or as is."""
+        return list(argv) if self.topology is None else self.topology.exec_argv(member, argv)
+
+    def slurmd_service(self, node: str) -> str:
+        return "slurmd" if self.topology is None else f"slurmd-{node}"
 
     # ----------------------------------------------------------------- config
     def gpu_devices(self) -> list[Path]:
         return [self.dev_dir / f"nvidia{i}" for i in range(self.spec.gpus)]
 
+    def _host_lines(self) -> list[str]:
+        """Where the controller and the slurmd live, and where each slurmd keeps its files."""
+        r = self.root
+        if self.topology is None:
+            return [f"SlurmctldHost={self.node}(127.0.0.1)",
+                    f"SlurmdSpoolDir={r / 'spool'}",
+                    f"SlurmdPidFile={r / 'run' / 'slurmd.pid'}",
+                    f"SlurmdLogFile={self.log_dir / 'slurmd.log'}"]
+        return [f"SlurmctldHost={CONTROLLER}({self.topology.address(CONTROLLER)})",
+                f"SlurmdSpoolDir={r / 'nodes' / '%n' / 'spool'}",
+                f"SlurmdPidFile={r / 'nodes' / '%n' / 'slurmd.pid'}",
+                f"SlurmdLogFile={self.log_dir / 'slurmd-%n.log'}"]
+
     def slurm_conf_text(self, job_submit: bool | None = None) -> str:
         """The slurm.conf; `job_submit` overrides whether the Lua plugin is on."""
         spec, r = self.spec, self.root
         use_lua = bool(spec.job_submit_files) if job_submit is None else job_submit
+        ctld_host, slurmd_spool, slurmd_pid, slurmd_log = self._host_lines()
         lines = [
             f"ClusterName={self.name}",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
+            ctld_host,
             f"SlurmctldPort={self.ctld_port}",
             f"SlurmdPort={self.slurmd_port}",
             "SlurmUser=root",
             "SlurmdUser=root",
             f"AuthInfo=socket={self.munge_socket}",
             f"StateSaveLocation={r / 'state'}",
-            f"SlurmdSpoolDir={r / 'spool'}",
+            slurmd_spool,
+            slurmd_pid,
             f"SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}",
-            f"SlurmdPidFile={r / 'run' / 'slurmd.pid'}",
             f"SlurmctldLogFile={self.log_dir / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.log_dir / 'slurmd.log'}",
+            slurmd_log,
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc",
@@ -145,26 +183,38 @@ class SlurmCluster:
             lines.append("JobSubmitPlugins=lua")
         lines += list(spec.extra_conf)
         typed = f"{spec.gpu_type}:" if spec.gpu_type else ""
-        lines.append(
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={spec.cpus} RealMemory=1000 "
-            f"Gres=gpu:{typed}{spec.gpus},gpupower:{spec.gpupower_w} State=UNKNOWN")
+        for node in self.nodes:
+            where = ("NodeAddr=127.0.0.1" if self.topology is None else
+                     f"NodeAddr={self.topology.address(node)} NodeHostname={node}")
+            lines.append(
+                f"NodeName={node} {where} CPUs={spec.cpus} RealMemory=1000 "
+                f"Gres=gpu:{typed}{spec.gpus},gpupower:{self.budget_w(node)} State=UNKNOWN")
         for i, part in enumerate(spec.partitions):
             default = "YES" if i == 0 else "NO"
-            lines.append(f"PartitionName={part} Nodes={self.node} Default={default} "
-                         "MaxTime=INFINITE State=UP OverSubscribe=NO")
+            lines.append(f"PartitionName={part} Nodes={','.join(self.nodes)} "
+                         f"Default={default} MaxTime=INFINITE State=UP OverSubscribe=NO")
         return "\n".join(lines) + "\n"
+
+    def budget_w(self, node: str) -> int:
+        """The node's gpupower (watts): its override, else the spec's."""
+        return int(self.spec.node_gpupower_w.get(node, self.spec.gpupower_w))
 
     def gres_conf_text(self) -> str:
         last = self.spec.gpus - 1
         typed = f"Type={self.spec.gpu_type} " if self.spec.gpu_type else ""
-        return (f"Name=gpu {typed}File={self.dev_dir}/nvidia[0-{last}]\n"
-                f"Name=gpupower Count={self.spec.gpupower_w} Flags=CountOnly\n")
+        text = f"Name=gpu {typed}File={self.dev_dir}/nvidia[0-{last}]\n"
+        if not self.spec.node_gpupower_w:
+            return text + f"Name=gpupower Count={self.spec.gpupower_w} Flags=CountOnly\n"
+        return text + "".join(f"NodeName={n} Name=gpupower Count={self.budget_w(n)} "
+                              "Flags=CountOnly\n" for n in self.nodes)
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> SlurmCluster:
-        """Write the configuration, start the daemons and wait for an idle node."""
+        """Write the configuration, start the daemons and wait for idle nodes."""
         for sub in ("etc", "dev", "log", "state", "spool", "run", "munge", "out"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for node in self.nodes if self.topology is not None else ():
+            (self.root / "nodes" / node / "spool").mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)
         for dev in self.gpu_devices():
             dev.touch()
@@ -173,20 +223,24 @@ class SlurmCluster:
         (self.conf_dir / "gres.conf").write_text(self.gres_conf_text())
         group = self._group()
         for attempt in range(3):  # a free port can be taken by someone else before we bind
-            self.ctld_port = free_port()
-            self.slurmd_port = free_port()
+            if self.topology is None:
+                self.ctld_port = free_port()
+                self.slurmd_port = free_port()
             self.conf.write_text(self.slurm_conf_text())
             try:
                 if not any(s.name == "munged" for s in group.services):
                     self._start_munge()
-                group.start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)],
-                            ready=lambda: self.run(["scontrol", "ping"], check=False)
-                            .returncode == 0, timeout_s=START_TIMEOUT_S)
-                group.start("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
+                group.start("slurmctld", self.in_ns(CONTROLLER, [
+                    "slurmctld", "-D", "-i", "-f", str(self.conf)]),
+                    ready=lambda: self.run(["scontrol", "ping"], check=False)
+                    .returncode == 0, timeout_s=START_TIMEOUT_S)
+                for node in self.nodes:
+                    group.start(self.slurmd_service(node), self.in_ns(node, [
+                        "slurmd", "-D", "-f", str(self.conf), "-N", node]))
                 self.wait_node_idle()
                 return self
             except ServiceError:
-                if attempt == 2 or not self._lost_a_port():
+                if attempt == 2 or self.topology is not None or not self._lost_a_port():
                     self.stop()
                     raise
                 group.stop("slurmd")
@@ -203,8 +257,8 @@ class SlurmCluster:
     @property
     def procs(self) -> dict[str, subprocess.Popen[bytes]]:
         """The running Slurm daemons and munged by name (empty once stopped)."""
-        return {s.name: s.process for s in self._group().services
-                if s.name in ("munged", "slurmctld", "slurmd")}
+        names = {"munged", "slurmctld", *(self.slurmd_service(n) for n in self.nodes)}
+        return {s.name: s.process for s in self._group().services if s.name in names}
 
     def _group(self) -> ServiceGroup:
         assert self.services is not None
@@ -215,41 +269,52 @@ class SlurmCluster:
         key = m / "munge.key"
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o600)
-        self._group().start("munged", [
+        self._group().start("munged", self.in_ns(CONTROLLER, [
             "munged", "-F", "-f", f"--socket={self.munge_socket}", f"--key-file={key}",
             f"--pid-file={m / 'munged.pid'}", f"--log-file={self.log_dir / 'munged.log'}",
             f"--seed-file={m / 'munged.seed'}", "--num-threads=4",
-        ], ready=self.munge_socket.exists, timeout_s=START_TIMEOUT_S)
+        ]), ready=self.munge_socket.exists, timeout_s=START_TIMEOUT_S)
 
-    def node_state(self) -> str:
-        res = self.run(["sinfo", "-h", "-n", self.node, "-o", "%T"], check=False)
-        return res.stdout.strip().splitlines()[0] if res.stdout.strip() else ""
+    def node_states(self) -> dict[str, str]:
+        """Each node's state as sinfo prints it (`idle`, `mixed`, `drained`, ...)."""
+        res = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False)
+        out: dict[str, str] = {}
+        for line in res.stdout.splitlines():
+            name, _, state = line.strip().partition(" ")
+            if name in self.nodes:
+                out.setdefault(name, state.strip())
+        return out
 
-    def wait_node_idle(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Wait for the node to be idle, resuming it if it registered drained/down."""
+    def node_state(self, node: str | None = None) -> str:
+        return self.node_states().get(node or self.node, "")
+
+    def wait_node_idle(self, timeout: float = START_TIMEOUT_S,
+                       nodes: Sequence[str] | None = None) -> None:
+        """Wait for the nodes (default: all) to be idle, resuming any that registered
+        drained or down."""
+        wanted = list(nodes or self.nodes)
         last_resume = 0.0
+        states: dict[str, str] = {}
 
         def idle() -> bool:
-            nonlocal last_resume
+            nonlocal last_resume, states
             self._check_alive()
-            state = self.node_state()
-            if state == "idle":
-                return True
-            if state.startswith(("drain", "down", "inval")) and time.monotonic() > last_resume:
-                self.run(["scontrol", "update", f"nodename={self.node}", "state=resume"],
+            states = self.node_states()
+            bad = [n for n in wanted if states.get(n, "").startswith(("drain", "down", "inval"))]
+            if bad and time.monotonic() > last_resume:
+                self.run(["scontrol", "update", f"nodename={','.join(bad)}", "state=resume"],
                          check=False)
                 last_resume = time.monotonic() + 2
-            return False
+            return all(states.get(n) == "idle" for n in wanted)
 
         if not wait_for(idle, timeout, 0.2):
-            raise ServiceError("slurmd", f"node {self.node} not idle after {timeout:.0f}s "
-                               f"(state {self.node_state() or 'unknown'})",
-                               str(self.log_dir / "slurmd.log"), self.log_tails(3))
+            shown = ", ".join(f"{n} {states.get(n) or 'unknown'}" for n in wanted)
+            raise ServiceError("slurmd", f"nodes not idle after {timeout:.0f}s ({shown})",
+                               str(self.log_dir), self.log_tails(3))
 
     def _check_alive(self) -> None:
         for service in self._group().services:
-            if service.name in ("munged", "slurmctld", "slurmd") and \
-                    service.process.poll() is not None:
+            if service.name in self.procs and service.process.poll() is not None:
                 raise ServiceError(service.name, f"exited with status "
                                    f"{service.process.returncode}", str(service.log),
                                    self.log_tails(3))
@@ -267,7 +332,7 @@ class SlurmCluster:
         if "slurmctld" in names:
             with contextlib.suppress(SlurmCommandFailed):
                 self.drain_jobs()
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [self.slurmd_service(n) for n in self.nodes] + ["slurmctld", "munged"]:
             group.stop(name)
 
     def reconfigure(self, job_submit: bool) -> None:

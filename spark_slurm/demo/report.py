@@ -33,9 +33,11 @@ def render_audit(report: AuditReport) -> list[str]:
     lines = [f"audit job {report.job_id}: user {h.get('user')}  partition "
              f"{h.get('partition')}  class {h.get('workload_class')}  GPUs "
              + "; ".join(f"{n}: {','.join(map(str, g)) or '-'}" for n, g in h["gpus"].items())]
+    several = len({e.node for e in report.timeline}) > 1
     for e in report.timeline:
         mark = "✓" if e.verification.ok else "✗"
-        line = f"  {_when(e.time_ns)} seq {e.seq:>4} {mark} {e.kind:<9} {e.summary}"
+        where = f"{e.node:<4} " if several else ""
+        line = f"  {_when(e.time_ns)} {where}seq {e.seq:>4} {mark} {e.kind:<9} {e.summary}"
         if e.authority:
             line += f" [{e.authority}]"
         if e.paths is not None:

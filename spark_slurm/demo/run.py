@@ -22,15 +22,17 @@ from typing import Any
 
 import yaml
 
-from spark_slurm.daemon import client
+from spark_slurm.demo import netns
 from spark_slurm.demo.report import audit_jobs, verify_both
-from spark_slurm.demo.scenarios import SCENARIOS, Check, ScenarioResult, run_scenario
-from spark_slurm.demo.services import wait_for
-from spark_slurm.demo.stack import STATE_FILE, DemoStack, find_repo, stop_saved
+from spark_slurm.demo.saved import STATE_FILE, stop_saved
+from spark_slurm.demo.scenarios import MIN_NODES, SCENARIOS, Check, ScenarioResult, run_scenario
+from spark_slurm.demo.stack import ClusterStack, StackSpec, find_repo
 from spark_slurm.errors import InputError, SparkError
 
 Say = Callable[[str], None]
-RUNTIME_DIRS = ("slurm", "sim", "run", "spool", "lua", "bin")
+RUNTIME_DIRS = ("slurm", "sim", "run", "spool", "lua", "bin", "ssh")
+DEFAULT_NODES = 3
+SMALL_FEED_W = {"n2": 4000}   # n2 sits on a smaller power feed (the multi-node story)
 
 
 @dataclass
@@ -67,13 +69,41 @@ def stamped(say: Say) -> Say:
     return out
 
 
-def choose(names: Sequence[str]) -> list[str]:
-    """The scenarios to run, in the canonical order; unknown names are a usage error."""
+def choose(names: Sequence[str], nodes: int | None = None) -> list[str]:
+    """The scenarios to run, in the canonical order; unknown names are a usage error.
+    With `nodes`, all (no names) means those that fit that many nodes; naming one that
+    needs more is a usage error."""
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         raise InputError(f"unknown scenario {unknown[0]!r} (choose from "
                          f"{', '.join(SCENARIOS)}, or none for all)")
+    if nodes is not None:
+        big = [n for n in names if MIN_NODES.get(n, 1) > nodes]
+        if big:
+            raise InputError(f"scenario {big[0]!r} needs --nodes {MIN_NODES[big[0]]} or more "
+                             f"(this run has {nodes})")
+        return [n for n in SCENARIOS if (n in names if names else MIN_NODES.get(n, 1) <= nodes)]
     return [n for n in SCENARIOS if not names or n in names]
+
+
+def node_count(asked: int | None, say: Say,
+               probe: Callable[[], str | None] = netns.unavailable_reason) -> int:
+    """How many nodes this run gets: as asked, else 3 where network namespaces work and 1
+    (said so, with the reason `probe` gives) where they do not."""
+    if asked is not None:
+        if asked < 1:
+            raise InputError(f"--nodes must be at least 1, not {asked}")
+        if asked > 1:
+            reason = probe()
+            if reason is not None:
+                raise InputError(f"--nodes {asked} needs network namespaces: {reason}")
+        return asked
+    reason = probe()
+    if reason is None:
+        return DEFAULT_NODES
+    say(f"note: a multi-node cluster needs network namespaces ({reason}); "
+        "running on one node, without the multi-node scenario")
+    return 1
 
 
 def preflight() -> None:
@@ -100,23 +130,26 @@ def _metrics(url: str, names: Sequence[str]) -> Check:
                  ", ".join(f"{n}: {c} samples" for n, c in counts.items()))
 
 
-def prometheus_config(stack: DemoStack) -> Path:
+def prometheus_config(stack: ClusterStack) -> Path:
     """contrib/prometheus/demo-prometheus.yml with this run's ports filled in."""
     data = yaml.safe_load((stack.repo / "contrib" / "prometheus" /
                            "demo-prometheus.yml").read_text())
-    ports = {"sparkd": stack.metrics_port, "karman": stack.exporter_port}
+    targets = {"sparkd": [f"{h.address}:{h.metrics_port}" for h in stack.hosts
+                          if h.metrics_port],
+               "karman": [f"{stack.nodes[0].address}:{stack.exporter_port}"]
+               if stack.exporter_port else []}
     for job in data.get("scrape_configs", []):
-        port = ports.get(job.get("job_name"))
-        if port:
-            job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
+        wanted = targets.get(job.get("job_name"))
+        if wanted:
+            job["static_configs"] = [{"targets": wanted}]
     out = stack.root / "prometheus.yml"
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out
 
 
-def keep_instructions(stack: DemoStack) -> list[str]:
+def keep_instructions(stack: ClusterStack) -> list[str]:
     r = stack.root
-    return [
+    lines = [
         "the cluster is still running (--keep); in another shell:",
         f"  export SLURM_CONF={stack.cluster.conf}",
         "  sbatch --gres=gpu:2,gpupower:800 --comment=spark:class=training --wrap 'sleep 60'",
@@ -125,48 +158,80 @@ def keep_instructions(stack: DemoStack) -> list[str]:
         f"  sparkctl sim smi {stack.sim_dir}            # the GPUs, like nvidia-smi",
         f"  sparkctl audit JOBID --db {stack.ledger} --keys {stack.trust_dir}",
         f"  sparkctl verify {stack.ledger} --key {stack.hmac_key} --pubkey {stack.public_key}",
-        f"  metrics: {stack.metrics_url} (sparkd), "
-        f"http://127.0.0.1:{stack.exporter_port}/metrics (Karman exporter)",
+        f"  metrics: {stack.metrics_url} (sparkd), {stack.exporter_url} (Karman exporter)",
         f"  prometheus --config.file={prometheus_config(stack)}",
-        "  Grafana: import contrib/grafana/sparkd-dashboard.json (Prometheus data source)",
-        f"  stop everything: sparkctl demo --stop {r}",
-    ]
+        "  Grafana: import contrib/grafana/sparkd-dashboard.json (Prometheus data source)"]
+    if stack.topology is not None:
+        exec_ = " ".join(stack.cluster.in_ns("ctl", ["bash"]))
+        lines += [
+            "  hosts: " + ", ".join(f"{h.name} {h.address} (socket {h.socket})"
+                                    for h in stack.hosts),
+            f"  a shell on the head node (the controller): {exec_}",
+            f"  sbatch -N{len(stack.nodes)} --gres=gpu:2,gpupower:1400 --wrap 'srun hostname'",
+            f"  sparkctl audit JOBID --db {stack.cluster_db} --keys {stack.trust_dir}"
+            "   # after a collection"]
+    return [*lines, f"  stop everything: sparkctl demo --stop {r}"]
 
 
-def _settle(stack: DemoStack, timeout: float) -> None:
-    """Wait for pending facility follow-ups, so audits see every action validated."""
-    def idle() -> bool:
-        return int(client.status(stack.socket).get("facility_pending", 0)) == 0
-    wait_for(idle, timeout, 0.3)
+def _head_audits(stack: ClusterStack, jobs: list[str], say: Say,
+                 result: DemoResult) -> None:
+    """Multi-node: collect every host's ledger on the head node, then audit each job
+    from the merged cluster ledger; one node: audit the node's own ledger."""
+    db = stack.ledger
+    if stack.topology is not None:
+        say("== the head node collects, witnesses and merges every ledger (over ssh)")
+        run = stack.collect()
+        fetched = [n["node"] for n in run.report.get("nodes", []) if n["fetched"]]
+        check = Check("head node collection (sparkctl collect --cosign --into)",
+                      run.returncode == 0 and len(fetched) == len(stack.hosts),
+                      f"collected {', '.join(fetched)} into {stack.cluster_db}; problems: "
+                      f"{'; '.join(run.report.get('problems', [])) or 'none'}")
+        result.checks.append(check)
+        say(f"  [{'PASS' if check.ok else 'FAIL'}] {check.name} — {check.detail}")
+        db = stack.cluster_db
+    say(f"== audit of every demo job (sparkctl audit --db {db.name} --keys)")
+    checks, result.plots = audit_jobs(db, jobs, stack.plots, say, stack.trust_dir)
+    result.checks += checks
 
 
 def run_demo(names: Sequence[str] = (), workdir: Path | None = None, keep: bool = False,
-             say: Say = print) -> DemoResult:
-    """Start everything, run the chosen scenarios, audit, verify, plot; stop unless `keep`."""
-    chosen = choose(names)
+             say: Say = print, nodes: int | None = None) -> DemoResult:
+    """Start everything, run the chosen scenarios, audit, verify, plot; stop unless `keep`.
+    `nodes`: compute nodes (default 3 where network namespaces work, else 1)."""
+    choose(names)
+    if nodes is not None and nodes < 1:
+        raise InputError(f"--nodes must be at least 1, not {nodes}")
     preflight()
     say = stamped(say)
+    count = node_count(nodes, say)
+    chosen = choose(names, count)
+    for name in [n for n in SCENARIOS if not names and n not in chosen]:
+        say(f"note: scenario {name} needs {MIN_NODES[name]} nodes; this run has {count}")
     if workdir is not None and (workdir / STATE_FILE).exists():
         raise InputError(f"{workdir}: a demo is already running there "
                          f"(sparkctl demo --stop {workdir})")
     root = (workdir or Path(tempfile.mkdtemp(prefix="spark-demo-"))).resolve()
     root.mkdir(parents=True, exist_ok=True)
     result = DemoResult(root)
-    stack = DemoStack(root, find_repo(Path.cwd()))
+    spec = StackSpec(nodes=count, node_budgets_w=SMALL_FEED_W if count >= 3 else {})
+    stack = ClusterStack(root, find_repo(Path.cwd()), spec)
     say(f"workdir {root}")
-    say("starting munge, slurmctld, slurmd (8 x B200 sim GPUs, gpupower 7200 W), "
-        "Karman sim stream, sparkd, Karman exporter ...")
+    where = ("on this host" if count == 1 else
+             f"on {count} nodes and a controller, each in its own network namespace")
+    say(f"starting munge, slurmctld, slurmd {where} (8 x B200 sim GPUs, gpupower "
+        f"{spec.budget_w} W per node), Karman sim stream, sparkd, Karman exporter ...")
     started = time.monotonic()
     stack.start()
     try:
-        say(f"all services up in {time.monotonic() - started:.1f} s: node "
+        hosts = ", ".join(f"{h.name} {h.address}" for h in stack.hosts)
+        say(f"all services up in {time.monotonic() - started:.1f} s: {hosts}; first node "
             f"{stack.cluster.node}, socket {stack.socket}, Karman {stack.karman_endpoint}")
         for name in chosen:
             say(f"== scenario {name}: {SCENARIOS[name][0]}")
             res = run_scenario(name, stack, say)
             # the rack meter sees every GPU: let this story's facility windows close
             # before the next one moves power, or its follow-ups would see both
-            _settle(stack, stack.facility_after_s + 5)
+            stack.settle(stack.facility_after_s + 5)
             result.scenarios.append(res)
             say(f"== scenario {name}: {'PASSED' if res.ok else 'FAILED'} "
                 f"({(res.ended_ns - res.started_ns) / 1e9:.1f} s)")
@@ -174,16 +239,13 @@ def run_demo(names: Sequence[str] = (), workdir: Path | None = None, keep: bool 
         endpoints = (
             (stack.metrics_url,
              ("spark_gpu_power_watts", "spark_pers_total", "spark_ledger_head_seq")),
-            (f"http://127.0.0.1:{stack.exporter_port}/metrics", ("karman_real_power_watts",)))
+            (stack.exporter_url, ("karman_real_power_watts",)))
         for url, wanted in endpoints:
             check = _metrics(url, wanted)
             result.checks.append(check)
             say(f"  [{'PASS' if check.ok else 'FAIL'}] {check.name} — {check.detail}")
-        jobs = [j for s in result.scenarios for j in s.job_ids]
-        say("== audit of every demo job (sparkctl audit --keys)")
-        checks, result.plots = audit_jobs(stack.ledger, jobs, stack.plots, say, stack.trust_dir)
-        result.checks += checks
-        say("== ledger verification")
+        _head_audits(stack, [j for s in result.scenarios for j in s.job_ids], say, result)
+        say(f"== ledger verification ({stack.cluster.node})")
         result.checks += verify_both(stack.ledger, root / "results" / "ledger.db",
                                      stack.hmac_key, stack.public_key,
                                      stack.repo / "contrib" / "verify-ledger.sh")
@@ -201,12 +263,19 @@ def run_demo(names: Sequence[str] = (), workdir: Path | None = None, keep: bool 
         if not result.kept:
             say("stopping every service ...")
             stack.stop()
-            for sub in RUNTIME_DIRS:
-                for path in (root / sub).glob("*") if sub == "slurm" else [root / sub]:
-                    if path.name != "log":  # Slurm's own logs stay with the results
-                        shutil.rmtree(path, ignore_errors=True)
-            say(f"stopped; ledger, keys, plots, logs and results kept in {root}")
+            _tidy(root)
+            say(f"stopped; ledgers, keys, plots, logs and results kept in {root}")
     return result
+
+
+def _tidy(root: Path) -> None:
+    """Remove what only the running stack needed; ledgers, keys and logs stay."""
+    tops = [root, *sorted((root / "nodes").glob("*"))]
+    for top in tops:
+        for sub in RUNTIME_DIRS:
+            for path in (top / sub).glob("*") if sub == "slurm" else [top / sub]:
+                if path.name != "log":  # Slurm's own logs stay with the results
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def stop_demo(workdir: Path) -> list[str]:

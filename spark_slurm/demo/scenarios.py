@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from spark_slurm.demo.stack import NODE_BUDGET_W, DemoStack
+from spark_slurm.demo.services import wait_for
+from spark_slurm.demo.stack import ClusterStack
 from spark_slurm.errors import SparkError
 from spark_slurm.head.audit import audit_job, summarize
 from spark_slurm.head.replay import replay
@@ -62,7 +63,7 @@ class ScenarioResult:
 class Scenario:
     """Helpers shared by the scenarios: jobs, waits, and recorded checks."""
 
-    def __init__(self, stack: DemoStack, result: ScenarioResult, say: Say) -> None:
+    def __init__(self, stack: ClusterStack, result: ScenarioResult, say: Say) -> None:
         self.stack = stack
         self.result = result
         self.say = say
@@ -74,10 +75,14 @@ class Scenario:
         self.say(f"  [{'PASS' if ok else 'FAIL'}] {name}" + (f" — {detail}" if detail else ""))
         return bool(ok)
 
-    def submit(self, name: str, args: list[str], seconds: float) -> str:
-        job = self.stack.cluster.submit(["-J", name, *args], wrap=f"sleep {seconds:g}")
+    def submit(self, name: str, args: list[str], seconds: float, pin: bool = True) -> str:
+        """sbatch a job; on a multi-node cluster it is pinned to the first node (whose
+        GPUs, ledger and stream the single-node stories read) unless `pin` is off."""
+        pinned = ["-w", self.stack.cluster.node] if pin and self.stack.namespaced else []
+        job = self.stack.cluster.submit(["-J", name, *pinned, *args],
+                                        wrap=f"sleep {seconds:g}")
         self.result.job_ids.append(job)
-        self.say(f"  sbatch {' '.join(args)}  -> job {job}")
+        self.say(f"  sbatch {' '.join([*pinned, *args])}  -> job {job}")
         return job
 
     def running(self, job: str, load: float) -> list[int]:
@@ -86,7 +91,7 @@ class Scenario:
         if state != "RUNNING":
             raise SparkError(f"job {job} is {state}, not RUNNING")
         gpus = self.context.get(job).gpus_on(self.stack.cluster.node)
-        if not self.stack.wait_records("cap", job, timeout=30):
+        if not self.stack.find_records("cap", job, timeout=30):
             raise SparkError(f"job {job}: no cap PER after 30 s")
         self.stack.set_load(load, gpus)
         self.say(f"  job {job} running on GPUs {gpus}, workload at {load:.0%}")
@@ -96,12 +101,12 @@ class Scenario:
         state = self.stack.cluster.wait_job(job, timeout=90)
         self.stack.set_load(0.0, gpus)
         self.check("job completed", state == "COMPLETED", f"job {job} ended {state}")
-        restore = self.stack.wait_records("restore", job, timeout=30)
+        restore = self.stack.find_records("restore", job, timeout=30)
         self.check("epilog restore recorded", bool(restore),
                    f"restore PER seq {restore[0].seq}" if restore else "no restore PER")
 
     def one(self, kind: str, job: str | None, timeout: float, **match: Any) -> Record | None:
-        found = self.stack.wait_records(kind, job, timeout=timeout, match=match)
+        found = self.stack.find_records(kind, job, timeout=timeout, match=match)
         return found[0] if found else None
 
 
@@ -112,7 +117,7 @@ def _paths_ok(body: dict[str, Any]) -> bool:
 
 
 def _facility_of(sc: Scenario, rec: Record, timeout: float = 20) -> Record | None:
-    found = sc.stack.wait_records("facility", None, timeout=timeout,
+    found = sc.stack.find_records("facility", None, timeout=timeout,
                                   match={"ref": {"seq": rec.seq, "hash": rec.hash}})
     return found[0] if found else None
 
@@ -168,7 +173,8 @@ def deny(sc: Scenario) -> None:
     ok_job = sc.submit("demo-infer-ok", ["--gres=gpu:4,gpupower:1600",
                                          "--comment=spark:class=inference"], 8)
     gpus = sc.running(ok_job, 0.7)
-    before = {r.seq for r in st.records() if r.kind == "admission"}
+    spooler = st.controller     # the slurmctld host's sparkd ingests job_submit.lua's spool
+    before = {r.seq for r in spooler.records() if r.kind == "admission"}
     args = ["-J", "demo-infer-big", "--gres=gpu:4,gpupower:2400",
             "--comment=spark:class=inference"]
     res = st.cluster.sbatch(args, check=False)
@@ -178,12 +184,20 @@ def deny(sc: Scenario) -> None:
              res.returncode != 0 and first.startswith("sbatch: error: spark:")
              and "inference" in first, first)
     sc.check("no job was created", res.stdout.strip() == "", res.stdout.strip() or "no job id")
-    st.ingest()
-    denials = [r for r in st.records() if r.kind == "admission" and r.seq not in before
-               and r.body.get("decision") == "deny"]
+    refused = time.monotonic()
+    denials: list[Record] = []
+
+    def recorded() -> bool:   # no `ingest` request: sparkd watches the spool itself
+        denials[:] = [r for r in spooler.records() if r.kind == "admission"
+                      and r.seq not in before and r.body.get("decision") == "deny"]
+        return bool(denials)
+
+    wait_for(recorded, 15, 0.2)
     rec = denials[-1] if denials else None
-    if sc.check("denial ingested from the spool as an admission PER", rec is not None,
-                "" if rec is None else f"seq {rec.seq}"):
+    if sc.check("denial recorded from the spool as an admission PER within seconds",
+                rec is not None, "" if rec is None else
+                f"seq {rec.seq} on {spooler.name}'s ledger, "
+                f"{time.monotonic() - refused:.1f} s after the refusal"):
         assert rec is not None
         b = rec.body
         ctx, req = b.get("context") or {}, b.get("request") or {}
@@ -206,10 +220,11 @@ def deny(sc: Scenario) -> None:
     peak = max(sum(g.limit_mw or 0 for g in replay(st.ledger, t).gpus if g.job_id)
                for t in instants)
     used = st.cluster.job_field(ok_job, "TresPerNode")
+    budget_w = st.cluster.budget_w(st.cluster.node)
     sc.check("node GPU power budget never exceeded (ledger replay)",
-             0 < peak <= NODE_BUDGET_W * 1000,
+             0 < peak <= budget_w * 1000,
              f"peak of governed caps {peak // 1000} W over {len(instants)} instants ≤ "
-             f"{NODE_BUDGET_W} W; Slurm allocated {used}")
+             f"{budget_w} W; Slurm allocated {used}")
     caps = [r for r in st.records() if r.kind == "cap"
             and r.body.get("context", {}).get("job_name") == "demo-infer-big"]
     sc.check("the refused request never reached a GPU", not caps, f"{len(caps)} cap PERs")
@@ -338,16 +353,28 @@ def dynamic(sc: Scenario) -> None:
     sc.finish(job, gpus)
 
 
+# ------------------------------------------------------------------ multi-node
+def multi_node(sc: Scenario) -> None:
+    """One job across three real slurmd; per-node budgets; the head node's collection."""
+    from spark_slurm.demo.multinode import run_multi_node  # noqa: PLC0415 (its own module)
+
+    run_multi_node(sc)
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Scenario], None]]] = {
     "thermal": ("training run with a thermal spike mid-run", thermal),
     "deny": ("inference job over the fleet policy", deny),
     "driver-crash": ("multi-GPU job whose driver crashes mid-run", driver_crash),
     "oob": ("post-incident investigation of an out-of-band cap change", oob),
     "dynamic": ("dynamic capping 900/600/300 W with facility correlation", dynamic),
+    "multi-node": ("one job on three nodes: per-node budgets, collection, merge, audit",
+                   multi_node),
 }
+# Scenarios that need a cluster of at least this many nodes (`sparkctl demo --nodes N`).
+MIN_NODES: dict[str, int] = {"multi-node": 3}
 
 
-def run_scenario(name: str, stack: DemoStack, say: Say) -> ScenarioResult:
+def run_scenario(name: str, stack: ClusterStack, say: Say) -> ScenarioResult:
     """Run one scenario; any error that stops it is recorded as a failed check."""
     title, fn = SCENARIOS[name]
     result = ScenarioResult(name, title, started_ns=time.time_ns())

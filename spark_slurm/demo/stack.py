@@ -1,42 +1,40 @@
-"""The whole product on one machine, in one directory, for the demo and its test.
+"""The one cluster stack: Slurm, job_submit.lua, the hooks, sparkd on every node, a head node.
 
-Builds and starts, in order: 8 simulated B200 GPUs (matched to fake
-/dev/nvidia0-7 files for gres.conf), ledger keys, the site policy (the shipped
-etc/policy.yaml with its spool moved into the directory and shorter facility
-windows) compiled to Lua next to slurm.conf with job_submit.lua, prolog/epilog
-wrappers rendered for this interpreter, munge + slurmctld + slurmd, the live
-Karman rack stream driven by the sim GPUs, sparkd (sim backend, scontrol job
-context, Karman facility path, Prometheus metrics), and the Karman exporter.
-Everything runs under one `ServiceGroup`; `demo.json` records the pids so that
-a cluster left running with --keep can be stopped later by another process.
+Used by `sparkctl demo`, the real-Slurm tests and the multi-node tests. With
+one node it all runs on this host (the host's name, loopback, free ports). With
+N > 1 (see netns.py) the controller `ctl` and nodes `n1..nN` each get their own
+network, UTS and mount namespaces, hostname and address; each node has its own
+simulated GPUs, keys, ledger, sparkd and Karman rack stream, and the
+controller's sparkd (no GPUs) turns job_submit.lua's denials into PERs. Inside
+every host the layout is a real node's: the hook config and sparkd's socket on
+/run/spark, its state (ledger, journal) on /run/spark/state. The head node is
+the controller's namespace: it collects every host's ledger over ssh (an sshd
+per host, keys made here), witnesses and merges them (`sparkctl collect`).
+
+Everything runs under one `ServiceGroup`; `demo.json` records pids and the
+namespaces, so a stack left running with --keep can be stopped by another
+process (saved.py), leaving no process, namespace, bridge or mount behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import urllib.request
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
-from spark_slurm.daemon import client
-from spark_slurm.demo.cluster import ClusterSpec, SlurmCluster, free_port
+from spark_slurm.demo.cluster import CONTROLLER, ClusterSpec, SlurmCluster, free_port
+from spark_slurm.demo.install import find_repo, render_wrapper
+from spark_slurm.demo.netns import Topology
+from spark_slurm.demo.node import SparkNode, tool
+from spark_slurm.demo.saved import STATE_FILE, save_state
 from spark_slurm.demo.services import ServiceGroup, wait_for
-from spark_slurm.errors import DaemonUnavailable, InputError, ServiceError, SparkError
-from spark_slurm.files.layout import Layout, render
-from spark_slurm.files.shipped import data_root
-from spark_slurm.gpu.sim import SimFleet
-from spark_slurm.ledger.keys import HMAC_FILE, PUBLIC_FILE, SIGNING_FILE, keygen
-from spark_slurm.ledger.reader import read_records
+from spark_slurm.demo.sshd import ClusterSsh
+from spark_slurm.errors import DaemonUnavailable, InputError, SparkError
 from spark_slurm.ledger.records import Record
 from spark_slurm.policy.lua import write_lua
 
@@ -44,225 +42,363 @@ GPU_MODEL = "b200"
 GPUS = 8
 # 8 x 900 W: the top step of the Karman dataset's dynamic scenario fits the node budget.
 NODE_BUDGET_W = 7200
-STATE_FILE = "demo.json"
+RUN_DIR = "/run/spark"                  # on a namespaced host: hook.json, sparkd.sock
+STATE_DIR = "/run/spark/state"          # on a namespaced host: ledger.db, journal.jsonl
+KARMAN_PORT, METRICS_PORT, EXPORTER_PORT = 5557, 9400, 9557  # per namespace
+__all__ = ["STATE_FILE", "ClusterStack", "StackSpec", "find_repo", "render_wrapper", "tool"]
 
 
-def find_repo(start: Path | None = None) -> Path:
-    """The tree holding slurm/, etc/ and contrib/ as shipped (the demo installs from it):
-    `start` or this package's checkout, else the admin files an installed wheel carries."""
-    candidates = [Path(__file__).resolve().parents[2]]
-    if start is not None:
-        candidates.insert(0, start.resolve())
-    for path in candidates:
-        if (path / "slurm" / "job_submit.lua").is_file() and \
-                (path / "etc" / "policy.yaml").is_file():
-            return path
-    return data_root()
+@dataclass(frozen=True)
+class StackSpec:
+    """What to build; the defaults are the demo's single node."""
 
-
-def tool(name: str) -> list[str]:
-    """argv prefix for one of our console scripts, from this interpreter's environment."""
-    script = Path(sys.executable).parent / name
-    if script.exists():
-        return [str(script)]
-    module = {"sparkctl": "spark_slurm.cli", "sparkd": "spark_slurm.daemon.main"}[name]
-    return [sys.executable, "-m", module]
-
-
-def render_wrapper(template: Path, out: Path, hook_config: Path) -> Path:
-    """A slurm/ wrapper with its install placeholders filled for this interpreter
-    (as `sparkctl files install` fills them, with this run's hook config)."""
-    layout = replace(Layout.current(), hook_config=hook_config)
-    out.write_text(render(template.read_text(), layout.values(), str(template)))
-    out.chmod(0o755)
-    return out
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (loopback URL)
-            return int(resp.status) == 200
-    except OSError:
-        return False
+    nodes: int = 1                      # > 1: namespaced hosts ctl, n1..nN
+    gpus: int = GPUS
+    gpu_model: str = GPU_MODEL
+    budget_w: int = NODE_BUDGET_W       # gpupower per node
+    node_budgets_w: Mapping[str, int] = field(default_factory=dict)  # per-node overrides
+    facility: bool = True               # the policy's facility path (follow-up PERs)
+    karman: bool = True                 # a Karman rack stream per node (else `unavailable`)
+    exporter: bool = True               # the Karman exporter (first node's stream)
+    metrics: bool = True                # sparkd /metrics
+    facility_before_s: float = 3.0
+    facility_after_s: float = 4.0
+    cluster_name: str = "spark-demo"
+    automations: Mapping[str, float] = field(default_factory=lambda: {
+        "maintain_period_s": 1.0, "checkpoint_interval_s": 10.0})
+    daemon_extra: Mapping[str, Any] = field(default_factory=dict)  # merged into sparkd.yaml
 
 
 @dataclass
-class DemoStack:
-    """Paths, ports and processes of one demo installation rooted at `root`."""
+class CollectRun:
+    """One `sparkctl collect` on the head node: its exit status, report and stderr."""
 
-    root: Path
-    repo: Path
-    facility_before_s: float = 3.0
-    facility_after_s: float = 4.0
-    services: ServiceGroup = field(init=False)
-    cluster: SlurmCluster = field(init=False)
+    returncode: int
+    report: dict[str, Any]
+    stderr: str
 
-    def __post_init__(self) -> None:
-        r = self.root
-        self.sim_dir = r / "sim"
-        self.keys_dir = r / "keys"
-        self.state_dir = r / "spark"
-        self.ledger = self.state_dir / "ledger.db"
-        self.journal = self.state_dir / "journal.jsonl"
-        self.spool = r / "spool" / "denials.jsonl"
-        self.socket = r / "run" / "sparkd.sock"
-        self.hook_config = r / "hook.json"
+    def node(self, name: str) -> dict[str, Any]:
+        return next(n for n in self.report.get("nodes", []) if n["node"] == name)
+
+    def findings(self, node: str | None = None) -> list[dict[str, Any]]:
+        merge = self.report.get("merge") or {}
+        return [f for f in merge.get("findings", []) if node is None or f["node"] == node]
+
+
+class ClusterStack:
+    """Paths, processes and helpers of one installation rooted at `root`."""
+
+    def __init__(self, root: Path, repo: Path | None = None,
+                 spec: StackSpec | None = None) -> None:
+        self.root = root
+        self.repo = repo or find_repo()
+        self.spec = spec or StackSpec()
+        self.namespaced = self.spec.nodes > 1
+        r = root
         self.policy = r / "policy.yaml"
         self.compiled = r / "lua" / "spark_policy.lua"
-        self.daemon_config = r / "sparkd.yaml"
+        self.spool = r / "spool" / "denials.jsonl"
+        self.trust_dir = r / "trust"     # the head node's trusted node keys
         self.plots = r / "plots"
         self.log_dir = r / "logs"
-        self.karman_port = self.metrics_port = self.exporter_port = 0
+        self.head_dir = r / "head"
+        self.cluster_db = self.head_dir / "cluster.db"
+        self.witness_dir = self.head_dir / "witness"
+        self.collect_dir = self.head_dir / "collect"
         self.services = ServiceGroup(self.log_dir)
+        self.topology: Topology | None = None
+        self.ssh: ClusterSsh | None = None
         self.cluster = SlurmCluster(r / "slurm", services=self.services)
+        self.exporter_port = 0
+        if self.namespaced:
+            names = [f"n{i}" for i in range(1, self.spec.nodes + 1)]
+            self.nodes = [self._node(n, r / "nodes" / n, self.spec.gpus) for n in names]
+            self.controller = self._node(CONTROLLER, r / "nodes" / CONTROLLER, 0,
+                                         spool=self.spool)
+        else:
+            node = self._node(self.cluster.node, r, self.spec.gpus, spool=self.spool)
+            self.nodes = [node]
+            self.controller = node      # one host: its sparkd ingests the spool too
+
+    def _node(self, name: str, root: Path, gpus: int, spool: Path | None = None) -> SparkNode:
+        ns = self.namespaced
+        karman = self.spec.facility and self.spec.karman and gpus > 0
+        return SparkNode(
+            name, root, gpus=gpus, model=self.spec.gpu_model, services=self.services,
+            in_ns=lambda argv: self.cluster.in_ns(name, argv), namespaced=ns, spool=spool,
+            karman_port=(KARMAN_PORT if ns else free_port()) if karman else 0,
+            metrics_port=(METRICS_PORT if ns else free_port()) if self.spec.metrics else 0)
 
     @property
-    def karman_endpoint(self) -> str:
-        return f"tcp://127.0.0.1:{self.karman_port}"
+    def hosts(self) -> list[SparkNode]:
+        """Every host running sparkd: the controller (when it is its own host), the nodes."""
+        return self.nodes if not self.namespaced else [self.controller, *self.nodes]
 
-    @property
-    def hmac_key(self) -> Path:
-        return self.keys_dir / HMAC_FILE
-
-    @property
-    def signing_key(self) -> Path:
-        return self.keys_dir / SIGNING_FILE
-
-    @property
-    def public_key(self) -> Path:
-        return self.keys_dir / PUBLIC_FILE
-
-    @property
-    def trust_dir(self) -> Path:
-        """The head node's view of this node's keys (`<node>.pub`, `<node>.hmac`), as
-        `merge --keys` and `audit --keys` take them."""
-        return self.root / "trust"
+    def node(self, name: str) -> SparkNode:
+        return next(n for n in self.hosts if n.name == name)
 
     # ------------------------------------------------------------------ build
-    def build(self) -> None:
-        """Write every file the services need; nothing is started here."""
-        for sub in ("spark", "spool", "run", "lua", "bin", "plots", "logs"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        SimFleet.init(self.sim_dir, GPUS, GPU_MODEL, force=True)
-        if not self.keys_dir.exists():
-            keygen(self.keys_dir)
-        self.trust_dir.mkdir(mode=0o700, exist_ok=True)
-        for src, suffix in ((self.public_key, "pub"), (self.hmac_key, "hmac")):
-            dest = self.trust_dir / f"{self.cluster.node}.{suffix}"
-            shutil.copyfile(src, dest)
-            dest.chmod(0o600)
+    def _write_policy(self) -> None:
         policy = yaml.safe_load((self.repo / "etc" / "policy.yaml").read_text())
         policy.setdefault("admission", {})["spool"] = str(self.spool)
         facility = policy.setdefault("facility", {})
-        facility.update(enabled=True, before_s=self.facility_before_s,
-                        after_s=self.facility_after_s)
-        self.policy.write_text("# etc/policy.yaml as shipped; the demo moves the spool into "
-                               "its directory and shortens the facility windows\n"
+        if self.spec.facility:
+            facility.update(enabled=True, before_s=self.spec.facility_before_s,
+                            after_s=self.spec.facility_after_s)
+        else:
+            facility["enabled"] = False
+        self.policy.write_text("# etc/policy.yaml as shipped; the stack moves the spool into "
+                               "its directory and sets the facility windows\n"
                                + yaml.safe_dump(policy, sort_keys=False))
         write_lua(self.policy, self.compiled, str(self.spool))
         self.spool.touch()
-        self.set_hook_mode("fail_closed")
-        bindir = self.root / "bin"
-        prolog = render_wrapper(self.repo / "slurm" / "prolog", bindir / "prolog",
-                                self.hook_config)
-        epilog = render_wrapper(self.repo / "slurm" / "epilog", bindir / "epilog",
-                                self.hook_config)
-        self.cluster.spec = ClusterSpec(
-            gpus=GPUS, gpupower_w=NODE_BUDGET_W, gpu_type=GPU_MODEL, prolog=prolog,
-            epilog=epilog, job_submit_files=(self.repo / "slurm" / "job_submit.lua",
-                                             self.compiled))
-        self.services.env = self.cluster.env
-        self.karman_port, self.metrics_port, self.exporter_port = (
-            free_port(), free_port(), free_port())
-        self.daemon_config.write_text(yaml.safe_dump({
-            "node": self.cluster.node, "cluster": "spark-demo",
-            "state_dir": str(self.state_dir), "ledger": str(self.ledger),
-            "policy": str(self.policy), "socket": {"path": str(self.socket)},
-            "keys": {"hmac": str(self.hmac_key), "signing": str(self.signing_key)},
-            "gpu": {"backend": "sim", "state_dir": str(self.sim_dir)},
-            "karman": {"endpoint": self.karman_endpoint},
-            "metrics": {"address": "127.0.0.1", "port": self.metrics_port},
-            "job_context": {"source": "scontrol"},
-            "journal_path": str(self.journal), "spool_path": str(self.spool),
-        }, sort_keys=False))
 
-    def set_hook_mode(self, mode: str, timeout_s: float = 5.0) -> None:
-        """Rewrite the hook config; the wrappers read it on every run."""
-        self.hook_config.write_text(json.dumps({
-            "socket": str(self.socket), "journal": str(self.journal),
-            "timeout_s": timeout_s, "on_daemon_down": mode}))
+    def build(self) -> None:
+        """Write every file the services need; nothing is started here."""
+        for sub in ("spool", "lua", "bin", "plots", "logs", "head"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._write_policy()
+        bindir = self.root / "bin"
+        hook_config: Path | str = (f"{RUN_DIR}/hook.json" if self.namespaced
+                                   else self.nodes[0].hook_config)
+        prolog, epilog, self.nhc = (
+            render_wrapper(self.repo / "slurm" / name, bindir / name, hook_config)
+            for name in ("prolog", "epilog", "spark-nhc-check"))
+        self.cluster.spec = ClusterSpec(
+            gpus=self.spec.gpus, gpupower_w=self.spec.budget_w, gpu_type=self.spec.gpu_model,
+            prolog=prolog, epilog=epilog, node_gpupower_w=dict(self.spec.node_budgets_w),
+            job_submit_files=(self.repo / "slurm" / "job_submit.lua", self.compiled))
+        self.services.env = self.cluster.env
+        for host in self.hosts:
+            host.build(policy=self.policy, cluster=self.spec.cluster_name,
+                       trust_dir=self.trust_dir, automations=self.spec.automations,
+                       extra=self.spec.daemon_extra)
+        if self.spec.exporter and self.spec.facility and self.spec.karman:
+            self.exporter_port = EXPORTER_PORT if self.namespaced else free_port()
+        if self.namespaced:
+            assert self.topology is not None
+            self.ssh = ClusterSsh(self.root / "ssh", {m.name: m.address for m in
+                                                       self.topology.members.values()})
+            self.ssh.build()
+            (self.head_dir / "nodes.list").write_text(
+                "# every host with a ledger: the controller (submit-time denials), the nodes\n"
+                + "".join(f"{h.name}\n" for h in self.hosts))
 
     # -------------------------------------------------------------- lifecycle
-    def start(self) -> DemoStack:
+    def start(self) -> Self:
         """Build, then start every service in dependency order; all or nothing."""
-        self.build()
         try:
+            if self.namespaced:
+                self._namespaces()
+            self.build()
             self.cluster.start()
-            self.services.start("karman-sim", [
-                *tool("sparkctl"), "karman", "sim", "--gpus", str(self.sim_dir),
-                "--bind", self.karman_endpoint], ready=lambda: _port_open(self.karman_port))
-            self.services.start("sparkd", [*tool("sparkd"), "--config",
-                                           str(self.daemon_config)],
-                                ready=self._daemon_ready, timeout_s=60)
-            self.services.start("karman-exporter", [
-                *tool("sparkctl"), "karman", "exporter", "--endpoint", self.karman_endpoint,
-                "--port", str(self.exporter_port)],
-                ready=lambda: _http_ok(f"http://127.0.0.1:{self.exporter_port}/metrics"))
-            wait_for(lambda: _http_ok(self.metrics_url), 10)
-            self.save_state()
+            for host in self.hosts:
+                host.start_karman()
+            for host in self.hosts:             # sparkd start-ups overlap
+                host.start_daemon(wait=False)
+            for host in self.hosts:
+                host.wait_ready()
+            if self.ssh is not None:
+                self.ssh.start(self.services, self.cluster.in_ns)
+            if self.exporter_port:
+                first = self.nodes[0]
+                self.services.start("karman-exporter", first.in_ns([
+                    *tool("sparkctl"), "karman", "exporter", "--endpoint",
+                    first.karman_endpoint, "--port", str(self.exporter_port),
+                    "--bind-address", first.address]),
+                    ready=lambda: _http_ok(self.exporter_url))
+            if self.spec.metrics:
+                wait_for(lambda: all(_http_ok(h.metrics_url) for h in self.hosts), 20)
+            save_state(self)
         except BaseException:
             self.stop()
             raise
         return self
 
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def _daemon_ready(self) -> bool:
-        try:
-            client.status(self.socket)
-        except DaemonUnavailable:
-            return False
-        return True
-
-    def save_state(self) -> None:
-        """Pids and endpoints, so `sparkctl demo --stop DIR` works from any shell."""
-        state = {"root": str(self.root), "slurm_conf": str(self.cluster.conf),
-                 "socket": str(self.socket), "ledger": str(self.ledger),
-                 "metrics": self.metrics_url, "karman": self.karman_endpoint,
-                 "exporter": f"http://127.0.0.1:{self.exporter_port}/metrics",
-                 "services": [{"name": s.name, "pid": s.pid()}
-                              for s in self.services.services]}
-        (self.root / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    def _namespaces(self) -> None:
+        hosts = [CONTROLLER, *(n.name for n in self.nodes)]
+        topo = Topology(self.root / "net", hosts, binds={
+            h.name: [(h.run_dir, RUN_DIR), (h.state_dir, STATE_DIR)] for h in self.hosts})
+        for h in self.hosts:
+            h.run_dir.mkdir(parents=True, exist_ok=True)
+            h.state_dir.mkdir(parents=True, exist_ok=True)
+        self.topology = topo
+        topo.up()
+        self.cluster = SlurmCluster(self.root / "slurm", services=self.services, topology=topo)
+        for h in self.hosts:
+            h.address = topo.address(h.name)
 
     def stop(self) -> None:
-        """Cancel jobs (their epilogs restore the GPUs), then stop every service."""
+        """Cancel jobs (their epilogs restore the GPUs), stop every service, and remove
+        the namespaces and links."""
         try:
             self.cluster.stop()
         finally:
             self.services.stop_all()
+            if self.topology is not None:
+                self.topology.down()
             (self.root / STATE_FILE).unlink(missing_ok=True)
 
-    # ------------------------------------------------------------ the GPUs
-    def fleet(self) -> SimFleet:
-        return SimFleet.open(self.sim_dir)
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until no node has a facility follow-up pending (audits then see every
+        action validated); False when some still are after `timeout`."""
+        def pending(node: SparkNode) -> int:
+            try:
+                return int(node.status().get("facility_pending", 0))
+            except DaemonUnavailable:   # a daemon that is down has nothing in flight
+                return 0
 
-    def set_load(self, util: float, gpus: list[int] | None = None) -> None:
-        """The simulated workload: what a job's kernels would make the GPUs draw."""
-        fleet = self.fleet()
-        for g in gpus if gpus is not None else list(range(GPUS)):
-            fleet.set_load(util, g)
+        return wait_for(lambda: not any(pending(n) for n in self.nodes),
+                        timeout or self.spec.facility_after_s + 15, 0.3)
+
+    # ------------------------------------------------------------ the head node
+    def collect(self, *, cosign: bool = True, merge: bool = True, dest: Path | None = None,
+                into: Path | None = None, witness: Path | None = None,
+                keys: Path | None = None, max_skew_s: float = 2.0,
+                timeout: float = 180) -> CollectRun:
+        """`sparkctl collect` run on the head node (the controller's namespace) over ssh:
+        every host's ledger fetched, witnessed (`cosign`) and merged (`merge`)."""
+        if self.ssh is None:
+            raise InputError("collection over ssh needs a namespaced (multi-node) stack")
+        argv = [*tool("sparkctl"), "collect", "--nodes-file", str(self.head_dir / "nodes.list"),
+                "--dest", str(dest or self.collect_dir), "--ssh", " ".join(self.ssh.command),
+                "--ledger", f"{STATE_DIR}/ledger.db", "--socket", f"{RUN_DIR}/sparkd.sock",
+                "--remote-sparkctl", tool("sparkctl")[0], "--keys", str(keys or self.trust_dir),
+                "--witness-state", str(witness or self.witness_dir),
+                "--max-skew", str(max_skew_s), "--json"]
+        argv += ["--cosign"] if cosign else []
+        argv += ["--into", str(into or self.cluster_db)] if merge else []
+        res = subprocess.run(self.cluster.in_ns(CONTROLLER, argv), capture_output=True,
+                             text=True, timeout=timeout, check=False, env=self.cluster.env)
+        try:
+            report = json.loads(res.stdout)
+        except ValueError:
+            raise SparkError(f"sparkctl collect printed no report (exit {res.returncode}): "
+                             f"{res.stderr.strip()[-2000:]}") from None
+        return CollectRun(res.returncode, report, res.stderr)
+
+    # --------------------------------------------- the first node, as one host
+    @property
+    def sim_dir(self) -> Path:
+        return self.nodes[0].sim_dir
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.nodes[0].keys_dir
+
+    @property
+    def ledger(self) -> Path:
+        return self.nodes[0].ledger
+
+    @property
+    def journal(self) -> Path:
+        return self.nodes[0].journal
+
+    @property
+    def state_dir(self) -> Path:
+        return self.nodes[0].state_dir
+
+    @property
+    def daemon_config(self) -> Path:
+        return self.nodes[0].daemon_config
+
+    @property
+    def daemon(self) -> subprocess.Popen[bytes] | None:
+        """The first node's running sparkd process, if any."""
+        name = self.nodes[0].service("sparkd")
+        return next((s.process for s in self.services.services
+                     if s.name == name and s.process.poll() is None), None)
+
+    @property
+    def socket(self) -> Path:
+        return self.nodes[0].socket
+
+    @property
+    def hook_config(self) -> Path:
+        return self.nodes[0].hook_config
+
+    @property
+    def daemon_log(self) -> Path:
+        return self.nodes[0].daemon_log
+
+    @property
+    def hmac_key(self) -> Path:
+        return self.nodes[0].hmac_key
+
+    @property
+    def signing_key(self) -> Path:
+        return self.nodes[0].signing_key
+
+    @property
+    def public_key(self) -> Path:
+        return self.nodes[0].public_key
+
+    @property
+    def metrics_url(self) -> str:
+        return self.nodes[0].metrics_url
+
+    @property
+    def karman_endpoint(self) -> str:
+        return self.nodes[0].karman_endpoint
+
+    @property
+    def exporter_url(self) -> str:
+        return f"http://{self.nodes[0].address}:{self.exporter_port}/metrics"
+
+    @property
+    def facility_before_s(self) -> float:
+        return self.spec.facility_before_s
+
+    @property
+    def facility_after_s(self) -> float:
+        return self.spec.facility_after_s
+
+    def set_hook_mode(self, mode: str, timeout_s: float = 5.0) -> None:
+        for host in self.nodes:
+            host.set_hook_mode(mode, timeout_s)
+
+    def start_daemon(self, timeout: float = 60) -> None:
+        self.nodes[0].start_daemon(timeout_s=timeout)
+
+    def stop_daemon(self) -> None:
+        self.nodes[0].stop_daemon()
+
+    def log_tail(self, lines: int = 20) -> str:
+        return self.nodes[0].log_tail(lines)
+
+    def records(self, job_id: str | None = None) -> list[Record]:
+        return self.nodes[0].records(job_id)
+
+    def kinds(self, job_id: str) -> list[str]:
+        return self.nodes[0].kinds(job_id)
+
+    def wait_records(self, job_id: str | None, kind: str | None, count: int = 1,
+                     timeout: float = 30) -> list[Record]:
+        return self.nodes[0].wait_records(job_id, kind, count, timeout)
+
+    def find_records(self, kind: str | None, job_id: str | None = None, count: int = 1,
+                     timeout: float = 30, match: Mapping[str, Any] | None = None
+                     ) -> list[Record]:
+        return self.nodes[0].find_records(kind, job_id, count, timeout, match)
 
     def limits_w(self) -> dict[int, int]:
-        fleet = self.fleet()
-        return {i: fleet.limits(i).enforced_mw // 1000 for i in range(GPUS)}
+        return self.nodes[0].limits_w()
+
+    def wait_limits(self, expect: dict[int, int], timeout: float = 30) -> dict[int, int]:
+        return self.nodes[0].wait_limits(expect, timeout)
+
+    def set_load(self, util: float, gpus: list[int] | None = None) -> None:
+        self.nodes[0].set_load(util, gpus)
+
+    def ingest(self) -> dict[str, Any]:
+        """Ask the spool's sparkd (the controller's) to ingest now."""
+        return self.controller.ingest()
+
+    def wait_running(self, job_id: str, timeout: float = 60) -> None:
+        state = self.cluster.wait_job(job_id, ("RUNNING",), timeout)
+        if state != "RUNNING":
+            raise SparkError(f"job {job_id} is {state}, not RUNNING:\n"
+                             f"{self.cluster.log_tails()}\n{self.log_tail()}")
 
     def sparkctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a `sparkctl` command the way an operator would, against this cluster."""
@@ -273,71 +409,13 @@ class DemoStack:
                              f"{res.stderr.strip()}")
         return res
 
-    def ingest(self) -> dict[str, Any]:
-        """Ask sparkd to ingest the denial spool now (it also does on start)."""
-        return client.checked(client.request({"op": "ingest"}, self.socket, 30.0))
 
-    # ---------------------------------------------------------------- ledger
-    def records(self, job_id: str | None = None) -> list[Record]:
-        if not self.ledger.exists():
-            return []
-        return list(read_records(self.ledger, job_id=job_id))
+def _http_ok(url: str) -> bool:
+    import urllib.request  # noqa: PLC0415 (only the stack's readiness checks use it)
 
-    def wait_records(self, kind: str, job_id: str | None = None, count: int = 1,
-                     timeout: float = 30, match: dict[str, Any] | None = None) -> list[Record]:
-        """Records of `kind` (optionally with body fields equal to `match`) once `count` exist;
-        what was found, possibly fewer, after `timeout`."""
-        found: list[Record] = []
-
-        def enough() -> bool:
-            nonlocal found
-            found = [r for r in self.records(job_id) if r.kind == kind and all(
-                r.body.get(k) == v for k, v in (match or {}).items())]
-            return len(found) >= count
-
-        wait_for(enough, timeout, 0.2)
-        return found
-
-
-def stop_saved(root: Path, timeout_s: float = 15.0) -> list[str]:
-    """Stop a demo left running with --keep, from its demo.json; returns what was stopped."""
-    path = root / STATE_FILE
     try:
-        state = json.loads(path.read_text())
+        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (cluster URL)
+            return int(resp.status) == 200
     except (OSError, ValueError):
-        raise InputError(f"{path}: no running demo recorded there") from None
-    conf = Path(str(state.get("slurm_conf", "")))
-    env = dict(os.environ, SLURM_CONF=str(conf))
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        if not conf.is_file():
-            raise FileNotFoundError(conf)  # no cluster to drain
-        subprocess.run(["scancel", "-u", "root"], env=env, capture_output=True, timeout=20,
-                       check=False)
-        wait_for(lambda: not subprocess.run(["squeue", "-h", "-o", "%i"], env=env,
-                                            capture_output=True, text=True, timeout=10,
-                                            check=False).stdout.strip(), 15, 0.3)
-    stopped = []
-    for entry in reversed(state.get("services", [])):
-        pid = int(entry["pid"])
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-            stopped.append(f"{entry['name']} (pid {pid})")
-            if not wait_for(lambda p=pid: not _alive(p), timeout_s):  # type: ignore[misc]
-                os.kill(pid, signal.SIGKILL)
-    path.unlink()
-    if not stopped:
-        raise ServiceError("demo", "none of its processes was still running", str(path))
-    return stopped
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
         return False
 

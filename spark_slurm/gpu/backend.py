@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from spark_slurm.clock import SYSTEM_CLOCK, Clock
-from spark_slurm.errors import InputError
+from spark_slurm.errors import GpuNotFound, InputError
 
 # Clock-event ("throttle") reason bits, as NVML defines them.
 REASON_GPU_IDLE = 0x1
@@ -99,7 +99,36 @@ class GpuBackend(Protocol):
     def close(self) -> None: ...
 
 
-BACKENDS = ("sim", "nvml")
+class NoGpus:
+    """A host without GPUs, e.g. the Slurm controller, whose sparkd only turns
+    job_submit.lua's denials into PERs: no devices, and asking for one is an error."""
+
+    def devices(self) -> list[DeviceInfo]:
+        return []
+
+    def _none(self, index: int) -> GpuNotFound:
+        return GpuNotFound("this host has no GPUs (gpu.backend: none)", index)
+
+    def limits(self, index: int) -> PowerLimits:
+        raise self._none(index)
+
+    def sample(self, index: int) -> Sample:
+        raise self._none(index)
+
+    def set_power_limit(self, index: int, mw: int) -> None:
+        raise self._none(index)
+
+    def persistence_mode(self, index: int) -> bool | None:
+        raise self._none(index)
+
+    def set_persistence_mode(self, index: int, enabled: bool) -> None:
+        raise self._none(index)
+
+    def close(self) -> None:
+        pass
+
+
+BACKENDS = ("sim", "nvml", "none")
 
 
 def open_backend(name: str, *, state_dir: Path | str | None = None,
@@ -115,4 +144,6 @@ def open_backend(name: str, *, state_dir: Path | str | None = None,
         from spark_slurm.gpu.nvml import NvmlBackend  # noqa: PLC0415 (pynvml is lazy)
 
         return NvmlBackend(clock=clock, **options)
+    if name == "none":
+        return NoGpus()
     raise InputError(f"unknown gpu backend {name!r} (choose from {', '.join(BACKENDS)})")

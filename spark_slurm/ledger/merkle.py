@@ -11,17 +11,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-EMPTY_ROOT = hashlib.sha256(b"").digest()
+from spark_slurm.ledger.chain import EMPTY_ROOT, GENESIS_PREV, Chain, node_hash
+
+__all__ = ["EMPTY_ROOT", "Frontier", "consistency_proof", "inclusion_proof", "leaf_hash",
+           "node_hash", "root", "root_from_inclusion", "verify_consistency", "verify_inclusion"]
 
 
 def leaf_hash(data: bytes) -> bytes:
     """Hash of one leaf's data (the record's stored bytes)."""
     return hashlib.sha256(b"\x00" + data).digest()
-
-
-def node_hash(left: bytes, right: bytes) -> bytes:
-    """Hash of an interior node."""
-    return hashlib.sha256(b"\x01" + left + right).digest()
 
 
 def _split(n: int) -> int:
@@ -31,12 +29,10 @@ def _split(n: int) -> int:
 
 def root(leaf_hashes: Sequence[bytes]) -> bytes:
     """Merkle tree head of the given leaf hashes (iterative, O(n))."""
-    if not leaf_hashes:
-        return EMPTY_ROOT
-    frontier = Frontier()
+    chain = Chain()
     for h in leaf_hashes:
-        frontier.append(h)
-    return frontier.root()
+        chain.push(h)
+    return chain.root()
 
 
 def _subtree(leaf_hashes: Sequence[bytes], lo: int, hi: int) -> bytes:
@@ -154,40 +150,15 @@ def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: 
     return sn == 0 and fr == old_root and sr == new_root
 
 
-class Frontier:
-    """Compact range of a growing tree: one hash per set bit of its size.
+class Frontier(Chain):
+    """A `Chain` fed leaf hashes rather than records (`append(leaf)`), for code that
+    holds leaves; the compact range and its merge are Chain's."""
 
-    Appending is O(log n) and the root never needs the old leaves, so the
-    ledger persists this (`to_bytes`) instead of recomputing the tree.
-    """
+    __slots__ = ()
 
-    __slots__ = ("hashes", "size")
-
-    def __init__(self, size: int = 0, hashes: Sequence[bytes] = ()) -> None:
-        if len(hashes) != bin(size).count("1"):
-            raise ValueError(f"frontier of size {size} needs {bin(size).count('1')} hashes")
-        self.size = size
-        self.hashes = list(hashes)  # largest subtree first
+    def __init__(self, size: int = 0, hashes: Sequence[bytes] = (),
+                 head: bytes = GENESIS_PREV) -> None:
+        super().__init__(size, hashes, head)
 
     def append(self, leaf: bytes) -> None:
-        h, n = leaf, self.size
-        while n & 1:
-            h = node_hash(self.hashes.pop(), h)
-            n >>= 1
-        self.hashes.append(h)
-        self.size += 1
-
-    def root(self) -> bytes:
-        if not self.hashes:
-            return EMPTY_ROOT
-        r = self.hashes[-1]
-        for h in reversed(self.hashes[:-1]):
-            r = node_hash(h, r)
-        return r
-
-    def to_bytes(self) -> bytes:
-        return b"".join(self.hashes)
-
-    @classmethod
-    def from_bytes(cls, size: int, data: bytes) -> Frontier:
-        return cls(size, [data[i:i + 32] for i in range(0, len(data), 32)])
+        self.push(leaf)

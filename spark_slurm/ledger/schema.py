@@ -16,10 +16,13 @@ from spark_slurm.errors import LedgerError
 from spark_slurm.ledger.records import Record
 
 FORMAT = "spark-slurm-ledger"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""What this code writes; it reads (verifies, and the writer upgrades) every version
+in SCHEMA_VERSIONS."""
+SCHEMA_VERSIONS = (1, 2)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
-DDL = """
+DDL_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE per (
     seq INTEGER PRIMARY KEY,
@@ -43,20 +46,52 @@ CREATE TABLE checkpoint (
 );
 """
 
+UPGRADE_V2 = """
+CREATE INDEX per_rare ON per (kind)
+    WHERE kind = 'genesis' OR kind = 'key' OR kind = 'policy' OR kind = 'reconcile';
+CREATE TABLE tree (
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+"""
+"""What version 2 adds to version 1: an index of the rare kinds start-up looks up
+(the policy in force, the signing key, the last start-up) and the stored Merkle
+subtrees that make an inclusion proof cost O(log n).
+Version 2 also keeps `state` rows `latest.journal` and `latest.spool` (see
+INGEST_SOURCES)."""
+
+RARE_KINDS = ("genesis", "key", "policy", "reconcile")
+"""The kinds `per_rare` indexes (as its WHERE lists them): a few per day at most,
+so the index costs appends and integrity checks next to nothing. (Written as ORs:
+SQLite evaluates an IN list in a partial index's WHERE several times slower, on
+every append and for every row of an integrity check.)"""
+
+INGEST_SOURCES = ("journal", "spool")
+"""Body `source` values whose newest record the writer notes in `state` as
+`latest.<source>` = its seq (ASCII decimal), in the same transaction: sparkd's
+ingest cursors come from that record, so start-up never searches for it."""
+INGEST_MARKS = tuple((src, b'"source":"' + src.encode() + b'"') for src in INGEST_SOURCES)
+"""Each ingest source and the bytes its records' canonical body holds."""
+
+DDL = DDL_V1 + UPGRADE_V2
+DDLS = {1: DDL_V1, 2: DDL}
+
 PER_COLUMNS = "seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id"
 INSERT_PER = ("INSERT INTO per (seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id) "
               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
-SELECT_KEYS = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
-               "WHERE kind IN ('genesis', 'key') ORDER BY seq")
-_SELECT = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
-           "WHERE seq >= :since "
-           "AND (:kinds IS NULL OR kind IN (SELECT value FROM json_each(:kinds)))")
-SELECT_ALL = _SELECT + " ORDER BY seq LIMIT 1000"
-SELECT_ALL_DESC = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
-                   "WHERE seq <= :before "
-                   "AND (:kinds IS NULL OR kind IN (SELECT value FROM json_each(:kinds))) "
-                   "ORDER BY seq DESC LIMIT 1000")
-SELECT_JOB = _SELECT + " AND job_id = :job ORDER BY seq LIMIT 1000"
+INSERT_TREE = "INSERT INTO tree (level, idx, hash) VALUES (?, ?, ?)"
+
+
+def statements(ddl: str) -> list[str]:
+    """The SQL statements of a DDL text."""
+    return [s for s in ddl.split(";") if s.strip()]
+
+
+def schema_version(meta: dict[str, str]) -> int:
+    """The file's schema version (read_meta has checked it is one we read)."""
+    return int(meta["schema_version"])
 
 
 def row_to_record(row: Sequence[Any]) -> Record:
@@ -66,13 +101,12 @@ def row_to_record(row: Sequence[Any]) -> Record:
                   bytes(h).hex(), None if mac is None else bytes(mac).hex(), key_id)
 
 
-def expected_schema() -> list[tuple[str, str, str, str | None]]:
-    """sqlite_master rows a ledger must have: a damaged or edited table definition
-    changes what readers see, so the verifier compares them exactly."""
+def expected_schema(version: int = SCHEMA_VERSION) -> list[tuple[str, str, str, str | None]]:
+    """sqlite_master rows a ledger of that version must have: a damaged or edited
+    table definition changes what readers see, so the verifier compares them exactly."""
     conn = sqlite3.connect(":memory:")
-    for statement in DDL.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+    for statement in statements(DDLS[version]):
+        conn.execute(statement)
     rows = conn.execute(SCHEMA_ROWS).fetchall()
     conn.close()
     return [(str(a), str(b), str(c), None if d is None else str(d)) for a, b, c, d in rows]
@@ -141,9 +175,10 @@ def read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
     if meta.get("format") != FORMAT:
         raise LedgerError(f"{path}: not a ledger (format is {meta.get('format')!r})")
     version = meta.get("schema_version", "")
-    if version != str(SCHEMA_VERSION):
+    if version not in {str(v) for v in SCHEMA_VERSIONS}:
+        known = " and ".join(str(v) for v in SCHEMA_VERSIONS)
         raise LedgerError(
-            f"{path}: unknown ledger schema version {version!r} (this tool reads {SCHEMA_VERSION})"
+            f"{path}: unknown ledger schema version {version!r} (this tool reads {known})"
         )
     return meta
 

@@ -10,7 +10,6 @@ table and change in the same transaction as the records they follow.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import socket
 import sqlite3
@@ -27,6 +26,7 @@ from spark_slurm.errors import InputError, LedgerError, LedgerKeyError
 from spark_slurm.ledger import hmac_epochs
 from spark_slurm.ledger.batch import Row as _Row
 from spark_slurm.ledger.batch import chain_rows
+from spark_slurm.ledger.chain import Chain
 from spark_slurm.ledger.checkpoint import (
     Checkpoint,
     origin_for,
@@ -34,28 +34,22 @@ from spark_slurm.ledger.checkpoint import (
     sign_checkpoint,
 )
 from spark_slurm.ledger.keys import hmac_key_id, public_b64, public_raw, signing_key_id
-from spark_slurm.ledger.merkle import Frontier, leaf_hash
-from spark_slurm.ledger.records import (
-    GENESIS_PREV,
-    Receipt,
-    Record,
-    envelope_bytes,
-    record_hash,
-)
+from spark_slurm.ledger.merkle import leaf_hash
+from spark_slurm.ledger.query import Reads
+from spark_slurm.ledger.records import Receipt, Record, envelope_bytes
 from spark_slurm.ledger.schema import (
     DDL,
     FORMAT,
     INSERT_PER,
+    INSERT_TREE,
     SCHEMA_VERSION,
-    SELECT_ALL,
-    SELECT_ALL_DESC,
-    SELECT_JOB,
-    SELECT_KEYS,
     check_file,
     connect,
     read_meta,
-    row_to_record,
+    statements,
 )
+from spark_slurm.ledger.tree import ledger_tree
+from spark_slurm.ledger.upgrade import upgrade
 
 ROTATE_LABEL = b"spark-ledger rotate\n"
 
@@ -63,6 +57,16 @@ ROTATE_LABEL = b"spark-ledger rotate\n"
 def rotation_message(origin: str, new_public_raw: bytes) -> bytes:
     """What the outgoing key signs to endorse its successor."""
     return ROTATE_LABEL + origin.encode() + b"\n" + new_public_raw
+
+
+def _check_owner(path: Path, meta: Mapping[str, str], node: str | None, cluster: str) -> None:
+    """An existing ledger must be this node's and this cluster's (checked before
+    anything, the schema upgrade included, writes to it)."""
+    if node is not None and node != meta["node"]:
+        raise LedgerError(f"{path}: ledger belongs to node {meta['node']!r}, not {node!r}")
+    if cluster != meta["cluster"]:
+        raise LedgerError(f"{path}: ledger belongs to cluster {meta['cluster']!r}, "
+                          f"not {cluster!r}")
 
 
 class Ledger:
@@ -85,9 +89,9 @@ class Ledger:
         self._epoch_ns = int(meta["epoch_seconds"]) * 1_000_000_000
         self._epoch = 0
         self._key: bytes | None = None
-        self._size = 0
-        self._head = GENESIS_PREV
-        self._frontier = Frontier()
+        self._chain = Chain()  # head and Merkle compact range after the last record
+        self._latest: dict[str, int] = {}  # ingest source -> seq, in the write at hand
+        self._reads = Reads(self._fetch, SCHEMA_VERSION)
         self._last_cp_size = 0
         self._last_cp_ns = 0
 
@@ -120,8 +124,10 @@ class Ledger:
                                    cluster=cluster, clock=clock, epoch_seconds=epoch_seconds)
             else:
                 meta = read_meta(conn, p)
+                _check_owner(p, meta, node, cluster)
+                meta = upgrade(conn, p, meta)
             led = cls(conn, p, meta, clock, checkpoint_interval_s)
-            led._load(hmac_key, signing_key, node, cluster if exists else None)
+            led._load(hmac_key, signing_key)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise LedgerError(f"{p}: cannot use ledger: {exc}") from None
@@ -147,7 +153,8 @@ class Ledger:
             "signing_public_key": public_b64(pub) if pub is not None else None,
         }
         stored = envelope_bytes(0, now, "genesis", body)
-        h = record_hash(GENESIS_PREV, stored)
+        chain = Chain()
+        (h,) = chain.link([stored])
         mac = hmac_epochs.mac(hmac_key, h) if hmac_key is not None else None
         kid = hmac_epochs.key_id(hid, 0) if hid is not None else None
         meta = {"format": FORMAT, "schema_version": str(SCHEMA_VERSION), "node": node,
@@ -155,14 +162,11 @@ class Ledger:
                 "hmac_key_id": hid or ""}
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in DDL.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in statements(DDL):
+                conn.execute(statement)
             conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
-            conn.execute(INSERT_PER, (0, now, "genesis", None, stored, GENESIS_PREV, h, mac, kid))
-            frontier = Frontier()
-            frontier.append(leaf_hash(stored))
-            state = [("frontier", frontier.to_bytes())]
+            conn.execute(INSERT_PER, (0, now, "genesis", None, stored, bytes(32), h, mac, kid))
+            state = [("frontier", chain.to_bytes())]
             if hmac_key is not None:
                 state += [("hmac_key", hmac_key), ("hmac_epoch", b"0")]
             conn.executemany("INSERT INTO state VALUES (?, ?)", state)
@@ -172,22 +176,18 @@ class Ledger:
             raise
         return meta
 
-    def _load(self, hmac_key: bytes | None, signing_key: Ed25519PrivateKey | None,
-              node: str | None, cluster: str | None) -> None:
+    def _load(self, hmac_key: bytes | None, signing_key: Ed25519PrivateKey | None) -> None:
         where = str(self.path)
-        if node is not None and node != self.node:
-            raise LedgerError(f"{where}: ledger belongs to node {self.node!r}, not {node!r}")
-        if cluster is not None and cluster != self.cluster:
-            raise LedgerError(f"{where}: ledger belongs to cluster {self.cluster!r}, "
-                              f"not {cluster!r}")
         last = self._conn.execute(
             "SELECT seq, hash FROM per ORDER BY seq DESC LIMIT 1").fetchone()
         state = dict(self._conn.execute("SELECT key, value FROM state").fetchall())
         if last is None or "frontier" not in state:
             raise LedgerError(f"{where}: ledger has no genesis record or no tree state")
-        self._size = int(last[0]) + 1
-        self._head = bytes(last[1])
-        self._frontier = Frontier.from_bytes(self._size, bytes(state["frontier"]))
+        try:
+            self._chain = Chain.from_bytes(int(last[0]) + 1, bytes(state["frontier"]),
+                                           bytes(last[1]))
+        except ValueError as exc:
+            raise LedgerError(f"{where}: saved Merkle frontier is damaged: {exc}") from None
         if self._hmac_id is not None:
             if hmac_key is not None and hmac_key_id(hmac_key) != self._hmac_id:
                 raise LedgerKeyError(f"{where}: HMAC key {hmac_key_id(hmac_key)} is not this "
@@ -209,15 +209,18 @@ class Ledger:
             self._last_cp_size, self._last_cp_ns = int(cp[0]), int(cp[1])
 
     def _current_signing_id(self) -> str | None:
-        """Key id named by the genesis record or the latest rotation record."""
-        current: str | None = None
-        for row in self._conn.execute(SELECT_KEYS):
-            body = row_to_record(row).body
-            if row[2] == "genesis":
-                current = body.get("signing_key_id")
-            elif body.get("event") == "rotate":
-                current = body.get("key_id")
-        return current
+        """Key id named by the latest rotation record, else by the genesis record:
+        read newest first through the kind index, skipping epoch seals unparsed."""
+        for record in self._reads.newest_first(["genesis", "key"]):
+            if record.kind == "genesis":
+                found = record.body.get("signing_key_id")
+            elif b'"event":"rotate"' in record.body_bytes and \
+                    record.body.get("event") == "rotate":
+                found = record.body.get("key_id")
+            else:
+                continue
+            return found if isinstance(found, str) else None
+        return None
 
     # -- writing -------------------------------------------------------------
 
@@ -234,17 +237,20 @@ class Ledger:
             return receipts[len(receipts) - len(batch):]
 
     def _write(self, batch: Sequence[tuple[str, Mapping[str, Any]]], now: int) -> list[Receipt]:
-        saved = (self._size, self._head, Frontier(self._frontier.size, self._frontier.hashes),
-                 self._epoch, self._key)
+        saved = (self._chain.copy(), self._epoch, self._key)
         rows: list[_Row] = []
+        self._chain.subtrees = []
+        self._latest = {}
         try:
             epoch_before = self._epoch
             self._seal_elapsed(now, rows)
             self._make_rows(batch, now, rows)
-            self._commit(rows)
+            self._commit(rows, self._chain.subtrees)
         except BaseException:
-            (self._size, self._head, self._frontier, self._epoch, self._key) = saved
+            (self._chain, self._epoch, self._key) = saved
             raise
+        finally:
+            self._chain.subtrees = None
         if self._epoch != epoch_before:
             # The old epoch key's bytes may still sit in WAL frames: flush and truncate.
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -255,15 +261,8 @@ class Ledger:
         key = self._key if self._hmac_id is not None else None
         kid = hmac_epochs.key_id(self._hmac_id, self._epoch) \
             if key is not None and self._hmac_id is not None else None
-        try:
-            chain_rows(batch, rows, now=now, seq=self._size, head=self._head,
-                       hashes=self._frontier.hashes, key=key, key_id=kid)
-        finally:
-            # rows/frontier hold every record that was made; _write rolls back on error
-            done = rows[-1] if rows else None
-            if done is not None and done[0] >= self._size:
-                self._head, self._size = done[6], done[0] + 1
-            self._frontier.size = self._size
+        chain_rows(batch, rows, now=now, chain=self._chain, key=key, key_id=kid,
+                   latest=self._latest)
 
     def _seal_elapsed(self, now: int, rows: list[_Row]) -> None:
         """Seal every epoch that has ended, then move to the current epoch's key."""
@@ -277,15 +276,21 @@ class Ledger:
             self._key = hmac_epochs.next_key(self._key)
             self._epoch += 1
 
-    def _commit(self, rows: Sequence[_Row]) -> None:
+    def _commit(self, rows: Sequence[_Row], subtrees: Sequence[tuple[int, int, bytes]] | None
+                ) -> None:
         if not rows:
             return
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(INSERT_PER, rows)
+            if subtrees:
+                conn.executemany(INSERT_TREE, subtrees)
+            if self._latest:
+                conn.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", [
+                    (f"latest.{src}", str(seq).encode()) for src, seq in self._latest.items()])
             conn.execute("UPDATE state SET value = ? WHERE key = 'frontier'",
-                         (self._frontier.to_bytes(),))
+                         (self._chain.to_bytes(),))
             if self._key is not None:
                 conn.executemany("UPDATE state SET value = ? WHERE key = ?", [
                     (self._key, "hmac_key"), (str(self._epoch).encode(), "hmac_epoch")])
@@ -302,7 +307,7 @@ class Ledger:
             self._check_open()
             now = self._clock.now_ns()
             receipts = self._write([], now)  # seals only
-            if (self._signing is not None and self._size > self._last_cp_size
+            if (self._signing is not None and self._chain.size > self._last_cp_size
                     and now - self._last_cp_ns >= self._interval_ns):
                 self._checkpoint(now)
             return receipts
@@ -317,8 +322,8 @@ class Ledger:
         if self._signing is None:
             raise LedgerKeyError(f"{self.path}: opened without a signing key; "
                                  "cannot sign a checkpoint")
-        cp = sign_checkpoint(self.origin, self._size, self._frontier.root(), self._head.hex(),
-                             self._signing)
+        cp = sign_checkpoint(self.origin, self._chain.size, self._chain.root(),
+                             self._chain.head.hex(), self._signing)
         kid = signing_key_id(self._signing.public_key())
         self._conn.execute("BEGIN IMMEDIATE")
         try:
@@ -353,14 +358,14 @@ class Ledger:
     def head(self) -> Receipt | None:
         """Sequence number and hash of the newest record."""
         with self._lock:
-            if self._size == 0:
+            if self._chain.size == 0:
                 return None
-            return Receipt(self._size - 1, self._head.hex())
+            return Receipt(self._chain.size - 1, self._chain.head.hex())
 
     @property
     def size(self) -> int:
         """Number of records, genesis included (= Merkle tree size)."""
-        return self._size
+        return self._chain.size
 
     @property
     def hmac_key_id(self) -> str | None:
@@ -374,32 +379,25 @@ class Ledger:
 
     def records(self, job_id: str | None = None, since: int | None = None,
                 kinds: Iterable[str] | None = None) -> Iterator[Record]:
-        """Records in seq order; `since` is inclusive. Reads in chunks, never holding
+        """Records in seq order; `since` is inclusive. Reads in pages, never holding
         the lock between them, so a slow consumer does not block the writer."""
-        kind_list = None if kinds is None else json.dumps(sorted(set(kinds)))
-        args: dict[str, Any] = {"since": since or 0, "kinds": kind_list, "job": job_id}
-        return self._pages(SELECT_ALL if job_id is None else SELECT_JOB, args, "since", 1)
+        return self._reads.records(job_id, since, kinds)
 
     def records_newest_first(self, kinds: Iterable[str] | None = None) -> Iterator[Record]:
         """Records from the head backwards, for readers that stop at the latest few
         (sparkd's start-up needs each GPU's last limit, not a year of history)."""
-        kind_list = None if kinds is None else json.dumps(sorted(set(kinds)))
-        return self._pages(SELECT_ALL_DESC, {"before": 2**62, "kinds": kind_list}, "before",
-                           -1)
+        return self._reads.newest_first(kinds)
 
-    def _pages(self, sql: str, args: dict[str, Any], bound: str, step: int
-               ) -> Iterator[Record]:
-        """Run a 1000-row page query again and again, moving `args[bound]` one past the
-        last seq read (in the direction of `step`), holding the lock only per page."""
-        while True:
-            with self._lock:
-                self._check_open()
-                rows = self._conn.execute(sql, args).fetchall()
-            for row in rows:
-                yield row_to_record(row)
-            if len(rows) < 1000:
-                return
-            args[bound] = int(rows[-1][0]) + step
+    def latest_ingested(self, source: str) -> Record | None:
+        """The newest record whose body's `source` is `source` ("journal" or "spool"),
+        found through `state` (the ingest cursors never search the ledger for it)."""
+        return self._reads.latest_ingested(source)
+
+    def _fetch(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        """One page of a query, under the lock (see `query.Reads`)."""
+        with self._lock:
+            self._check_open()
+            return self._conn.execute(sql, args).fetchall()
 
     def checkpoints(self) -> list[Checkpoint]:
         """Checkpoints kept in this ledger, oldest first."""
@@ -409,13 +407,21 @@ class Ledger:
         return [parse_checkpoint(str(t)) for (t,) in texts]
 
     def leaf_hashes(self, size: int | None = None) -> list[bytes]:
-        """Merkle leaf hashes of the first `size` records (for proofs)."""
-        n = self._size if size is None else size
+        """Merkle leaf hashes of the first `size` records (reads them all)."""
+        n = self._chain.size if size is None else size
         with self._lock:
             self._check_open()
             rows = self._conn.execute("SELECT body FROM per WHERE seq < ? ORDER BY seq",
                                       (n,)).fetchall()
         return [leaf_hash(bytes(b)) for (b,) in rows]
+
+    def inclusion_proof(self, seq: int, size: int | None = None) -> list[bytes]:
+        """Audit path of record `seq` in the tree of the first `size` records (now by
+        default), from the stored subtrees: O(log n) reads, not the whole ledger."""
+        with self._lock:
+            self._check_open()
+            return ledger_tree(self._conn, self._chain.size if size is None else size
+                               ).inclusion_proof(seq)
 
     # -- closing -------------------------------------------------------------
 
@@ -429,7 +435,7 @@ class Ledger:
             if self._closed:
                 return
             try:
-                if self._signing is not None and self._size > self._last_cp_size:
+                if self._signing is not None and self._chain.size > self._last_cp_size:
                     self._checkpoint(self._clock.now_ns())
             finally:
                 self._closed = True

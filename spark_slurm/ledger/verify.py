@@ -3,10 +3,12 @@
 Checks, in one pass over the rows in seq order: seq contiguity, the previous-hash
 link, the columns against the hashed envelope, the hash, the HMAC and epoch seal
 structure (when the ledger uses HMAC), signing-key rotations, then every
-checkpoint kept in the file and every checkpoint given by the caller. Never
-re-serialises: it hashes exactly the stored bytes. Large ledgers are walked on
-every CPU (verify_par); any failure there falls back to the sequential reference
-walk (verify_walk), which names the first bad seq, so verdicts are the same.
+checkpoint kept in the file and every checkpoint given by the caller, the saved
+writer state and the stored Merkle subtrees. Never re-serialises: it hashes
+exactly the stored bytes. Rows are streamed in pages and the tree is kept as a
+compact range, so memory does not grow with the ledger. Large ledgers are
+scanned on every CPU (verify_par), small ones in-process (verify_walk): the
+same scan either way, so the first bad seq named is the same.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ from spark_slurm.ledger.keys import (
     signing_key_id,
 )
 from spark_slurm.ledger.reader import ledger_meta
+from spark_slurm.ledger.scan_worker import subtree_digest
 from spark_slurm.ledger.schema import (
+    INGEST_SOURCES,
     SCHEMA_ROWS,
     expected_schema,
     open_existing,
+    schema_version,
 )
 from spark_slurm.ledger.verify_par import walk_parallel
 from spark_slurm.ledger.verify_walk import Bad, Walk, walk
@@ -115,9 +120,15 @@ def verify_ledger(path: str | os.PathLike[str], hmac_key: bytes | None = None,
                 raise LedgerKeyError(f"{p}: HMAC key {hmac_key_id(hmac_key)} is not this "
                                      f"ledger's key {meta['hmac_key_id']} (wrong key file?)")
         conn.execute("BEGIN")  # one read snapshot for rows, state and checkpoints
-        stored = conn.execute("SELECT id, text FROM checkpoint ORDER BY id").fetchall()
+        unreadable = None
+        try:
+            stored = conn.execute("SELECT id, text, size, time_ns, key_id FROM checkpoint "
+                                  "ORDER BY id").fetchall()
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:  # a damaged table
+            stored, unreadable = [], Bad(None, f"SQLite cannot read the checkpoints: {exc}")
         w = Walk(meta, hmac_key, set())
-        return _verify(conn, p, w, stored, kept=kept, public_key=public_key)
+        return _verify(conn, p, w, stored, kept=kept, public_key=public_key,
+                       bad=unreadable)
     except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
         raise LedgerError(f"{p}: unreadable SQLite database: {exc}") from None
     finally:
@@ -125,12 +136,14 @@ def verify_ledger(path: str | os.PathLike[str], hmac_key: bytes | None = None,
 
 
 def _verify(conn: sqlite3.Connection, p: Path, w: Walk, stored: list[Any], *,
-            kept: list[Checkpoint], public_key: Ed25519PublicKey | None) -> VerifyReport:
+            kept: list[Checkpoint], public_key: Ed25519PublicKey | None,
+            bad: Bad | None = None) -> VerifyReport:
     parsed: list[tuple[str, Checkpoint]] = []
-    bad: Bad | None = None
-    for cid, text in stored:
+    columns: list[tuple[str, Any, Any, Any]] = []
+    for cid, text, size, time_ns, key_id in stored:
         try:
             parsed.append((f"stored checkpoint #{cid}", parse_checkpoint(str(text))))
+            columns.append((f"stored checkpoint #{cid}", size, time_ns, key_id))
         except CheckpointError as exc:
             bad = bad or Bad(None, f"stored checkpoint #{cid}: {exc.message}")
     w.need = {cp.size for _, cp in parsed} | {cp.size for cp in kept}
@@ -142,6 +155,7 @@ def _verify(conn: sqlite3.Connection, p: Path, w: Walk, stored: list[Any], *,
         origin = origin_for(w.meta["cluster"], w.meta["node"])
         for label, cp in parsed:
             _check_checkpoint(w, cp, _key_at(w, cp.size), origin, label)
+        _check_columns(w, [cp for _, cp in parsed], columns)
     except Bad as exc:
         bad = exc
     ids = tuple(signing_key_id(k) for _, k in w.signing)
@@ -154,8 +168,12 @@ def _verify(conn: sqlite3.Connection, p: Path, w: Walk, stored: list[Any], *,
                 label = f"kept checkpoint {i} (size {cp.size})"
                 _check_checkpoint(w, cp, _key_at(w, cp.size), origin, label)
             _check_state(conn, w)
-            if conn.execute(SCHEMA_ROWS).fetchall() != expected_schema():
-                raise Bad(None, "table definitions differ from ledger schema version 1")
+            version = schema_version(w.meta)
+            if conn.execute(SCHEMA_ROWS).fetchall() != expected_schema(version):
+                raise Bad(None, f"table definitions differ from ledger schema version {version}")
+            if version >= 2:
+                _check_latest(conn, w)
+                _check_tree(conn, w)
             problems = _integrity(conn, w)
             if problems != ["ok"]:
                 raise Bad(None, f"SQLite integrity check failed: {problems[0]}")
@@ -171,6 +189,19 @@ def _verify(conn: sqlite3.Connection, p: Path, w: Walk, stored: list[Any], *,
         checkpoints_checked=len(parsed) + len(kept) if bad is None else 0, signing_keys=ids)
 
 
+def _check_columns(w: Walk, cps: list[Checkpoint], columns: list[tuple[str, Any, Any, Any]]
+                   ) -> None:
+    """A stored checkpoint's size and key id columns (readers pick checkpoints by
+    them) must agree with its signed note and the key in force; its time (unsigned,
+    informational: a clock may step back) must at least be an integer."""
+    for cp, (label, size, time_ns, key_id) in zip(cps, columns, strict=True):
+        key = _key_at(w, cp.size)
+        if size != cp.size or type(time_ns) is not int or key is None \
+                or key_id != signing_key_id(key):
+            raise Bad(None, f"{label}: its size/time/key id columns do not match its "
+                      "signed note")
+
+
 def _integrity(conn: sqlite3.Connection, w: Walk) -> list[str]:
     """PRAGMA integrity_check's rows, from the parallel walk when it ran it already."""
     got = w.integrity
@@ -184,7 +215,7 @@ def _integrity(conn: sqlite3.Connection, w: Walk) -> list[str]:
 def _check_state(conn: sqlite3.Connection, w: Walk) -> None:
     """The writer's saved tree frontier and epoch must agree with the records."""
     state = {str(k): bytes(v) for k, v in conn.execute("SELECT key, value FROM state")}
-    if state.get("frontier") != w.frontier.to_bytes():
+    if state.get("frontier") != w.chain.to_bytes():
         raise Bad(None, "saved Merkle frontier does not match the records")
     if w.hmac_id is None:
         return
@@ -196,6 +227,34 @@ def _check_state(conn: sqlite3.Connection, w: Walk) -> None:
         raise Bad(None, f"saved HMAC epoch {epoch} does not follow the records' epoch {w.epoch}")
     if w.keys is not None and state.get("hmac_key") != w.keys.key(epoch):
         raise Bad(None, f"saved HMAC key is not the epoch {epoch} key")
+
+
+def _check_tree(conn: sqlite3.Connection, w: Walk) -> None:
+    """The stored Merkle subtrees (what inclusion proofs are built from) must be
+    exactly those of the records: compared as a multiset hash, streamed."""
+    count, total = 0, 0
+    for level, idx, h in conn.execute("SELECT level, idx, CAST(hash AS BLOB) FROM tree"):
+        if type(level) is not int or type(idx) is not int or not isinstance(h, bytes):
+            raise Bad(None, "stored Merkle subtrees do not match the records")
+        count += 1
+        total += subtree_digest(level, idx, h)
+    if (count, total % 2**256) != w.subtrees:
+        raise Bad(None, "stored Merkle subtrees do not match the records")
+
+
+def _check_latest(conn: sqlite3.Connection, w: Walk) -> None:
+    """`state.latest.<source>` must name each ingest source's newest record (sparkd's
+    ingest cursors start from it), and be absent for a source with no record."""
+    state = {str(k): v for k, v in conn.execute(
+        "SELECT key, value FROM state WHERE key LIKE 'latest.%'")}
+    for source in INGEST_SOURCES:
+        got = state.pop(f"latest.{source}", None)
+        want = w.latest.get(source)
+        if (None if got is None else bytes(got) if isinstance(got, bytes) else str(got).encode()
+                ) != (None if want is None else str(want).encode()):
+            raise Bad(None, f"saved newest {source} record does not match the records")
+    if state:
+        raise Bad(None, f"unknown saved state {sorted(state)[0]!r}")
 
 
 def verify_files(ledgers: Sequence[str | os.PathLike[str]], key_file: str | None = None,

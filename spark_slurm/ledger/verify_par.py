@@ -1,20 +1,20 @@
-"""Verify a large ledger on every core: seq chunks checked by worker processes.
+"""Verify a large ledger on every core: seq chunks scanned by worker processes.
 
-Each worker (scan_worker) checks its chunks exactly as `verify_walk.walk` checks
-those rows (contiguity, prev link from the boundary row's stored hash, column
-binding, chain hash, epoch MACs on the fast path, leaf hashes) and returns its
-Merkle subtree roots plus the few rows that move verifier state, which the
-parent feeds through `slow_row` in seq order. Chunks are 2^k records at
-multiples of 2^k, so chunk roots combine into the RFC 6962 tree. Anything
-unexpected (a bad row, an unreadable page, a failed worker, a short ledger)
-returns False and the caller runs the sequential reference walk, so verdicts and
-first bad seqs never differ.
+Each worker runs the verifier's one scan (`scan_worker.Scan`: chain link, hash,
+Merkle tree, columns, epoch MACs) over its chunks of the file and returns, per
+chunk, the first failure if any, the rows that move verifier state, its Merkle
+compact range and the marks asked for. The parent feeds the state-moving rows
+through `slow_row` in seq order and grafts the chunks' subtrees onto one
+`Chain`; chunks are 2^k records at multiples of 2^k, so they combine into the
+RFC 6962 tree. The first failure in seq order (a chunk's, or a state row's
+before it) is the verdict, as the sequential walk would give it. A worker that
+cannot judge its chunk (it died, the file changed shape under it) makes the
+caller run the sequential walk. Workers read pages through SQLite's own small
+cache (no mmap), so memory stays a few MiB per process whatever the ledger size.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pickle
 import sqlite3
@@ -25,8 +25,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from spark_slurm.ledger import scan_worker
-from spark_slurm.ledger.records import GENESIS_PREV
-from spark_slurm.ledger.scan_worker import MMAP_BYTES, Result, Task
+from spark_slurm.ledger.chain import Chain, fold
+from spark_slurm.ledger.scan_worker import Result, Task
 from spark_slurm.ledger.verify_walk import Bad, Walk, slow_row
 
 CHUNK_BITS = 14
@@ -42,35 +42,26 @@ def workers() -> int:
         return os.cpu_count() or 1
 
 
-def _fold(hashes: list[bytes]) -> bytes:
-    """Root over perfect subtrees listed largest first (as Frontier.root)."""
-    r = hashes[-1]
-    for x in reversed(hashes[:-1]):
-        r = hashlib.sha256(b"\x01" + x + r).digest()
-    return r
-
-
 def walk_parallel(conn: sqlite3.Connection, path: Path, w: Walk, k0: bytes | None,
                   *, procs: int | None = None, chunk_bits: int = CHUNK_BITS) -> bool:
-    """Fill `w` as `walk` would and return True, or return False (w untouched)
-    when the ledger is small, has one CPU, or anything fails a check."""
+    """Fill `w` as `walk` would and return True (raising Bad where `walk` would),
+    or return False (w untouched) when the ledger is small, there is one CPU, or
+    a worker could not judge its chunk."""
     procs = workers() if procs is None else procs
     size = 1 << chunk_bits
-    try:  # a damaged file is the reference walk's to describe
+    try:  # a damaged file is the sequential walk's to describe
         lo_hi = conn.execute("SELECT MIN(seq), MAX(seq), COUNT(*) FROM per").fetchone()
-        conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
     except (sqlite3.DatabaseError, UnicodeDecodeError):
         return False
     if procs < 2 or lo_hi is None or lo_hi[0] != 0 or lo_hi[2] != lo_hi[1] + 1 \
             or lo_hi[2] < MIN_CHUNKS * size:
         return False
     count = int(lo_hi[2])
-    readable, hmac_id = _genesis_hmac_id(conn)
-    if not readable:
-        return False
+    hmac_id = w.meta.get("hmac_key_id") or None  # the genesis must agree (slow_row, seq 0)
     tasks: list[Task] = [
         (str(path), lo, min(lo + size, count), hmac_id, k0,
-         tuple(s for s in w.need if lo < s <= lo + size)) for lo in range(0, count, size)]
+         tuple(sorted(s for s in w.need if lo < s <= lo + size)))
+        for lo in range(0, count, size)]
     scratch = Walk(w.meta, k0, w.need)
     # SQLite's integrity check (needed last) runs meanwhile on this snapshot, in a
     # thread: SQLite releases the GIL, so it overlaps with waiting for the workers.
@@ -78,19 +69,22 @@ def walk_parallel(conn: sqlite3.Connection, path: Path, w: Walk, k0: bytes | Non
     check.start()
     try:
         results = _run_workers(tasks, min(procs, len(tasks)))
-        if results is None or not _combine(results, scratch, count, size):
+        if results is None:
             return False
+        bad = _combine(results, scratch, count)
     finally:
         check.join()
+    if bad is not None:
+        raise bad
     _adopt(w, scratch)
     return True
 
 
 def _run_workers(tasks: list[Task], procs: int) -> list[Result] | None:
     """Chunks dealt round-robin to `procs` fresh interpreters; results in chunk
-    order, or None when any worker fails."""
+    order, or None when any worker fails or declines a chunk."""
     script = scan_worker.__file__
-    out: list[list[Result] | None] = [None] * procs
+    out: list[list[Result | None] | None] = [None] * procs
 
     def run(i: int) -> None:
         try:
@@ -109,7 +103,10 @@ def _run_workers(tasks: list[Task], procs: int) -> list[Result] | None:
     parts = [p for p in out if p is not None]
     if len(parts) != procs or sum(len(p) for p in parts) != len(tasks):
         return None
-    return [parts[i % procs][i // procs] for i in range(len(tasks))]
+    ordered = [parts[i % procs][i // procs] for i in range(len(tasks))]
+    if any(r is None for r in ordered):
+        return None
+    return [r for r in ordered if r is not None]
 
 
 def _integrity(conn: sqlite3.Connection, w: Walk) -> None:
@@ -119,54 +116,53 @@ def _integrity(conn: sqlite3.Connection, w: Walk) -> None:
         w.integrity = exc
 
 
-def _combine(results: Iterable[Result], scratch: Walk, count: int, size: int) -> bool:
-    """Feed chunk results, in seq order, into `scratch`; False on any failure."""
-    chunk_tree: list[bytes] = []  # frontier over whole chunks (level CHUNK_BITS)
-    chunks = 0
-    tail: list[bytes] = []
-    head = GENESIS_PREV
-    for ok, special, fh, at_need, last in results:
-        if not ok:
-            return False
+def _combine(results: Iterable[Result], scratch: Walk, count: int) -> Bad | None:
+    """Feed chunk results, in seq order, into `scratch`; the first failure, if any."""
+    chain = Chain()
+    chain.subtrees = []
+    subtree_count, subtree_sum = 0, 0
+    latest: dict[str, int] = {}
+    for bad, special, end, head, hashes, marked, n_subs, sum_subs, newest in results:
         try:
-            for seq, kind, body, h, mac, key_id in special:
-                slow_row(scratch, (seq, kind, body, h, mac, key_id))
-        except Bad:
-            return False
-        for s, local, h in at_need:
-            scratch.roots[s] = (_fold(chunk_tree + local), h)
-        head = last
-        if len(fh) == 1 and chunks * size + size <= count:
-            chunks += 1
-            leaf, n = fh[0], chunks - 1
-            while n & 1:
-                leaf = hashlib.sha256(b"\x01" + chunk_tree.pop() + leaf).digest()
-                n >>= 1
-            chunk_tree.append(leaf)
-        else:
-            tail = fh
-    scratch.count, scratch.head = count, head
-    scratch.frontier.hashes[:] = chunk_tree + tail
-    scratch.frontier.size = count
-    return True
+            for row in special:
+                slow_row(scratch, row)
+        except Bad as exc:
+            return exc
+        if bad is not None:
+            return Bad(*bad)
+        for size, local, h in marked:
+            at = chain.copy()
+            _graft(at, local, size)
+            scratch.roots[size] = (fold(at.hashes), h)
+        _graft(chain, hashes, end)
+        chain.head = head
+        subtree_count += n_subs
+        subtree_sum += sum_subs
+        latest.update(newest)  # chunks in seq order: later ones win
+    subs = chain.subtrees or []
+    subtree_count += len(subs)
+    subtree_sum += sum(scan_worker.subtree_digest(*s) for s in subs)
+    chain.subtrees = None
+    scratch.count, scratch.head, scratch.chain = count, chain.head, chain
+    scratch.subtrees = (subtree_count, subtree_sum % 2**256)
+    scratch.latest = latest
+    return None
 
 
-def _genesis_hmac_id(conn: sqlite3.Connection) -> tuple[bool, str | None]:
-    """The genesis record's hmac_key_id (what `walk` will hold); (False, None) when
-    it cannot be read, so the reference walk reports why."""
-    try:
-        row = conn.execute("SELECT CAST(body AS BLOB) FROM per WHERE seq = 0").fetchone()
-        inner = json.loads(row[0])["body"]
-        hid = inner.get("hmac_key_id")
-    except (ValueError, KeyError, TypeError, AttributeError, sqlite3.DatabaseError):
-        return False, None
-    return (hid is None or isinstance(hid, str)), hid if isinstance(hid, str) else None
+def _graft(chain: Chain, local: list[bytes], end: int) -> None:
+    """Graft a chunk's compact range (its perfect subtrees, largest first) onto
+    `chain`, which stands at the chunk's start; afterwards it stands at `end`."""
+    n = end - chain.size
+    levels = [k for k in range(n.bit_length() - 1, -1, -1) if n >> k & 1]
+    for h, level in zip(local, levels, strict=True):
+        chain.push(h, level)
 
 
 def _adopt(w: Walk, scratch: Walk) -> None:
     w.count, w.head, w.integrity = scratch.count, scratch.head, scratch.integrity
-    w.frontier.hashes[:] = scratch.frontier.hashes
-    w.frontier.size = scratch.frontier.size
+    w.chain = scratch.chain
+    w.subtrees = scratch.subtrees
+    w.latest = scratch.latest
     w.roots.update(scratch.roots)
     w.hmac_id, w.epoch, w.sealed = scratch.hmac_id, scratch.epoch, scratch.sealed
     w.signing[:] = scratch.signing

@@ -1,15 +1,15 @@
-"""One sequential pass over a ledger's rows, and the per-record state machine.
+"""The verifier's state machine, and the sequential walk over a whole ledger.
 
-`walk` is the reference: it names the first bad seq. The parallel verifier
-(verify_par) runs the same per-row checks in chunks and feeds only the rare rows
-that move state (genesis, key records, epoch changes) through `slow_row` here.
+`walk` runs the one per-record scan (`scan_worker.Scan`: chain, Merkle tree,
+columns, MACs) over every row in-process and feeds the rare rows that move state
+(genesis, key records, epoch changes) through `slow_row` here, page by page, so
+the first bad seq is named. The parallel verifier (verify_par) runs the same
+scan on chunks in worker processes and feeds `slow_row` the same rows.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import sqlite3
 from typing import Any
@@ -19,11 +19,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from spark_slurm.errors import LedgerKeyError
 from spark_slurm.ledger import hmac_epochs
+from spark_slurm.ledger.chain import GENESIS_PREV, Chain, fold
 from spark_slurm.ledger.checkpoint import origin_for
 from spark_slurm.ledger.keys import public_from_raw, signing_key_id
-from spark_slurm.ledger.merkle import Frontier
-from spark_slurm.ledger.records import GENESIS_PREV, envelope_suffix
-from spark_slurm.ledger.schema import FORMAT, SCHEMA_VERSION
+from spark_slurm.ledger.scan_worker import Scan, Special
+from spark_slurm.ledger.schema import FORMAT, SCHEMA_VERSIONS
 from spark_slurm.ledger.store import rotation_message
 
 
@@ -45,9 +45,11 @@ class Walk:
         self.hmac_id: str | None = None
         self.count = 0
         self.head = GENESIS_PREV
-        self.frontier = Frontier()
+        self.chain = Chain()  # after the walk: the compact range over every record
         self.need = need  # tree sizes whose root and head we must remember
         self.roots: dict[int, tuple[bytes, bytes]] = {}
+        self.subtrees = (0, 0)  # count and multiset hash of the stored subtrees expected
+        self.latest: dict[str, int] = {}  # ingest source -> seq of its newest record
         self.epoch = 0
         self.sealed = False
         self.signing: list[tuple[int, Ed25519PublicKey]] = []  # (from tree size, key)
@@ -57,7 +59,9 @@ class Walk:
 
 
 def _genesis(w: Walk, body: dict[str, Any]) -> None:
-    if body.get("format") != FORMAT or body.get("schema_version") != SCHEMA_VERSION:
+    version = body.get("schema_version")
+    if body.get("format") != FORMAT or version not in SCHEMA_VERSIONS \
+            or version > int(w.meta.get("schema_version", 0)):
         raise Bad(0, "genesis record does not name this ledger format and schema version")
     for key in ("node", "cluster"):
         if body.get(key) != w.meta.get(key):
@@ -136,74 +140,26 @@ def _inner(seq: int, body: bytes) -> dict[str, Any]:
 
 
 def walk(conn: sqlite3.Connection, w: Walk) -> None:
-    """The hot loop: written for speed (locals, a fast path for ordinary records
-    in an unchanged epoch, the Merkle frontier inlined); rare records take the
-    careful path through _genesis, _mac and _key_record."""
-    sha256 = hashlib.sha256
-    hmac_digest = hmac.digest
-    # CAST: the same bytes whichever storage class (TEXT or BLOB) a row uses.
-    cur = conn.execute("SELECT seq, time_ns, kind, job_id, CAST(body AS BLOB), "
-                       "CAST(prev_hash AS BLOB), CAST(hash AS BLOB), CAST(mac AS BLOB), key_id "
-                       "FROM per ORDER BY seq")
-    suffixes: dict[tuple[str, str | None], str] = {}
-    expect = 0
-    head = w.head
-    frontier = w.frontier
-    fh = frontier.hashes
-    need = w.need
-    fast_key_id: str | None = None  # key id already checked for the current epoch
-    fast_key: bytes | None = None
-    try:
-        # Row by row, so a damaged page is blamed on the right record.
-        for seq, time_ns, kind, job_id, body, prev, h, mac, key_id in cur:
-            if seq != expect:
-                raise Bad(expect, f"record {expect} is missing (next stored is {seq})")
-            if prev != head:
-                raise Bad(seq, f"prev hash does not match the hash of seq {seq - 1}")
-            if not isinstance(body, bytes) or not isinstance(h, bytes) \
-                    or not isinstance(kind, str) or not isinstance(job_id, str | None):
-                raise Bad(seq, "a column has the wrong type")
-            tail = suffixes.get((kind, job_id))
-            if tail is None:
-                tail = envelope_suffix(0, 0, kind, job_id).decode()
-                tail = tail[:tail.rindex('"seq":') + 6]
-                suffixes[(kind, job_id)] = tail
-            if not body.endswith(f'{tail}{seq},"time_ns":{time_ns}}}'.encode()) \
-                    or not body.startswith(b'{"body":'):
-                raise Bad(seq, "seq/time/kind/job columns do not match the hashed bytes")
-            if sha256(prev + body).digest() != h:
-                raise Bad(seq, "hash does not match prev hash + stored bytes "
-                           "(body or hash edited)")
-            head = h
-            if key_id is not None and key_id == fast_key_id and kind != "key" \
-                    and mac is not None:
-                if fast_key is not None and hmac_digest(fast_key, h, "sha256") != mac:
-                    raise Bad(seq, "MAC does not verify with the epoch "
-                               f"{w.epoch} key")
-            elif seq == 0 or kind in ("key", "genesis") or mac is not None \
-                    or key_id is not None or w.hmac_id is not None:
-                slow_row(w, (seq, kind, body, h, mac, key_id))
-                fast_key_id = key_id if kind != "key" else None
-                fast_key = w.keys.key(w.epoch) if w.keys is not None else None
-            leaf = sha256(b"\x00" + body).digest()
-            n = seq
-            while n & 1:
-                leaf = sha256(b"\x01" + fh.pop() + leaf).digest()
-                n >>= 1
-            fh.append(leaf)
-            expect = seq + 1
-            if expect in need:
-                frontier.size = expect
-                w.roots[expect] = (frontier.root(), h)
-    except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
-        raise Bad(expect, f"SQLite cannot read the record: {exc}") from None
-    finally:
-        frontier.size = expect
-    if expect == 0:
+    """Check every record in seq order (in this process) and fill `w`; raises Bad
+    naming the first bad seq."""
+    hmac_id = w.meta.get("hmac_key_id") or None  # the genesis must agree (slow_row, seq 0)
+
+    def special(rows: list[Special]) -> None:
+        for row in rows:
+            slow_row(w, row)
+
+    scan = Scan(conn, 0, GENESIS_PREV, hmac_id=hmac_id,
+                k0=w.keys.key(0) if w.keys else None, need=sorted(w.need), on_special=special)
+    bad = scan.run(2**62)
+    if bad is not None:
+        raise Bad(*bad)
+    chain = scan.chain
+    if chain.size == 0:
         raise Bad(0, "record 0 is missing")
-    w.count, w.head = expect, head
-
-
+    w.count, w.head, w.chain = chain.size, chain.head, chain
+    w.roots.update((size, (fold(hashes), h)) for size, (hashes, h) in chain.marked.items())
+    w.subtrees = (scan.subtree_count, scan.subtree_sum % 2**256)
+    w.latest = scan.latest
 
 
 def slow_row(w: Walk, row: tuple[int, str, bytes, bytes, bytes | None, str | None]) -> None:

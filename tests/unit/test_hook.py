@@ -91,7 +91,7 @@ def journal_lines(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     path = Path(cfg["journal"])
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def test_prolog_sends_slurm_environment_and_exits_zero_on_ok(tmp_path: Path,
@@ -126,7 +126,8 @@ def test_gpus_are_omitted_when_slurm_does_not_set_them(tmp_path: Path,
 
 def test_daemon_refusal_fails_the_prolog_with_its_reason(tmp_path: Path,
                                                          sock_path: Path) -> None:
-    daemon = FakeDaemon(sock_path, reply={"ok": False, "error": "denied: over tenant limit"})
+    daemon = FakeDaemon(sock_path, reply={"ok": False, "seq": 9,
+                                          "error": "denied: over tenant limit"})
     err = io.StringIO()
     try:
         code = hook.run("prolog", SLURM_ENV, config(tmp_path, sock_path), err)

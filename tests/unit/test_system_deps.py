@@ -16,7 +16,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "system-deps.sh"
 # every command the script looks for, and what it runs itself
 TOOLS = ("slurmctld", "munged", "lua5.1", "lua5.3", "lua5.4", "sqlite3", "openssl",
-         "sha256sum", "promtool", "systemd-analyze", "rsync", "initdb", "gcc")
+         "sha256sum", "promtool", "systemd-analyze", "initdb", "gcc", "ip", "nsenter", "ssh")
 
 
 @pytest.fixture

@@ -129,13 +129,13 @@ class Sparkd:
         os.replace(tmp, self.jobs_file)
 
     # -- process -------------------------------------------------------------------
-    def start(self, wait: bool = True) -> Sparkd:
+    def start(self, wait: bool = True, umask: int = -1) -> Sparkd:
         self.socket.parent.mkdir(exist_ok=True)
         os.chmod(self.socket.parent, 0o755)
         out = self.log.open("ab")
         self.proc = subprocess.Popen([*self.command, "--config", str(self.config)],
                                      stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, umask=umask)
         out.close()
         if wait:
             _wait(self._ready, 30, f"sparkd ready (log: {self.log_text()[-2000:]})")

@@ -215,7 +215,9 @@ def test_epilog_restores_previous_limit_with_energy(sparkd: Sparkd) -> None:
     assert all(e["energy_mj"] > 300_000 and e["energy_reset"] is False for e in body["gpus"])
     assert body["energy_mj"] == sum(e["energy_mj"] for e in body["gpus"])
     again = sparkd.request({"op": "epilog", "job_id": "110"})  # repeated: harmless
-    assert again["ok"] and sparkd.limit_mw(1) == 800_000
+    assert again["error"]["code"] == "already-restored" and "seq" in again  # recorded
+    assert sparkd.limit_mw(1) == 800_000
+    assert len([r for r in sparkd.records("restore") if r["body"].get("job_id") == "110"]) == 1
     assert sparkd.stop() == 0
     assert verify_ledger(sparkd.state_dir / "ledger.db").ok
 

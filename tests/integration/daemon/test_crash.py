@@ -52,6 +52,8 @@ def _check(sparkd: Sparkd, acked: list[dict[str, Any]]) -> None:
     hashes = _hashes(sparkd)
     for reply in acked:
         assert hashes.get(reply["seq"]) == reply["hash"], f"acknowledged PER {reply} lost"
+    restores = [r["body"]["job_id"] for r in sparkd.records("restore")]
+    assert len(restores) == len(set(restores)), "a job end with two restore PERs"
     governed = governed_from_records(
         Rec(r["kind"], r["body"]) for r in sparkd.records() if r["kind"] in GOVERNING_KINDS)
     for gpu in range(8):

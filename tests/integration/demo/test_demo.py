@@ -1,10 +1,12 @@
 """`make test` includes the demo: every scenario on a real Slurm cluster must pass.
 
-Runs the whole system (munge, slurmctld, slurmd, sparkd, sim GPUs, Karman stream)
-through the same library entry point as `sparkctl demo`, then checks what a user
-relies on: each scenario's assertions held, both ledger verifiers agree, the
-plots exist, and nothing is left running. A second test drives the command line
-with --keep and --stop as a user would.
+Runs the whole system (munge, slurmctld, three slurmd in their own network
+namespaces, a sparkd per host, sim GPUs, Karman streams, the head node's
+collection over ssh) through the same library entry point as `sparkctl demo`,
+then checks what a user relies on: each scenario's assertions held, both ledger
+verifiers agree, the plots exist, and nothing is left running: no process, no
+namespace, no link. A second test drives the command line with --keep and --stop
+as a user would.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from spark_slurm.demo import netns
 from spark_slurm.demo.run import run_demo
 from spark_slurm.demo.scenarios import SCENARIOS
 from spark_slurm.ledger.verify import verify_ledger
-from tests.conftest import slurm_unavailable_reason
+from tests.conftest import multinode_unavailable_reason, require
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SPARKCTL = [sys.executable, "-m", "spark_slurm.cli"]
@@ -30,9 +33,17 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _require_slurm() -> None:
-    reason = slurm_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    require(multinode_unavailable_reason(), "the demo on a multi-node cluster")
+
+
+def _namespaces_of(root: Path) -> list[str]:
+    """Network namespaces and links the demo in `root` made that still exist."""
+    saved = root / "net" / "topology.json"
+    assert saved.is_file(), "the demo recorded no namespaces"
+    topo = netns.Topology.from_json(json.loads(saved.read_text()))
+    mounts = [line for line in Path("/proc/self/mounts").read_text().splitlines()
+              if topo.prefix in line]
+    return topo.leftovers() + mounts
 
 
 def _processes_under(root: Path) -> list[str]:
@@ -67,9 +78,11 @@ def test_every_demo_scenario_passes_and_the_ledger_proves_it(tmp_path: Path) -> 
     assert "contrib/verify-ledger.sh agrees" in names
     assert all(c.ok for c in result.checks)
 
+    assert result.scenarios[-1].name == "multi-node"
+    assert "head node collection (sparkctl collect --cosign --into)" in names
     # the kept copy verifies on its own, and tampering with it is caught
     copy = root / "results" / "ledger.db"
-    key = (root / "keys" / "hmac.key").read_text().strip()
+    key = (root / "nodes" / "n1" / "keys" / "hmac.key").read_text().strip()
     assert verify_ledger(copy, bytes.fromhex(key)).ok
     script = REPO / "contrib" / "verify-ledger.sh"
     subprocess.run(["sqlite3", str(copy), "UPDATE per SET body = CAST(REPLACE("
@@ -93,6 +106,7 @@ def test_every_demo_scenario_passes_and_the_ledger_proves_it(tmp_path: Path) -> 
     assert sum("verdict: all records verified (chain, proof, MAC)" in line for line in lines) \
         == len(jobs)
     assert _processes_under(root) == []
+    assert _namespaces_of(root) == []
     assert not (root / "demo.json").exists()
 
 
@@ -110,6 +124,10 @@ def test_keep_leaves_a_usable_cluster_and_stop_ends_it(tmp_path: Path) -> None:
         status = subprocess.run([*SPARKCTL, "status", "--socket", state["socket"], "--json"],
                                 capture_output=True, text=True, timeout=30, check=True)
         assert len(json.loads(status.stdout)["gpus"]) == 8
+        assert [h["name"] for h in state["hosts"]] == ["ctl", "n1", "n2", "n3"]
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], env=env, capture_output=True,
+                               text=True, timeout=30, check=True).stdout.split()
+        assert sorted(set(nodes)) == ["n1", "n2", "n3"]
         job = subprocess.run(["sbatch", "--parsable", "--gres=gpu:1,gpupower:300",
                               "--wrap=true"], env=env, capture_output=True, text=True,
                              timeout=30, check=True).stdout.strip()
@@ -127,8 +145,9 @@ def test_keep_leaves_a_usable_cluster_and_stop_ends_it(tmp_path: Path) -> None:
         stop = subprocess.run([*SPARKCTL, "demo", "--stop", str(root)], capture_output=True,
                               text=True, timeout=120, check=False)
     assert stop.returncode == 0, stop.stderr
-    assert "stopped sparkd" in stop.stdout
+    assert "stopped sparkd" in stop.stdout and "stopped netns" in stop.stdout
     assert _processes_under(root) == []
+    assert _namespaces_of(root) == []
     again = subprocess.run([*SPARKCTL, "demo", "--stop", str(root)], capture_output=True,
                            text=True, timeout=60, check=False)
     assert again.returncode == 2 and "no running demo" in again.stderr

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 from spark_slurm.cli import cli, run
 from spark_slurm.demo.cluster import ClusterSpec, SlurmCluster, job_id_of
-from spark_slurm.demo.run import choose, prometheus_config
+from spark_slurm.demo.run import choose, node_count, prometheus_config
 from spark_slurm.demo.scenarios import SCENARIOS
-from spark_slurm.demo.stack import DemoStack, find_repo, render_wrapper
+from spark_slurm.demo.stack import ClusterStack, StackSpec, find_repo, render_wrapper
 from spark_slurm.errors import InputError, SlurmCommandFailed
 from spark_slurm.slurm.runner import RunResult
 
@@ -37,6 +37,29 @@ def test_scenarios_run_in_canonical_order_whatever_was_asked() -> None:
         choose(["thermal", "nope"])
 
 
+def test_the_multi_node_scenario_needs_three_nodes() -> None:
+    assert "multi-node" in choose([], 3)
+    assert choose([], 1) == [n for n in SCENARIOS if n != "multi-node"]
+    with pytest.raises(InputError, match="'multi-node' needs --nodes 3"):
+        choose(["multi-node"], 1)
+
+
+def test_node_count_is_checked_before_anything_starts(capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    assert node_count(1, print) == 1              # one node needs no namespaces
+    said: list[str] = []
+    assert node_count(None, said.append, lambda: "cannot create a network namespace") == 1
+    assert said == ["note: a multi-node cluster needs network namespaces (cannot create a "
+                    "network namespace); running on one node, without the multi-node scenario"]
+    assert node_count(None, said.append, lambda: None) == 3
+    with pytest.raises(InputError, match="--nodes 3 needs network namespaces: no root"):
+        node_count(3, print, lambda: "no root")
+    with pytest.raises(InputError, match="at least 1"):
+        node_count(0, print)
+    assert run(["demo", "--nodes", "0", "thermal"]) == 2
+    assert "--nodes must be at least 1" in capsys.readouterr().err
+
+
 def test_stop_without_a_running_demo_says_so(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["demo", "--stop", str(tmp_path)]) == 2
@@ -45,8 +68,8 @@ def test_stop_without_a_running_demo_says_so(tmp_path: Path,
 
 def test_demo_help_names_the_scenarios_and_options() -> None:
     out = CliRunner().invoke(cli, ["demo", "--help"]).output
-    for word in ("thermal", "deny", "driver-crash", "oob", "dynamic", "--keep", "--stop",
-                 "--workdir"):
+    for word in ("thermal", "deny", "driver-crash", "oob", "dynamic", "multi-node", "--keep",
+                 "--stop", "--workdir", "--nodes"):
         assert word in out
 
 
@@ -67,11 +90,25 @@ def test_a_wrapper_with_an_unknown_placeholder_is_refused(tmp_path: Path) -> Non
 
 
 def test_prometheus_config_points_at_the_demo_ports(tmp_path: Path) -> None:
-    stack = DemoStack(tmp_path, find_repo())
-    stack.metrics_port, stack.exporter_port = 41001, 41002
+    stack = ClusterStack(tmp_path, find_repo())
+    stack.nodes[0].metrics_port, stack.exporter_port = 41001, 41002
     data = yaml.safe_load(prometheus_config(stack).read_text())
     targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in data["scrape_configs"]}
     assert targets == {"sparkd": ["127.0.0.1:41001"], "karman": ["127.0.0.1:41002"]}
+
+
+def test_prometheus_scrapes_every_host_of_a_multi_node_stack(tmp_path: Path) -> None:
+    stack = ClusterStack(tmp_path, find_repo(), StackSpec(nodes=3))
+    for i, host in enumerate(stack.hosts):
+        host.address = f"10.9.9.{10 + i}"
+    stack.exporter_port = 9557
+    data = yaml.safe_load(prometheus_config(stack).read_text())
+    targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in data["scrape_configs"]}
+    assert targets == {"sparkd": [f"10.9.9.{10 + i}:9400" for i in range(4)],
+                       "karman": ["10.9.9.11:9557"]}
+    assert [h.name for h in stack.hosts] == ["ctl", "n1", "n2", "n3"]
+    assert stack.controller.gpus == 0 and stack.controller.spool == stack.spool
+    assert all(n.spool is None and n.gpus == 8 for n in stack.nodes)
 
 
 def test_find_repo_falls_back_to_this_checkout(tmp_path: Path) -> None:

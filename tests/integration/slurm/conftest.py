@@ -9,24 +9,19 @@ its daemon start it again before they return.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from spark_slurm.demo.cluster import SlurmCluster
-from tests.conftest import slurm_unavailable_reason
+from tests.conftest import require, slurm_unavailable_reason
 from tests.integration.slurm.stack import SparkStack
 
 
 def require_slurm() -> None:
     """Skip (or, under CI, fail) when this machine cannot run a real cluster."""
-    reason = slurm_unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the real-Slurm tests: {reason}")
-        pytest.skip(reason)
+    require(slurm_unavailable_reason(), "the real-Slurm tests")
 
 
 @pytest.fixture(scope="session")

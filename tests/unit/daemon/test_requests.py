@@ -25,7 +25,14 @@ def test_cap_needs_watts() -> None:
 
 
 @pytest.mark.parametrize(("line", "message"), [
-    (b"", "malformed JSON"),
+    (b"", "empty request line"),
+    (b"  \t ", "empty request line"),
+    (b'{"op": "prolog", "job_id": "1", "watts": ' + b"9" * 5000 + b"}",
+     "malformed JSON: Exceeds the limit"),
+    (b"[" * 30_000 + b"]" * 30_000, "nested too deeply"),
+    (b'{"op": "prolog", "job_id": "1", "user": "\\ud800"}', "unpaired UTF-16 surrogate"),
+    (b'{"op": "status", "id": "\\udfff"}', "unpaired UTF-16 surrogate"),
+    (b'{"op": "status", "id": ' + b"9" * 40 + b"}", "outside the 64-bit integer range"),
     (b"{", "malformed JSON at column 2"),
     (b'"prolog"', "must be a JSON object"),
     (b"{}", "no string field 'op'"),

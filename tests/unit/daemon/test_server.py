@@ -8,8 +8,11 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
+
 from spark_slurm.daemon.peers import Peer
 from spark_slurm.daemon.server import SocketServer
+from spark_slurm.errors import ConfigError
 
 
 def test_server_turns_away_connections_beyond_its_limit(tmp_path: Path) -> None:
@@ -41,3 +44,28 @@ def test_server_turns_away_connections_beyond_its_limit(tmp_path: Path) -> None:
         release.set()
         server.stop()
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_socket_path_too_long_for_af_unix_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    class Never:
+        def handle_line(self, line: bytes, peer: Peer) -> dict[str, object]:
+            raise AssertionError("no client can connect")
+
+        def handle_oversized(self, peer: Peer, limit: int) -> dict[str, object]:
+            raise AssertionError("no client can connect")
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    path = deep / "sparkd.sock"
+    server = SocketServer(path, Never(), max_connections=1, mode=0o600)
+    with pytest.raises(ConfigError) as err:
+        server.start()
+    assert str(path) in err.value.message and "at most 107" in err.value.message
+    assert err.value.exit_code == 2
+    assert not deep.exists()  # refused before anything was made
+    fits = tmp_path / "ok.sock"  # and a short one still binds
+    ok = SocketServer(fits, Never(), max_connections=1, mode=0o600)
+    ok.start()
+    try:
+        assert fits.is_socket()
+    finally:
+        ok.stop()

@@ -10,6 +10,7 @@ import pytest
 from spark_slurm.errors import CanonicalError
 from spark_slurm.ledger import hmac_epochs as he
 from spark_slurm.ledger.batch import Row, chain_rows
+from spark_slurm.ledger.chain import Chain
 from spark_slurm.ledger.merkle import Frontier, leaf_hash
 from spark_slurm.ledger.records import GENESIS_PREV, envelope_bytes, job_of, record_hash
 
@@ -31,8 +32,8 @@ def test_chain_rows_matches_the_reference(key: bytes | None, start: int) -> None
         base.append(leaf_hash(b"%d" % i))
     head = b"\x07" * 32 if start else GENESIS_PREV
     rows: list[Row] = []
-    hashes = list(base.hashes)
-    chain_rows(BATCH * 3, rows, now=123, seq=start, head=head, hashes=hashes, key=key,
+    chain = Chain(start, base.hashes, head)
+    chain_rows(BATCH * 3, rows, now=123, chain=chain, key=key,
                key_id=None if key is None else "k:0")
     ref = Frontier(base.size, base.hashes)
     prev = head
@@ -44,7 +45,8 @@ def test_chain_rows_matches_the_reference(key: bytes | None, start: int) -> None
                        None if key is None else "k:0")
         ref.append(leaf_hash(stored))
         prev = h
-    assert hashes == ref.hashes
+    assert chain.hashes == ref.hashes
+    assert (chain.size, chain.head) == (start + len(rows), prev)
 
 
 @pytest.mark.parametrize(("item", "error"), [
@@ -53,15 +55,16 @@ def test_chain_rows_matches_the_reference(key: bytes | None, start: int) -> None
     (("Bad Kind", {"x": 1}), "kind"),
     (("cap", {"job_id": 5}), "job_id"),
 ])
-def test_a_refused_record_leaves_earlier_rows_and_their_leaves(item: tuple[Any, Any],
-                                                              error: str) -> None:
+def test_a_refused_record_leaves_the_chain_and_rows_untouched(item: tuple[Any, Any],
+                                                             error: str) -> None:
     rows: list[Row] = []
-    hashes: list[bytes] = []
+    chain = Chain()
+    chain.link([b"genesis"])
+    before = (chain.size, chain.head, list(chain.hashes))
     with pytest.raises(CanonicalError, match=error):
-        chain_rows([("cap", {"a": 1}), item], rows, now=1, seq=0, head=GENESIS_PREV,
-                   hashes=hashes, key=None, key_id=None)
-    assert len(rows) == 1
-    assert hashes == [leaf_hash(rows[0][4])]
+        chain_rows([("cap", {"a": 1}), item], rows, now=1, chain=chain, key=None, key_id=None)
+    assert rows == []
+    assert (chain.size, chain.head, chain.hashes) == before
 
 
 @pytest.mark.parametrize("key", [b"", b"k", bytes(32), bytes(range(64)), bytes(range(65)),

@@ -79,11 +79,11 @@ def test_unknown_schema_and_wrong_keys_exit_2(build: Callable[..., Built], tmp_p
                             str(a.path))
     assert code == 2 and "is not a signing key of this ledger" in err
     conn = sqlite3.connect(a.path)
-    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
     code, _, err = sparkctl(capsys, "verify", str(a.path))
-    assert code == 2 and "unknown ledger schema version '2'" in err
+    assert code == 2 and "unknown ledger schema version '3'" in err
 
 
 def test_verify_with_checkpoint_file_detects_truncation(build: Callable[..., Built],

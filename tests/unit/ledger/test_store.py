@@ -123,7 +123,7 @@ def test_reopen_continues_the_chain_and_the_tree(tmp_path: Path) -> None:
         assert r.seq == 2
         leaves = led.leaf_hashes()
         assert len(leaves) == 3 == led.size
-        assert led._frontier.root() == root([leaf_hash(x.body_bytes) for x in led.records()])
+        assert led._chain.root() == root([leaf_hash(x.body_bytes) for x in led.records()])
     assert verify_ledger(tmp_path / "l.db").ok
 
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spark_slurm.cli import run
-from spark_slurm.errors import LedgerError, SparkError
+from spark_slurm.errors import LedgerError, LedgerKeyError, SparkError
 from spark_slurm.ledger import Ledger, VerifyReport, export_checkpoint, verify_ledger
 from spark_slurm.ledger.checkpoint import sign_checkpoint
 from spark_slurm.ledger.merkle import Frontier, leaf_hash
@@ -232,6 +232,22 @@ def test_consistent_rewrite_without_key_is_caught_by_a_kept_checkpoint(built: Bu
     assert report.first_bad_seq >= 0
 
 
+def test_a_flipped_key_id_is_a_refusal_naming_the_key(built: Built, tmp_path: Path) -> None:
+    """The flake seen under load: random keys put a key id at the flipped offset now and
+    then, and verify refused the keys, which the property test did not expect."""
+    path = _copy(built, tmp_path, "keyid")
+    with sqlite3.connect(path) as conn:
+        (value,) = conn.execute("SELECT value FROM meta WHERE key = 'hmac_key_id'").fetchone()
+        flipped = value[:-1] + ("0" if value[-1] != "0" else "1")
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'hmac_key_id'", (flipped,))
+    outcome = _outcome(path, built)
+    assert isinstance(outcome, LedgerKeyError), outcome
+    assert "is not" in outcome.message, outcome.message
+    code, text = shell_verify(path, "--key", str(built.keys.dir / "hmac.key"),
+                              "--pubkey", str(built.keys.dir / "node.pub"))
+    assert code != 0, text
+
+
 @pytest.mark.parametrize("hmac", [True, False])
 def test_truncate_then_append_past_a_kept_checkpoint(build: Callable[..., Built], tmp_path: Path,
                                                      hmac: bool) -> None:
@@ -308,9 +324,11 @@ def _dump(path: Path) -> dict[str, list[tuple[object, ...]]] | None:
 
 
 def _outcome(path: Path, built: Built) -> VerifyReport | SparkError:
+    """A report, or the clear error a damaged file gets. A flip inside the stored
+    key ids makes the given keys "not this ledger's" (LedgerKeyError): refused, exit 2."""
     try:
         return verify_ledger(path, built.keys.hmac, built.keys.public, built.kept)
-    except LedgerError as exc:
+    except (LedgerError, LedgerKeyError) as exc:  # unusable input (a flipped meta key id)
         return exc
 
 

@@ -1,5 +1,6 @@
-"""The parallel verifier agrees with the sequential reference walk: same state on
-a good ledger, and on any tampering it declines so the reference names the seq."""
+"""The parallel verifier agrees with the sequential walk: same state on a good
+ledger, and on any tampering the same first bad seq and reason (or it declines and
+the sequential walk runs)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ from spark_slurm.ledger.records import envelope_suffix
 from spark_slurm.ledger.scan_worker import envelope_tail
 from spark_slurm.ledger.schema import open_existing
 from spark_slurm.ledger.verify_par import CHUNK_BITS, MIN_CHUNKS, walk_parallel
-from spark_slurm.ledger.verify_walk import Walk, walk
+from spark_slurm.ledger.verify_walk import Bad, Walk, walk
 from tests.unit.ledger.conftest import Built
 
 N = 90  # epochs of 60 s at 7 s a record: several seals, a rotation, chunks of 8
 
 
 def _state(w: Walk) -> tuple[object, ...]:
-    return (w.count, w.head, w.frontier.size, list(w.frontier.hashes), dict(w.roots),
+    return (w.count, w.head, w.chain.size, list(w.chain.hashes), dict(w.roots), w.subtrees,
             w.epoch, w.sealed, w.node, w.hmac_id, [(s, k.public_bytes_raw()) for s, k in w.signing])
 
 
@@ -136,10 +137,29 @@ TAMPERS: dict[str, Callable[[Path, int], None]] = {
 }
 
 
+def _verdict(path: Path, k0: bytes, bits: int, parallel: bool) -> tuple[object, ...] | None:
+    """(first bad seq, reason) the walk raises; None when the parallel one declines."""
+    conn, meta = open_existing(path)
+    try:
+        conn.execute("BEGIN")
+        w = Walk(meta, k0, set())
+        if parallel:
+            if not walk_parallel(conn, path, w, k0, procs=2, chunk_bits=bits):
+                assert w.count == 0 and w.signing == []  # left untouched for the sequential walk
+                return None
+        else:
+            walk(conn, w)
+    except Bad as exc:
+        return (exc.seq, exc.reason)
+    finally:
+        conn.close()
+    return ("ok",)
+
+
 @pytest.mark.parametrize("what", sorted(TAMPERS))
 @pytest.mark.parametrize("seq", [1, 8, 9, 16, 45, N])
-def test_tampering_declines_so_the_reference_reports(build: Callable[..., Built], what: str,
-                                                     seq: int) -> None:
+def test_tampering_gets_the_same_verdict(build: Callable[..., Built], what: str,
+                                         seq: int) -> None:
     built = build(n=N)
     TAMPERS[what](built.path, seq)
     if what == "text body":  # CAST gives the same bytes: not tampering to either walk
@@ -147,11 +167,12 @@ def test_tampering_declines_so_the_reference_reports(build: Callable[..., Built]
         assert done
         assert _state(par) == _state(ref)
         return
-    done, _, par = _walks(built.path, built.keys.hmac, set(), 3, reference=False)
-    assert not done
-    assert par.count == 0 and par.signing == []  # left untouched for the reference walk
+    reference = _verdict(built.path, built.keys.hmac, 3, parallel=False)
+    assert reference is not None and reference != ("ok",)
+    parallel = _verdict(built.path, built.keys.hmac, 3, parallel=True)
+    assert parallel in (None, reference)
     report = verify_ledger(built.path, built.keys.hmac)
-    assert not report.ok
+    assert (report.ok, report.first_bad_seq, report.reason) == (False, *reference)
 
 
 def _big_ledger(tmp_path: Path) -> tuple[Path, bytes]:
@@ -190,5 +211,5 @@ def test_verify_ledger_takes_the_parallel_path_with_the_same_verdicts(tmp_path: 
 @pytest.mark.parametrize("kind", ["cap", "key", "a.b-c_d"])
 @pytest.mark.parametrize("job", [None, "7", "7_1", 'we"ird\\ ü\n', "x y", "[1]"])
 def test_worker_envelope_tail_is_the_writers(kind: str, job: str | None) -> None:
-    whole = envelope_suffix(42, 7, kind, job).decode()
-    assert whole == f'{envelope_tail(kind, job)}42,"time_ns":7}}'
+    whole = envelope_suffix(42, 7, kind, job)
+    assert whole == envelope_tail(kind, job) + b'42,"time_ns":7}'

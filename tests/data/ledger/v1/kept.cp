@@ -1,0 +1,6 @@
+spark/c1/n1
+159
+nNVVEIX9TzPEmfUE9nDkKlB2fzGyObebM0IvPB3yx6Y=
+head 79cfcd73e571fe8dae978569d499fe2416b5e8a38e18fcdda7bdd33fec5615bd
+
+— spark/c1/n1 6ekEZkXQfT50dtzudcT82R4TF2JNsHEn/Szc/QUPsWZoPlzmspQmLjAdqHUYLNTeIbUZ6n+v936ETw3A6hUgmfOjZQk=

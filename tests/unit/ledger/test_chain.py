@@ -1,0 +1,155 @@
+"""`Chain`, the one chain/Merkle implementation: its three ways in (link, accept,
+push) agree with RFC 6962 computed from scratch, and accept stops exactly at the
+first row that does not continue the chain."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+
+from spark_slurm.ledger.chain import GENESIS_PREV, SUBTREE_LEVEL, Chain, fold, node_hash
+from spark_slurm.ledger.merkle import leaf_hash
+
+
+def mth(leaves: list[bytes]) -> bytes:
+    """RFC 6962 2.1, recursively, as the RFC writes it."""
+    if not leaves:
+        return hashlib.sha256(b"").digest()
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1 << ((len(leaves) - 1).bit_length() - 1)
+    return node_hash(mth(leaves[:k]), mth(leaves[k:]))
+
+
+def bodies(n: int) -> list[bytes]:
+    return [b'{"body":{"i":%d}}' % i for i in range(n)]
+
+
+def rows(data: list[bytes], start: int = 0, head: bytes = GENESIS_PREV) -> list[tuple[Any, ...]]:
+    out, prev = [], head
+    for i, body in enumerate(data):
+        h = hashlib.sha256(prev + body).digest()
+        out.append((start + i, 0, "cap", None, body, prev, h, None, None))
+        prev = h
+    return out
+
+
+def expected_subtrees(leaves: list[bytes]) -> set[tuple[int, int, bytes]]:
+    out = set()
+    level = SUBTREE_LEVEL
+    while 1 << level <= len(leaves):
+        for idx in range(len(leaves) >> level):
+            out.add((level, idx, mth(leaves[idx << level:(idx + 1) << level])))
+        level += 1
+    return out
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 8, 255, 256, 257, 600, 1024, 1100])
+def test_link_accept_and_push_give_the_rfc_6962_tree(n: int) -> None:
+    data = bodies(n)
+    leaves = [leaf_hash(b) for b in data]
+    written, checked, grafted = Chain(), Chain(), Chain()
+    for c in (written, checked, grafted):
+        c.subtrees = []
+    hashes = written.link(data)
+    assert hashes == [r[6] for r in rows(data)]
+    assert checked.accept(rows(data)) == n
+    for leaf in leaves:
+        grafted.push(leaf)
+    for c in (written, checked, grafted):
+        assert c.size == n
+        assert c.root() == mth(leaves)
+        assert set(c.subtrees or []) == expected_subtrees(leaves)
+    assert written.head == checked.head == (hashes[-1] if n else GENESIS_PREV)
+    assert written.to_bytes() == checked.to_bytes() == grafted.to_bytes()
+
+
+def test_a_chain_resumes_from_its_saved_state() -> None:
+    data = bodies(700)
+    first = Chain()
+    first.link(data[:333])
+    again = Chain.from_bytes(first.size, first.to_bytes(), first.head)
+    assert again.accept(rows(data[333:], 333, first.head)) == 367
+    whole = Chain()
+    whole.link(data)
+    assert (again.size, again.head, again.root()) == (whole.size, whole.head, whole.root())
+    with pytest.raises(ValueError, match="needs 2 hashes"):
+        Chain(3, [bytes(32)])
+    with pytest.raises(ValueError, match="32-byte hashes"):
+        Chain.from_bytes(1, bytes(31))
+
+
+def test_detached_chunks_graft_into_the_whole_tree() -> None:
+    data = bodies(3 * 512 + 77)
+    leaves = [leaf_hash(b) for b in data]
+    whole = Chain()
+    whole.subtrees = []
+    whole.accept(rows(data))
+    combined = Chain()
+    combined.subtrees = []
+    found = []
+    all_rows = rows(data)
+    for lo in range(0, len(data), 512):
+        part = all_rows[lo:lo + 512]
+        chunk = Chain(lo, (), part[0][5], base=lo)
+        chunk.subtrees = []
+        assert chunk.accept(part) == len(part)
+        found += chunk.subtrees
+        for h, level in zip(chunk.hashes, chunk.levels(), strict=True):
+            combined.push(h, level)
+    found += combined.subtrees
+    assert combined.root() == whole.root() == mth(leaves)
+    assert sorted(found) == sorted(whole.subtrees or []) == sorted(expected_subtrees(leaves))
+    with pytest.raises(ValueError, match="cannot follow"):
+        combined.push(bytes(32), 3)
+
+
+def test_marks_keep_the_compact_range_at_those_sizes() -> None:
+    data = bodies(40)
+    chain = Chain()
+    chain.marks = frozenset({1, 17, 40})
+    chain.accept(rows(data))
+    leaves = [leaf_hash(b) for b in data]
+    for size in (1, 17, 40):
+        hashes, head = chain.marked[size]
+        assert fold(hashes) == mth(leaves[:size])
+        assert head == rows(data)[size - 1][6]
+
+
+def _edit(table: list[tuple[Any, ...]], i: int, col: int, value: object) -> list[tuple[Any, ...]]:
+    out = list(table)
+    row = list(out[i])
+    row[col] = value
+    out[i] = tuple(row)
+    return out
+
+
+@pytest.mark.parametrize(("col", "value"), [
+    (0, 6),  # seq: a gap
+    (5, bytes(32)),  # prev hash column alone (its hash still H(true head ‖ body))
+    (6, bytes(32)),  # the hash
+    (4, b'{"body":{"i":99}}'),  # the body, hash left alone
+    (4, '{"body":{"i":5}}'),  # the body as TEXT: not bytes, not a continuation
+])
+def test_accept_stops_before_the_first_row_that_does_not_continue(col: int,
+                                                                  value: object) -> None:
+    good = rows(bodies(10))
+    bad = _edit(good, 5, col, value)
+    chain = Chain()
+    assert chain.accept(bad) == 5
+    ref = Chain()
+    ref.accept(good[:5])
+    assert (chain.size, chain.head, chain.hashes) == (ref.size, ref.head, ref.hashes)
+
+
+def test_accept_refuses_a_row_linked_to_a_rewritten_predecessor() -> None:
+    """Row 2 rewritten with its own hash recomputed: row 3 still links to the old one."""
+    good = rows(bodies(6))
+    body2 = b'{"body":{"i":222}}'
+    new2 = hashlib.sha256(good[1][6] + body2).digest()
+    forged = _edit(_edit(good, 2, 4, body2), 2, 6, new2)
+    chain = Chain()
+    assert chain.accept(forged) == 3
+    assert chain.head == new2
