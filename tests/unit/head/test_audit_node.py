@@ -53,8 +53,9 @@ def seqs(path: Path, job: str) -> list[int]:
 def has_tree(path: Path) -> bool:
     conn = sqlite3.connect(path)
     try:
-        return conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tree'"
-                            ).fetchone()[0] == 1
+        (count,) = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tree'"
+                                ).fetchone()
+        return int(count) == 1
     finally:
         conn.close()
 
