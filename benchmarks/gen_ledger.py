@@ -1,7 +1,8 @@
 """Generate a merged cluster ledger of N PERs from M nodes, for the audit benchmark.
 
 Rows are built the way merge stores them — real canonical envelopes, real chain
-hashes, Merkle leaves, block cache and one checkpoint root per node — but by bulk
+hashes, Merkle leaves, stored subtrees, compact range and one checkpoint root per
+node — but by bulk
 insert, not through `Ledger.append` (10 million fsyncs would take hours). Each
 job runs on a pair of nodes and leaves admission, cap, facility, throttle,
 release and restore records on both, like the daemon does. The file is cached
@@ -22,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from spark_slurm.canonical import canonical_bytes
-from spark_slurm.head.headdb import HeadDb
-from spark_slurm.head.proofs import BLOCK
+from spark_slurm.head.frontier import NodeFrontier
+from spark_slurm.head.sqlite_store import SqliteStore
 from spark_slurm.ledger.checkpoint import body_text
-from spark_slurm.ledger.merkle import Frontier, root
 from spark_slurm.ledger.records import GENESIS_PREV
 
 OUT = Path(__file__).parent / "out"
@@ -167,7 +167,7 @@ def generate(path: Path, pers: int, nodes: int, progress: bool = True) -> Path:
     per_node = max(RECORDS_PER_JOB + 1, pers // nodes)
     tmp = path.with_suffix(".partial")
     tmp.unlink(missing_ok=True)
-    HeadDb.open(tmp, create=True).close()
+    SqliteStore.open(tmp, create=True).close()
     conn = sqlite3.connect(tmp)
     conn.execute("PRAGMA journal_mode=OFF")
     conn.execute("PRAGMA synchronous=OFF")
@@ -203,16 +203,13 @@ def _store(conn: sqlite3.Connection, n: int, rows: list[tuple[Any, ...]]) -> Non
         "INSERT INTO records(node_id, seq, time_ns, kind, job_id, body, prev_hash, hash, mac,"
         " key_id, ref_seq, leaf) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
         [(node_id, *r) for r in rows])
-    frontier = Frontier()
-    blocks = []
-    for i, r in enumerate(rows):
-        frontier.append(r[10])
-        if (i + 1) % BLOCK == 0:
-            blocks.append((node_id, i // BLOCK, root([x[10] for x in rows[i + 1 - BLOCK:i + 1]])))
-    conn.executemany("INSERT INTO merkle_blocks VALUES (?,?,?)", blocks)
+    frontier = NodeFrontier()
+    frontier.add([r[10] for r in rows])
+    conn.executemany("INSERT INTO subtrees VALUES (?,?,?,?)",
+                     [(node_id, lv, i, h) for lv, i, h in frontier.subtrees])
     head = rows[-1][6].hex()
-    conn.execute("UPDATE nodes SET head_seq=?, head_hash=?, count=? WHERE node_id=?",
-                 (rows[-1][0], head, len(rows), node_id))
+    conn.execute("UPDATE nodes SET head_seq=?, head_hash=?, count=?, frontier=? WHERE node_id=?",
+                 (rows[-1][0], head, len(rows), frontier.to_bytes(), node_id))
     conn.execute("INSERT INTO checkpoints(node_id, size, root, text, source) VALUES "
                  "(?,?,?,?,?)", (node_id, len(rows), frontier.root().hex(),
                                  body_text(f"spark/bench/{name}", len(rows), frontier.root(),

@@ -99,3 +99,27 @@ def fake_nvml(fake_nvml_lib: Path) -> Iterator[FakeNvmlFactory]:
         for gpu in opened:
             gpu.close()
         shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL 15 server for one test; the URL of its `postgres` database."""
+    from tests.pg import PgServer  # noqa: PLC0415
+
+    server = PgServer(prefix="karman-pg-")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One PostgreSQL 15 server shared by a session's tests (each takes a database)."""
+    from tests.pg import PgServer  # noqa: PLC0415
+
+    server = PgServer(durable=False)
+    try:
+        yield server
+    finally:
+        server.stop()

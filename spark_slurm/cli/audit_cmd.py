@@ -19,8 +19,9 @@ def _when(ns: int) -> str:
 
 @click.command()
 @click.argument("job_id")
-@click.option("--db", "db", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_DB,
-              show_default=True, help="Merged cluster ledger or a node ledger.")
+@click.option("--db", "db", default=str(DEFAULT_DB), show_default=True,
+              help="Cluster store (sqlite:///PATH, postgresql://..., or a path) or a node "
+                   "ledger.")
 @click.option("--tariff", "tariff", type=click.Path(dir_okay=False, path_type=Path),
               help="Tariff YAML (flat or time-of-use) to price the job's energy.")
 @click.option("--price-kwh", "price_kwh", type=str,
@@ -32,7 +33,7 @@ def _when(ns: int) -> str:
               help="Trust store (<node>.pub, <node>.hmac): re-check every record's MAC, and "
                    "check a node ledger's keys as merge does.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stable JSON document.")
-def audit(*, job_id: str, db: Path, tariff: Path | None, price_kwh: str | None, currency: str,
+def audit(*, job_id: str, db: str, tariff: Path | None, price_kwh: str | None, currency: str,
           plot: Path | None, keys_dir: Path | None, as_json: bool) -> None:
     """Show a job's whole power story with every record's verification and a verdict.
 
@@ -104,15 +105,16 @@ def _render_audit(report: object) -> None:
 
 
 @click.command()
-@click.option("--db", "db", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_DB,
-              show_default=True, help="Merged cluster ledger or a node ledger.")
+@click.option("--db", "db", default=str(DEFAULT_DB), show_default=True,
+              help="Cluster store (sqlite:///PATH, postgresql://..., or a path) or a node "
+                   "ledger.")
 @click.option("--node", "node", help="Only this node.")
 @click.option("--at", "at", required=True,
               help="Instant: ISO-8601 (UTC if no zone), Unix seconds or Unix ns.")
 @click.option("--recheck", is_flag=True,
               help="Re-evaluate every recorded decision against its recorded policy.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def replay(*, db: Path, node: str | None, at: str, recheck: bool, as_json: bool) -> None:
+def replay(*, db: str, node: str | None, at: str, recheck: bool, as_json: bool) -> None:
     """Each GPU's governed limit, its job and the PER behind it at an instant.
 
     With --recheck, exit 1 when any recorded decision does not reproduce.

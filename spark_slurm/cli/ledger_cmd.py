@@ -86,6 +86,35 @@ def snapshot(path: str, dest: str) -> None:
     click.echo(f"{snap.dest}: {snap.count} records, head {snap.head}")
 
 
+@ledger.command("export")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--after", "after", type=click.IntRange(min=-1), default=-1, show_default=True,
+              help="Ship the records with seq > AFTER (the head node's position for this "
+                   "node: `sparkctl positions --seq`); -1 ships everything.")
+@click.option("--until", "until", type=click.IntRange(min=0),
+              help="Stop at this seq (an archive of one range; default: the newest).")
+@click.option("--out", "out", required=True,
+              help="Segment file to write (replaced atomically), or - for stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON "
+              "(on stderr with --out -).")
+def export(path: str, after: int, until: int | None, out: str, as_json: bool) -> None:
+    """Write the records after a seq, and the checkpoints covering them, to a segment.
+
+    Read-only and safe on a live ledger; costs what the new records cost. The head
+    node merges segments like ledger snapshots (`sparkctl merge --db DB SEGMENT`).
+    """
+    import sys  # noqa: PLC0415
+
+    from spark_slurm.ledger.segment import export_segment  # noqa: PLC0415 (lazy CLI)
+
+    seg = export_segment(path, sys.stdout.buffer if out == "-" else out, after, until)
+    if as_json:
+        echo_json(seg.to_json(), err=out == "-")
+    elif out != "-":
+        click.echo(f"{seg.path}: {seg.rows} records after seq {seg.after} "
+                   f"({seg.checkpoints} checkpoints, {seg.bytes} bytes) of {seg.node}")
+
+
 @ledger.command("checkpoint")
 @click.argument("path", type=click.Path(dir_okay=False))
 def checkpoint(path: str) -> None:

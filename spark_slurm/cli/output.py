@@ -9,9 +9,10 @@ from typing import Any
 import click
 
 
-def echo_json(value: Any) -> None:
-    """Print one JSON document; stable key order so output diffs cleanly."""
-    click.echo(json.dumps(value, sort_keys=True, indent=2, default=str))
+def echo_json(value: Any, *, err: bool = False) -> None:
+    """Print one JSON document; stable key order so output diffs cleanly. `err` sends
+    it to stderr (when stdout carries data, e.g. `ledger export --out -`)."""
+    click.echo(json.dumps(value, sort_keys=True, indent=2, default=str), err=err)
 
 
 def echo_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -36,19 +36,15 @@ from spark_slurm.evidence.bundle import (
     write_bundle,
 )
 from spark_slurm.evidence.verify import Pins, check_bundle, note_signed
-from spark_slurm.head.audit import build_report
-from spark_slurm.head.headdb import HeadDb, is_head_db
+from spark_slurm.head.audit import build_report, open_reads
 from spark_slurm.head.keyring import KeyRing
-from spark_slurm.head.merge import load_node_ledger
+from spark_slurm.head.node_view import NodeLedgerView
 from spark_slurm.head.proofs import NodeTree
+from spark_slurm.head.store import ClusterReads, body_of
 from spark_slurm.head.witness import KEY_FILE, NAME_FILE, PUB_FILE, witnessed
 from spark_slurm.ledger.checkpoint import Checkpoint, parse_checkpoint, signatures
 from spark_slurm.ledger.keys import load_public_key, load_signing_key, public_b64, public_from_raw
 from spark_slurm.ledger.merkle import leaf_hash
-
-_ROW = ("SELECT n.name, r.seq, r.time_ns, r.kind, r.job_id, r.body, r.prev_hash, r.hash, r.mac,"
-        " r.key_id FROM records r JOIN nodes n ON n.node_id = r.node_id"
-        " WHERE n.name = ? AND r.seq = ?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,24 +116,26 @@ def witness_from_files(files: Sequence[Path], witness_pub: Path) -> Witnessed:
 
 
 @contextlib.contextmanager
-def _source(db: Path, keys: KeyRing | None) -> Iterator[tuple[HeadDb, str]]:
-    if is_head_db(db):
-        with HeadDb.open(db) as src:
-            yield src, "merged"
-        return
-    with load_node_ledger(db, keys) as (src, findings):
-        if findings:
-            f = findings[0]
-            raise EvidenceError(f"{db}: ledger does not verify ({f.code} seq {f.seq}: "
-                                f"{f.detail}); no evidence can be made from it")
-        yield src, "node"
+def _source(db: str | Path, keys: KeyRing | None) -> Iterator[tuple[ClusterReads, str]]:
+    with open_reads(db, keys) as (src, source):
+        if isinstance(src, NodeLedgerView):  # a node ledger: it must verify as a whole
+            from spark_slurm.ledger.verify import verify_ledger  # noqa: PLC0415
+
+            problem = src.identity_problem()
+            report = verify_ledger(src.path)
+            if problem is not None or not report.ok:
+                why = f"{problem.code} seq {problem.seq}: {problem.detail}" if problem \
+                    else report.summary()
+                raise EvidenceError(f"{db}: ledger does not verify ({why}); no evidence can "
+                                    "be made from it")
+        yield src, source
 
 
-def _node_keys(src: HeadDb, node: str, keys: KeyRing | None) -> list[Ed25519PublicKey]:
+def _node_keys(src: ClusterReads, node: str, keys: KeyRing | None) -> list[Ed25519PublicKey]:
     """Keys the node has signed with: the head's trust store, the genesis, rotations."""
     out = [k for k in [keys.public(node) if keys is not None else None] if k is not None]
     for rec in src.records_of_kind(["genesis", "key"], node):
-        body = rec.body
+        body = body_of(rec)
         raw = body.get("signing_public_key") if rec.kind == "genesis" else (
             body.get("public_key") if body.get("event") == "rotate" else None)
         if isinstance(raw, str):
@@ -146,7 +144,7 @@ def _node_keys(src: HeadDb, node: str, keys: KeyRing | None) -> list[Ed25519Publ
     return out
 
 
-def _proven(src: HeadDb, node: str, seqs: list[int], cp: Checkpoint
+def _proven(src: ClusterReads, node: str, seqs: list[int], cp: Checkpoint
             ) -> dict[tuple[str, int], list[bytes]]:
     state = src.node(node)
     assert state is not None
@@ -154,8 +152,8 @@ def _proven(src: HeadDb, node: str, seqs: list[int], cp: Checkpoint
         raise EvidenceError(f"node {node}: the job's record seq {max(seqs)} is newer than the "
                             f"cosigned checkpoint (size {cp.size}); witness a newer checkpoint "
                             "first (sparkctl witness)")
-    if state.count < cp.size:
-        raise EvidenceError(f"node {node}: the ledger holds {state.count} records, the cosigned "
+    if state.next_seq < cp.size:
+        raise EvidenceError(f"node {node}: the ledger holds {state.next_seq} records, the cosigned "
                             f"checkpoint covers {cp.size}")
     tree = NodeTree(src, state.node_id, cp.size)
     if tree.root() != cp.root:
@@ -164,7 +162,7 @@ def _proven(src: HeadDb, node: str, seqs: list[int], cp: Checkpoint
     return {(node, s): tree.inclusion_proof(s) for s in seqs}
 
 
-def _assemble(src: HeadDb, source: str, job_id: str, *, wit: Witnessed, signer: Signer,
+def _assemble(src: ClusterReads, source: str, job_id: str, *, wit: Witnessed, signer: Signer,
               keys: KeyRing | None, now: int) -> Bundle:
     report = build_report(src, job_id)
     wanted = {(e.node, e.seq) for e in report.timeline}
@@ -176,9 +174,15 @@ def _assemble(src: HeadDb, source: str, job_id: str, *, wit: Witnessed, signer: 
                 wanted.add((policy.node, policy.seq))
     records = []
     for node, seq in sorted(wanted):
-        n, s, t, k, j, body, prev, h, mac, kid = src.conn.execute(_ROW, (node, seq)).fetchone()
-        records.append(BundleRecord(n, s, t, k, j, bytes(body), bytes(prev), bytes(h),
-                                    None if mac is None else bytes(mac), kid))
+        state = src.node(node)
+        rec = src.record(state.node_id, seq) if state is not None else None
+        if rec is None:
+            raise EvidenceError(f"node {node}: record {seq} is not held")
+        records.append(BundleRecord(node, rec.seq, rec.time_ns, rec.kind, rec.job_id,
+                                    rec.body_bytes, bytes.fromhex(rec.prev_hash),
+                                    bytes.fromhex(rec.hash),
+                                    None if rec.mac is None else bytes.fromhex(rec.mac),
+                                    rec.key_id))
     proofs: dict[tuple[str, int], list[bytes]] = {}
     bundle_keys = [BundleKey(wit.name, "witness", None, public_b64(wit.public))]
     cps: list[StatementCheckpoint] = []
@@ -231,7 +235,7 @@ def _issuer_name(signer: Signer, wit: Witnessed, keys: list[BundleKey]) -> str:
                         "job: name it (--sign-name)")
 
 
-def make_evidence(db: Path, job_id: str, out: Path, *, witness: Witnessed, signer: Signer,
+def make_evidence(db: str | Path, job_id: str, out: Path, *, witness: Witnessed, signer: Signer,
                   keys_dir: Path | None = None, clock: Clock = SYSTEM_CLOCK
                   ) -> EvidenceSummary:
     """Write the job's evidence bundle to `out` (replaced atomically, after verifying)."""

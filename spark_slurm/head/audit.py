@@ -11,17 +11,20 @@ with a verdict. Nothing here trusts a record it has not verified.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from spark_slurm.errors import CheckFailed, UnknownJob
-from spark_slurm.head.headdb import HeadDb, StoredRecord, is_head_db
 from spark_slurm.head.keyring import KeyRing
-from spark_slurm.head.merge import load_node_ledger
+from spark_slurm.head.node_view import NodeLedgerView
 from spark_slurm.head.proofs import Verification, verify_records
+from spark_slurm.head.store import ClusterReads, body_of, is_cluster_store, open_store
 from spark_slurm.head.tariff import MJ_PER_KWH, Cost, Tariff, price_energy
+from spark_slurm.ledger.records import Record
 
 ACTION_KINDS = ("cap", "restore", "throttle", "release", "executor")
 GPU_EVENT_KINDS = ("throttle", "release", "drift", "fault", "recovery", "reconcile", "facility",
@@ -208,14 +211,14 @@ def _requester(body: dict[str, Any]) -> str | None:
     return f"{req.get('user', '?')}({req.get('role', '?')})"
 
 
-def resolve_paths(rec: StoredRecord, body: dict[str, Any], followups: list[StoredRecord]
+def resolve_paths(rec: Record, body: dict[str, Any], followups: list[Record]
                   ) -> tuple[dict[str, str], bool, str | None]:
     """The five paths of an action with the facility outcome filled in from its follow-up."""
     paths = {k: str(v) for k, v in (body.get("paths") or {}).items()}
     facility = [f for f in followups if f.kind == "facility"]
     denied = paths.get("policy") == "deny"
     if facility:
-        fbody = facility[-1].body
+        fbody = body_of(facility[-1])
         paths["facility"] = str(fbody.get("verdict"))
     elif not denied:
         paths["facility"] = "missing"
@@ -241,7 +244,7 @@ def resolve_paths(rec: StoredRecord, body: dict[str, Any], followups: list[Store
     return paths, not bad, problem
 
 
-def _header(job_id: str, bodies: list[tuple[StoredRecord, dict[str, Any]]]) -> dict[str, Any]:
+def _header(job_id: str, bodies: list[tuple[Record, dict[str, Any]]]) -> dict[str, Any]:
     head: dict[str, Any] = {"job_id": job_id, "user": None, "account": None, "partition": None,
                             "qos": None, "workload_class": None, "nodes": [], "gpus": {}}
     gpus: dict[str, set[int]] = defaultdict(set)
@@ -263,15 +266,15 @@ def _header(job_id: str, bodies: list[tuple[StoredRecord, dict[str, Any]]]) -> d
     return head
 
 
-def build_report(src: HeadDb, job_id: str, tariff: Tariff | None = None,
+def build_report(src: ClusterReads, job_id: str, tariff: Tariff | None = None,
                  source: str = "merged", keys: KeyRing | None = None) -> AuditReport:
     """Assemble, verify and judge everything the ledger holds about one job (with
     `keys`, each record's MAC too, for nodes whose HMAC key the ring holds)."""
     own = src.job_records(job_id)
     if not own:
-        raise UnknownJob(f"job {job_id}: no records in {src.path}")
-    records: dict[tuple[str, int], StoredRecord] = {(r.node, r.seq): r for r in own}
-    bodies = [(r, r.body) for r in own]
+        raise UnknownJob(f"job {job_id}: no records in {src.name}")
+    records: dict[tuple[str, int], Record] = {(r.node, r.seq): r for r in own}
+    bodies = [(r, body_of(r)) for r in own]
     header = _header(job_id, bodies)
     job_gpus = {n: set(g) for n, g in header["gpus"].items()}
     # node events that touched the job's GPUs while it held them (up to its last restore)
@@ -279,24 +282,25 @@ def build_report(src: HeadDb, job_id: str, tariff: Tariff | None = None,
         for rec in src.node_records(node, seqs[0], seqs[1], GPU_EVENT_KINDS):
             if (rec.node, rec.seq) in records:
                 continue
-            b = rec.body
+            b = body_of(rec)
             touched = set(_gpu_list(b)) & job_gpus.get(node, set())
             ref_seq = _obj(b, "ref").get("seq")
             if touched or (isinstance(ref_seq, int) and (node, ref_seq) in records):
                 records[(rec.node, rec.seq)] = rec
-    followups: dict[tuple[str, int], list[StoredRecord]] = defaultdict(list)
+    followups: dict[tuple[str, int], list[Record]] = defaultdict(list)
     for rec in list(records.values()):
         if rec.kind in ACTION_KINDS:
             for f in src.followups(rec.node, rec.seq):
                 followups[(rec.node, rec.seq)].append(f)
                 records.setdefault((f.node, f.seq), f)
     ordered = sorted(records.values(), key=lambda r: (r.time_ns, r.node, r.seq))
-    verifications = verify_records(src, ordered, keys)
+    prover = src.prover() if isinstance(src, NodeLedgerView) else None
+    verifications = verify_records(src, ordered, keys, prover)
     report = AuditReport(job_id=job_id, source=source, header=header, timeline=[],
                          energy=[], cost=None)
     cap_time: dict[str, int] = {}
     for rec in ordered:
-        body = rec.body
+        body = body_of(rec)
         ver = verifications[(rec.node, rec.seq)]
         paths = validated = None
         if rec.kind in ACTION_KINDS and "paths" in body:
@@ -338,7 +342,7 @@ def build_report(src: HeadDb, job_id: str, tariff: Tariff | None = None,
     return report
 
 
-def _seq_ranges(recs: list[StoredRecord]) -> dict[str, tuple[int, int]]:
+def _seq_ranges(recs: list[Record]) -> dict[str, tuple[int, int]]:
     """Per node: the job's first record to its last restore (or last record if none)."""
     out: dict[str, tuple[int, int]] = {}
     restored: dict[str, int] = {}
@@ -364,30 +368,38 @@ def _price_all(tariff: Tariff, energy: list[GpuEnergy]) -> Cost:
                 by_period_cost=dict(by_cost))
 
 
-def audit_job(db: Path, job_id: str, tariff: Tariff | None = None,
+def audit_job(db: str | Path, job_id: str, tariff: Tariff | None = None,
               plot: Path | None = None, keys_dir: Path | None = None) -> AuditReport:
     """The library entry point behind `sparkctl audit`: report (and optional plot).
 
-    `keys_dir` is a merge trust store (`<node>.pub`, `<node>.hmac`): a node ledger
-    is then checked against it as merge would, and every record's MAC is re-checked,
-    so an auditor need not take the head node's earlier merge on trust."""
+    `db` is a cluster store (`--db` URL or path) or a node ledger, read through its
+    indexes either way. `keys_dir` is a merge trust store (`<node>.pub`,
+    `<node>.hmac`): a node ledger's genesis and checkpoints are then checked against
+    it as merge would, and every record's MAC is re-checked, so an auditor need not
+    take the head node's earlier merge on trust."""
     keys = KeyRing.load(keys_dir) if keys_dir is not None else None
-    if is_head_db(db):
-        with HeadDb.open(db) as src:
-            report = build_report(src, job_id, tariff, "merged", keys)
-    else:
-        with load_node_ledger(db, keys) as (src, findings):
-            try:
-                report = build_report(src, job_id, tariff, "node", keys)  # findings in src
-            except UnknownJob:
-                if not findings:  # the in-memory copy's name means nothing to the user
-                    raise UnknownJob(f"job {job_id}: no records in {db}") from None
-                # nothing verified far enough to reach the job: say why, not "no records"
-                f = findings[0]
-                raise CheckFailed(f"{db}: job {job_id} cannot be audited: {f.code} seq "
-                                  f"{f.seq}: {f.detail}") from None
+    with open_reads(db, keys) as (src, source):
+        if isinstance(src, NodeLedgerView):
+            problem = src.identity_problem()
+            if problem is not None:  # nothing can be trusted: say why, not "no records"
+                raise CheckFailed(f"{db}: job {job_id} cannot be audited: {problem.code} "
+                                  f"seq {problem.seq}: {problem.detail}")
+        report = build_report(src, job_id, tariff, source, keys)
     if plot is not None:
         from spark_slurm.head.plot import plot_job  # noqa: PLC0415 (matplotlib is lazy)
 
         plot_job(report, plot)
     return report
+
+
+@contextmanager
+def open_reads(db: str | Path, keys: KeyRing | None = None
+               ) -> Iterator[tuple[ClusterReads, str]]:
+    """What audit, replay and evidence read: a cluster store ("merged") or a node
+    ledger ("node"), and which one it is."""
+    if is_cluster_store(db):
+        with closing(open_store(db)) as store:
+            yield store, "merged"
+        return
+    with NodeLedgerView(Path(db), keys) as view:
+        yield view, "node"

@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from spark_slurm.errors import FetchError, InputError, SparkError
-from spark_slurm.head.headdb import HeadDb
-from spark_slurm.head.merge import MergeSummary, merge_ledgers
+from spark_slurm.head.merge import MergeSummary, merge_ledgers, positions
 from spark_slurm.head.witness import witness_file
 from spark_slurm.ledger.reader import latest_checkpoint
 
@@ -229,8 +228,7 @@ def head_positions(into: Path | None, nodes: Sequence[str]) -> dict[str, int | N
     """The last seq the cluster ledger holds for each node (None: nothing yet)."""
     if into is None or not into.exists():
         return {n: None for n in nodes}
-    with HeadDb.open(into) as db:
-        return {n: (state.head_seq if (state := db.node(n)) else None) for n in nodes}
+    return {state.name: state.head_seq for state in positions(into, nodes)}
 
 
 def _fetch_one(transport: Transport, node: str, dest_dir: Path, after: int | None

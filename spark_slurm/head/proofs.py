@@ -1,29 +1,29 @@
 """Per-record verification on the merged ledger: chain link, hash, inclusion proof,
 and (given the node's HMAC K[0]) the record's epoch MAC.
 
-Inclusion proofs are built from the leaf hashes the merge stored, plus a cache
-of the hash of every complete block of `BLOCK` leaves per node. Any subtree the
-RFC 6962 recursion asks for is then either a run of cached blocks or fewer than
-`BLOCK` leaves, so a proof costs O(BLOCK + log n) hashes instead of O(n) and
-`audit` stays fast however long a node's chain grows. Proofs are checked with
+Inclusion proofs are built from the leaf hashes the merge stored, plus the hash
+of every perfect subtree of `BLOCK` leaves or more it completed. Any subtree the
+RFC 6962 recursion asks for is then stored or spans fewer than `BLOCK` leaves,
+so a proof costs O(BLOCK + log n) hashes instead of O(n) and `audit` stays fast
+however long a node's chain grows. Proofs are checked with
 the ledger's own `verify_inclusion`; nothing here decides validity by itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from spark_slurm.head.bulk import MerkleLevels
-from spark_slurm.head.headdb import HeadDb, StoredRecord
+from spark_slurm.head.frontier import BLOCK, BLOCK_LEVEL
 from spark_slurm.head.keyring import KeyRing
+from spark_slurm.head.store import ClusterReads
 from spark_slurm.ledger import hmac_epochs
 from spark_slurm.ledger.keys import hmac_key_id
 from spark_slurm.ledger.merkle import leaf_hash, node_hash, root, verify_inclusion
-from spark_slurm.ledger.records import GENESIS_PREV, record_hash
+from spark_slurm.ledger.records import GENESIS_PREV, Record, envelope_suffix, record_hash
 
-BLOCK = 256
-BLOCK_LEVEL = BLOCK.bit_length() - 1  # a block is the perfect subtree of 2^8 leaves
+__all__ = ["BLOCK", "BLOCK_LEVEL", "MerkleProver", "NodeTree", "Prover", "Verification",
+           "verify_records"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,46 +43,19 @@ class Verification:
             and self.mac in ("ok", "unchecked")
 
 
-def update_blocks(db: HeadDb, node_id: int, old_count: int, new_count: int,
-                  leaves: Sequence[bytes] | None = None, *,
-                  tree: MerkleLevels | None = None) -> None:
-    """Cache the hash of every block completed by growing a node from old to new count.
-
-    `leaves`, when given, are the node's leaf hashes from seq 0 (saves reading them back);
-    `tree`, when given, already holds every block's hash (its level log2(BLOCK))."""
-    first, last = old_count // BLOCK, new_count // BLOCK
-    if tree is not None and len(tree.level(BLOCK_LEVEL)) >= last:
-        blocks = tree.level(BLOCK_LEVEL)
-        db.conn.executemany("INSERT OR REPLACE INTO merkle_blocks VALUES (?,?,?)",
-                            [(node_id, b, blocks[b]) for b in range(first, last)])
-        return
-    rows = []
-    for block in range(first, last):
-        lo = block * BLOCK
-        part = leaves[lo:lo + BLOCK] if leaves is not None and len(leaves) >= lo + BLOCK \
-            else db.leaves(node_id, lo, BLOCK)
-        rows.append((node_id, block, root(part)))
-    db.conn.executemany("INSERT OR REPLACE INTO merkle_blocks VALUES (?,?,?)", rows)
-
-
 class NodeTree:
-    """The RFC 6962 tree over a node's first `size` stored leaves."""
+    """The RFC 6962 tree over a node's first `size` stored leaves.
 
-    def __init__(self, db: HeadDb, node_id: int, size: int) -> None:
+    A perfect subtree of 2^k >= BLOCK leaves is read from the stored ones when kept
+    (merge keeps every one it completes), else computed from its two halves; smaller
+    ones, and the ragged right edge, from the leaves. A proof thus reads O(log n)
+    stored hashes plus at most two blocks of leaves."""
+
+    def __init__(self, db: ClusterReads, node_id: int, size: int) -> None:
         self.db = db
         self.node_id = node_id
         self.size = size
         self._memo: dict[tuple[int, int], bytes] = {}
-
-    def _blocks(self, first: int, last: int) -> list[bytes]:
-        rows = self.db.conn.execute(
-            "SELECT hash FROM merkle_blocks WHERE node_id=? AND block >= ? AND block < ?"
-            " ORDER BY block", (self.node_id, first, last)).fetchall()
-        if len(rows) != last - first:
-            # cache incomplete (an older merged ledger): fall back to the leaves
-            return [root(self.db.leaves(self.node_id, b * BLOCK, BLOCK))
-                    for b in range(first, last)]
-        return [r[0] for r in rows]
 
     def subtree(self, lo: int, hi: int) -> bytes:
         """MTH of leaves [lo, hi)."""
@@ -90,13 +63,15 @@ class NodeTree:
         if key in self._memo:
             return self._memo[key]
         n = hi - lo
-        if n <= BLOCK:
-            value = root(self.db.leaves(self.node_id, lo, n))
-        elif lo % BLOCK == 0 and n % BLOCK == 0 and n & (n - 1) == 0:
-            value = root(self._blocks(lo // BLOCK, hi // BLOCK))
-        else:
-            k = 1 << ((n - 1).bit_length() - 1)
-            value = node_hash(self.subtree(lo, lo + k), self.subtree(lo + k, hi))
+        value = None
+        if n >= BLOCK and n & (n - 1) == 0 and lo % n == 0:
+            value = self.db.subtree(self.node_id, n.bit_length() - 1, lo // n)
+        if value is None:
+            if n <= BLOCK:
+                value = root(self.db.leaves(self.node_id, lo, n))
+            else:
+                k = 1 << ((n - 1).bit_length() - 1)
+                value = node_hash(self.subtree(lo, lo + k), self.subtree(lo + k, hi))
         self._memo[key] = value
         return value
 
@@ -119,38 +94,57 @@ class NodeTree:
         return proof
 
 
-def verify_records(db: HeadDb, records: list[StoredRecord], keys: KeyRing | None = None
-                   ) -> dict[tuple[str, int], Verification]:
-    """Verify each record's link and hash, and prove it against its node's checkpoint;
-    with `keys`, also re-check the MAC of every record whose node has an HMAC key."""
+class Prover(Protocol):
+    """Proves a record is covered by a signed (or witnessed) checkpoint of its node:
+    returns the proof status ("ok", "failed", "uncovered") and the checkpoint size."""
+
+    def prove(self, rec: Record) -> tuple[str, int | None]: ...
+
+
+class MerkleProver:
+    """An RFC 6962 inclusion proof against the largest checkpoint held for the node
+    that covers only merged records (witnessed wins a tie)."""
+
+    def __init__(self, db: ClusterReads) -> None:
+        self.db = db
+        self._trees: dict[str, tuple[NodeTree, bytes] | None] = {}
+
+    def prove(self, rec: Record) -> tuple[str, int | None]:
+        if rec.node not in self._trees:
+            state = self.db.node(rec.node)
+            cp = self.db.latest_checkpoint(state.node_id, state.next_seq) \
+                if state is not None else None
+            self._trees[rec.node] = None if cp is None or state is None else (
+                NodeTree(self.db, state.node_id, cp.size), bytes.fromhex(cp.root))
+        held = self._trees[rec.node]
+        if held is None or rec.seq >= held[0].size:
+            return "uncovered", held[0].size if held is not None else None
+        tree, cp_root = held
+        good = verify_inclusion(leaf_hash(rec.body_bytes), rec.seq, tree.size,
+                                tree.inclusion_proof(rec.seq), cp_root)
+        return ("ok" if good else "failed"), tree.size
+
+
+def verify_records(db: ClusterReads, records: list[Record], keys: KeyRing | None = None,
+                   prover: Prover | None = None) -> dict[tuple[str, int], Verification]:
+    """Verify each record's link and hash, and prove it against its node's checkpoint
+    (`prover`, by default an RFC 6962 inclusion proof); with `keys`, also re-check the
+    MAC of every record whose node has an HMAC key."""
     out: dict[tuple[str, int], Verification] = {}
-    trees: dict[str, tuple[NodeTree | None, bytes | None]] = {}
     epoch_keys: dict[str, NodeMacKey | None] = {}
+    prover = prover if prover is not None else MerkleProver(db)
     for rec in records:
         state = db.node(rec.node)
         if state is None:
             out[(rec.node, rec.seq)] = Verification("node unknown", "failed", None)
             continue
-        if rec.node not in trees:
-            cp = db.latest_checkpoint(state.node_id, state.count)
-            if cp is None:
-                trees[rec.node] = (None, None)
-            else:
-                trees[rec.node] = (NodeTree(db, state.node_id, cp.size), bytes.fromhex(cp.root))
-        tree, cp_root = trees[rec.node]
         chain = _chain_status(db, state.node_id, rec)
-        if tree is None or cp_root is None or rec.seq >= tree.size:
-            proof = "uncovered"
-        else:
-            good = verify_inclusion(leaf_hash(rec.body_bytes), rec.seq, tree.size,
-                                    tree.inclusion_proof(rec.seq), cp_root)
-            proof = "ok" if good else "failed"
+        proof, size = prover.prove(rec)
         if rec.node not in epoch_keys:
             k0 = keys.hmac(rec.node) if keys is not None else None
             epoch_keys[rec.node] = NodeMacKey(hmac_key_id(k0), hmac_epochs.EpochKeys(k0)) \
                 if k0 is not None else None
-        out[(rec.node, rec.seq)] = Verification(chain, proof,
-                                                tree.size if tree is not None else None,
+        out[(rec.node, rec.seq)] = Verification(chain, proof, size,
                                                 mac_status(rec, epoch_keys[rec.node]))
     return out
 
@@ -163,7 +157,7 @@ class NodeMacKey:
     epochs: hmac_epochs.EpochKeys
 
 
-def mac_status(rec: StoredRecord, key: NodeMacKey | None) -> str:
+def mac_status(rec: Record, key: NodeMacKey | None) -> str:
     """"ok" when the record's MAC is HMAC(K[epoch of its key id], hash); without a
     key "unchecked"; otherwise what is wrong. A node with an HMAC key MACs every
     record, so a missing MAC is a failure, not a pass."""
@@ -182,13 +176,14 @@ def mac_status(rec: StoredRecord, key: NodeMacKey | None) -> str:
     return "ok" if expected.hex() == rec.mac else "MAC mismatch"
 
 
-def _chain_status(db: HeadDb, node_id: int, rec: StoredRecord) -> str:
+def _chain_status(db: ClusterReads, node_id: int, rec: Record) -> str:
     if record_hash(bytes.fromhex(rec.prev_hash), rec.body_bytes).hex() != rec.hash:
         return "hash mismatch"
+    if not rec.body_bytes.endswith(envelope_suffix(rec.seq, rec.time_ns, rec.kind, rec.job_id)):
+        return "columns differ from the hashed record"
     if rec.seq == 0:
         return "ok" if rec.prev_hash == GENESIS_PREV.hex() else "genesis does not start the chain"
-    row = db.conn.execute("SELECT hash FROM records WHERE node_id=? AND seq=?",
-                          (node_id, rec.seq - 1)).fetchone()
-    if row is None:
+    previous = db.hash_at(node_id, rec.seq - 1)  # a retention cut keeps the hash it cut at
+    if previous is None:
         return f"previous record {rec.seq - 1} missing"
-    return "ok" if row[0].hex() == rec.prev_hash else f"does not link to seq {rec.seq - 1}"
+    return "ok" if previous.hex() == rec.prev_hash else f"does not link to seq {rec.seq - 1}"

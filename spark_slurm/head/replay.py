@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spark_slurm.errors import ConfigError, InputError
-from spark_slurm.head.headdb import HeadDb, StoredRecord, is_head_db
-from spark_slurm.head.merge import load_node_ledger
+from spark_slurm.head.audit import open_reads
+from spark_slurm.head.node_view import NodeLedgerView
+from spark_slurm.head.store import ClusterReads, body_of
+from spark_slurm.ledger.records import Record
 
 STATE_KINDS = ("cap", "restore", "throttle", "release", "drift", "reconcile", "executor")
 DECISION_KINDS = ("cap", "reject", "admission", "policy")
@@ -102,7 +103,7 @@ def parse_time(text: str) -> int:
     return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
 
 
-def _set(states: dict[tuple[str, int], GpuState], rec: StoredRecord, gpu: Any,
+def _set(states: dict[tuple[str, int], GpuState], rec: Record, gpu: Any,
          limit: Any, job: str | None) -> None:
     if not isinstance(gpu, int):
         return
@@ -110,11 +111,11 @@ def _set(states: dict[tuple[str, int], GpuState], rec: StoredRecord, gpu: Any,
                                        job, rec.seq, rec.kind, rec.hash, rec.time_ns)
 
 
-def fold(records: Iterator[StoredRecord]) -> list[GpuState]:
+def fold(records: Iterator[Record]) -> list[GpuState]:
     """Apply limit-moving records in chain order; returns each GPU's last state."""
     states: dict[tuple[str, int], GpuState] = {}
     for rec in records:
-        body = rec.body
+        body = body_of(rec)
         if rec.kind in ("cap", "restore", "reconcile"):
             for g in body.get("gpus") or []:
                 if not isinstance(g, dict) or "error" in g:
@@ -143,7 +144,7 @@ def fold(records: Iterator[StoredRecord]) -> list[GpuState]:
     return sorted(states.values(), key=lambda s: (s.node, s.gpu))
 
 
-def _request_from(rec: StoredRecord, body: dict[str, Any], current: int | None) -> Any:
+def _request_from(rec: Record, body: dict[str, Any], current: int | None) -> Any:
     from spark_slurm.policy import PowerRequest  # noqa: PLC0415 (only --recheck needs it)
 
     ctx = body.get("context") if isinstance(body.get("context"), dict) else {}
@@ -198,7 +199,7 @@ _SHIM_RULES = ("request-invalid", "gpus-per-node-unknown", "power-without-gpus",
                "policy-not-loaded", "internal-error")
 
 
-def recheck(db: HeadDb, node: str | None = None) -> list[Recheck]:
+def recheck(db: ClusterReads, node: str | None = None) -> list[Recheck]:
     """Re-evaluate every recorded decision against the policy snapshot it names."""
     from spark_slurm.policy import Policy  # noqa: PLC0415 (only --recheck needs it)
 
@@ -206,7 +207,7 @@ def recheck(db: HeadDb, node: str | None = None) -> list[Recheck]:
     granted: dict[tuple[str, str], int] = {}
     out: list[Recheck] = []
     for rec in db.records_of_kind(DECISION_KINDS, node):
-        body = rec.body
+        body = body_of(rec)
         if rec.kind == "policy":
             try:
                 policies[(rec.node, str(body.get("sha256")))] = Policy.from_text(
@@ -252,23 +253,20 @@ def recheck(db: HeadDb, node: str | None = None) -> list[Recheck]:
     return out
 
 
-@contextmanager
-def _open(db: Path) -> Iterator[HeadDb]:
-    if is_head_db(db):
-        with HeadDb.open(db) as head:
-            yield head
-    else:
-        with load_node_ledger(db) as (head, _findings):
-            yield head
-
-
-def replay(db: Path, at_ns: int, node: str | None = None,
+def replay(db: str | Path, at_ns: int, node: str | None = None,
            with_recheck: bool = False) -> ReplayReport:
-    """The library entry point behind `sparkctl replay`."""
-    with _open(db) as head:
+    """The library entry point behind `sparkctl replay`. On a node ledger only the
+    records before the first one `sparkctl verify` rejects are replayed."""
+    with open_reads(db) as (head, _source):
+        if isinstance(head, NodeLedgerView):
+            from spark_slurm.ledger.verify import verify_ledger  # noqa: PLC0415
+
+            report = verify_ledger(head.path)
+            if not report.ok and report.first_bad_seq is not None:
+                head.until = report.first_bad_seq
         if node is not None and head.node(node) is None:
             raise InputError(f"node {node!r}: no records in {db}")
-        report = ReplayReport(at_ns, fold(head.records_until(node, at_ns, STATE_KINDS)))
+        result = ReplayReport(at_ns, fold(head.records_until(node, at_ns, STATE_KINDS)))
         if with_recheck:
-            report.rechecks = recheck(head, node)
-    return report
+            result.rechecks = recheck(head, node)
+    return result

@@ -1,7 +1,8 @@
-"""Checking one node ledger record by record, naming what is wrong with a fixed code.
+"""Checking a node's records page by page, naming what is wrong with a fixed code.
 
-The scan walks the rows in seq order and stops at the first record it cannot
-trust: everything after it hangs off a broken link. Each problem gets the code
+The scan walks the rows in seq order, from genesis or from where the head node's
+copy of the chain ends, and stops at the first record it cannot trust:
+everything after it hangs off a broken link. Each problem gets the code
 an operator can act on (GAP, REORDER, DUPLICATE, TAMPERED, FOREIGN_ORIGIN,
 UNKNOWN_KEY, EPOCH_GAP) with the node and seq. Hashes, MACs, envelopes, Merkle
 leaves and checkpoint signatures are checked with the ledger package's own
@@ -12,23 +13,26 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import hmac
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from dataclasses import dataclass
+from hashlib import sha256
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from cryptography.exceptions import InvalidSignature
 
 from spark_slurm.errors import CheckpointError, CheckpointInvalid, LedgerKeyError
-from spark_slurm.head.bulk import MerkleLevels, leaf_hashes
-from spark_slurm.head.headdb import Finding, StoredRecord
 from spark_slurm.head.keyring import KeyRing
+from spark_slurm.head.store import Finding
 from spark_slurm.ledger import hmac_epochs
-from spark_slurm.ledger.checkpoint import Checkpoint, origin_for, verify_checkpoint
+from spark_slurm.ledger.checkpoint import (
+    Checkpoint,
+    origin_for,
+    parse_checkpoint,
+    verify_checkpoint,
+)
 from spark_slurm.ledger.keys import hmac_key_id, public_from_raw, signing_key_id
-from spark_slurm.ledger.merkle import leaf_hash
 from spark_slurm.ledger.records import GENESIS_PREV, envelope_suffix, record_hash
 from spark_slurm.ledger.store import rotation_message
 
@@ -58,20 +62,10 @@ class RawRecord(NamedTuple):
         """The seq a follow-up record points back to (indexed for audit)."""
         return ref_seq_of(self.body)
 
-    def row(self, leaf: bytes | None = None) -> tuple[Any, ...]:
-        return (self.seq, self.time_ns, self.kind, self.job_id, self.body, self.prev_hash,
-                self.hash, self.mac, self.key_id, self.ref_seq(),
-                leaf if leaf is not None else leaf_hash(self.body))
-
-    def as_stored(self, node: str) -> StoredRecord:
-        return StoredRecord(node, self.seq, self.time_ns, self.kind, self.job_id, self.body,
-                            self.prev_hash.hex(), self.hash.hex(),
-                            None if self.mac is None else self.mac.hex(), self.key_id)
-
 
 def ref_seq_of(body: bytes) -> int | None:
-    """`body.ref.seq` of a stored envelope when it is an integer SQLite can hold; merge
-    calls it from SQL too, so both ways of copying rows index the same value."""
+    """`body.ref.seq` of a stored envelope when it is an integer SQLite can hold
+    (indexed by the cluster store for audit's follow-up lookups)."""
     if REF_TAG not in body:
         return None
     try:
@@ -82,26 +76,24 @@ def ref_seq_of(body: bytes) -> int | None:
     return seq if isinstance(seq, int) and -2**63 <= seq < 2**63 else None
 
 
-@dataclass
-class NodeScan:
-    """The verified prefix of a node ledger and everything found wrong with it."""
+class Lookups(Protocol):
+    """What the rare slow-path checks look up beyond the rows being fed: the hash
+    at a seq (the private copy, or the cluster store for what it already holds),
+    and the newest seq of the copy whose stored hash is a given one."""
 
-    node: str | None
-    origin: str | None = None
-    findings: list[Finding] = field(default_factory=list)
-    good: list[RawRecord] = field(default_factory=list)
-    leaves: list[bytes] = field(default_factory=list)
-    valid_checkpoints: list[Checkpoint] = field(default_factory=list)
-    mergeable: bool = True
-    hashes: list[bytes] = field(default_factory=list)
-    """The hash of each record in `good`: all merge needs of them once they are checked."""
-    _tree: MerkleLevels | None = field(default=None, repr=False)
+    def hash_at(self, seq: int) -> bytes | None: ...
 
-    def tree(self) -> MerkleLevels:
-        """Every aligned subtree over `leaves`, hashed once for all checkpoints and blocks."""
-        if self._tree is None or self._tree.size != len(self.leaves):
-            self._tree = MerkleLevels(self.leaves)
-        return self._tree
+    def seq_of_hash(self, value: bytes) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a node ledger says it is (its genesis) and the keys merge checks it with."""
+
+    node: str
+    origin: str | None
+    k0: bytes | None
+    signers: tuple[Ed25519PublicKey, ...]
 
 
 def _envelope_seq(body: bytes) -> int | None:
@@ -121,38 +113,30 @@ def _body(rec: RawRecord) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def scan_node(records: Sequence[RawRecord], checkpoints: Sequence[str], keys: KeyRing | None,
-              expected_node: str | None, fallback_name: str, *, fast: bool = True) -> NodeScan:
-    """Verify a node ledger's rows and checkpoints; see the module docstring.
+def genesis_body(rec: RawRecord | None) -> dict[str, Any]:
+    """The PER body of a genesis record ({} when it is not one)."""
+    if rec is None or rec.seq != 0 or rec.kind != "genesis":
+        return {}
+    return _body(rec)
 
-    `fast=False` sends every record through the full checks (tests compare the two)."""
-    if not records or records[0].seq != 0 or records[0].kind != "genesis":
-        name = expected_node or fallback_name
-        scan = NodeScan(node=name, mergeable=False)
-        first = records[0].seq if records else 0
-        scan.findings.append(Finding("GAP", name, 0, "ledger does not start with its genesis "
-                                     f"record (first seq is {first})" if records else
-                                     "ledger holds no records"))
-        return scan
-    genesis = _body(records[0])
+
+def identify(genesis: dict[str, Any], keys: KeyRing | None, expected_node: str | None,
+             fallback_name: str) -> tuple[Identity | None, Finding | None, str]:
+    """The node a genesis names and the keys to check it with, or the finding that
+    stops the merge of this source (FOREIGN_ORIGIN, UNKNOWN_KEY), and the node name."""
     node = str(genesis.get("node", fallback_name))
-    scan = NodeScan(node=node, origin=origin_for(str(genesis.get("cluster", "spark")), node)
-                    if genesis.get("node") else None)
+    origin = origin_for(str(genesis.get("cluster", "spark")), node) \
+        if genesis.get("node") else None
     if expected_node is not None and node != expected_node:
-        scan.node = expected_node
-        scan.mergeable = False
-        scan.findings.append(Finding("FOREIGN_ORIGIN", expected_node, 0,
-                                     f"ledger belongs to node {node!r}, collected as "
-                                     f"{expected_node!r}"))
-        return scan
+        return None, Finding("FOREIGN_ORIGIN", expected_node, 0,
+                             f"ledger belongs to node {node!r}, collected as "
+                             f"{expected_node!r}"), expected_node
     public = k0 = None
     if keys is not None:
         try:
             public, k0 = keys.public(node), keys.hmac(node)
         except LedgerKeyError as exc:
-            scan.findings.append(Finding("UNKNOWN_KEY", node, None, exc.message))
-            scan.mergeable = False
-            return scan
+            return None, Finding("UNKNOWN_KEY", node, None, exc.message), node
         problem = None
         if public is None and k0 is None:
             problem = f"no key for node {node!r} in {keys.directory}"
@@ -163,77 +147,110 @@ def scan_node(records: Sequence[RawRecord], checkpoints: Sequence[str], keys: Ke
             problem = (f"genesis names HMAC key {genesis.get('hmac_key_id')}, the head node "
                        f"holds {hmac_key_id(k0)}")
         if problem:
-            scan.findings.append(Finding("UNKNOWN_KEY", node, 0 if "genesis" in problem
-                                         else None, problem))
-            scan.mergeable = False
-            return scan
+            return None, Finding("UNKNOWN_KEY", node, 0 if "genesis" in problem else None,
+                                 problem), node
     elif isinstance(genesis.get("signing_public_key"), str):
-        public = public_from_raw(base64.b64decode(genesis["signing_public_key"]))
-    signers = [public] if public is not None else []
-    _scan_chain(scan, node, records, k0, signers, fast=fast)
-    _scan_checkpoints(scan, node, checkpoints, signers, records[-1].seq + 1)
-    scan.hashes = [r.hash for r in scan.good]
-    return scan
+        try:
+            public = public_from_raw(base64.b64decode(genesis["signing_public_key"]))
+        except (ValueError, LedgerKeyError):
+            public = None
+    return Identity(node, origin, k0, (public,) if public is not None else ()), None, node
 
 
-def _scan_chain(scan: NodeScan, node: str, records: Sequence[RawRecord], k0: bytes | None,
-                signers: list[Ed25519PublicKey], *, fast: bool = True) -> None:
-    """Accept records while they check out; stop at the first that does not.
+class ChainScan:
+    """Accept a node's records, page by page, while they check out; stop at the first
+    that does not, with its finding.
 
-    A record like the one before it (next seq, links to it, hashes right, columns
-    match the envelope, names the node, MAC'd under the same key id, not a key
-    event) is accepted by the inline test; anything else takes `_check` and
-    `_check_mac` exactly as written, so findings do not depend on the fast path.
-    The inline test skips the DUPLICATE lookup: a record whose hash verifies and
-    whose envelope names its own seq cannot repeat an earlier hash short of a
-    SHA-256 collision, so only the slow path needs `seen` (filled in on demand)."""
-    epochs = hmac_epochs.EpochKeys(k0) if k0 is not None else None
-    hid = hmac_key_id(k0) if k0 is not None else None
-    node_tag = b'"node":' + json.dumps(node, ensure_ascii=False).encode()
-    good = scan.good
-    seen: dict[bytes, int] = {}
-    later_index: list[dict[bytes, int]] = []
+    It starts at genesis or resumes after the records the head node holds (their
+    last seq, hash and record, and the signing keys followed so far). A record like
+    the one before it (next seq, links to it, hashes right, columns match the
+    envelope, names the node, MAC'd under the same key id, not a key event) is
+    accepted by the inline test; anything else takes `_check` and `_check_mac`
+    exactly as written, so findings do not depend on the fast path. The inline test
+    skips the DUPLICATE lookup: a record whose hash verifies and whose envelope
+    names its own seq cannot repeat an earlier hash short of a SHA-256 collision.
+    Memory holds one page: earlier rows are reached through `lookups`."""
 
-    def later() -> dict[bytes, int]:
-        """hash -> seq over the whole file, built the first time a check needs it."""
-        if not later_index:
-            later_index.append({r.hash: r.seq for r in records})
-        return later_index[0]
-    prev, last_seq, last_epoch = GENESIS_PREV, -1, 0
-    last: RawRecord | None = None
-    mac_kid: str | None = None  # key id the inline test accepts, and its MAC
-    mac_of: Callable[[bytes], bytes] | None = None
-    sha = hashlib.sha256
-    suffix = _suffix
-    for rec in records:
-        seq, _t, kind, _job, body, prev_hash, rec_hash, mac, key_id = rec
-        if (fast and seq == last_seq + 1 and prev_hash == prev and kind != "key"
-                and sha(prev_hash + body).digest() == rec_hash and body.endswith(suffix(rec))
-                and (seq == 0 or node_tag in body)
-                and (epochs is None or (key_id == mac_kid and mac is not None
-                                        and mac_of is not None and mac_of(rec_hash) == mac))):
-            good.append(rec)
-            prev, last_seq, last = rec_hash, seq, rec
-            continue
-        if len(seen) < len(good):
-            seen.update((r.hash, r.seq) for r in good[len(seen):])
-        code, seq, why = _check(rec, prev, last_seq, seen, later=later, node_tag=node_tag)
+    def __init__(self, ident: Identity, lookups: Lookups, *, last: RawRecord | None = None,
+                 fast: bool = True) -> None:
+        self.node = ident.node
+        self.origin = ident.origin
+        self.signers = list(ident.signers)
+        self.lookups = lookups
+        self.fast = fast
+        self.findings: list[Finding] = []
+        self.stopped = False
+        self.epochs = hmac_epochs.EpochKeys(ident.k0) if ident.k0 is not None else None
+        self.hid = hmac_key_id(ident.k0) if ident.k0 is not None else None
+        self.node_tag = b'"node":' + json.dumps(ident.node, ensure_ascii=False).encode()
+        self.last: Sequence[Any] | None = last
+        self.prev = last.hash if last is not None else GENESIS_PREV
+        self.last_seq = last.seq if last is not None else -1
+        self.last_epoch = 0
+        if last is not None and self.epochs is not None and type(last.key_id) is str:
+            parsed = _parse_key_id(last.key_id)
+            self.last_epoch = parsed[1] if parsed is not None else 0
+        self.mac_kid: str | None = None  # key id the inline test accepts, and its MAC
+        self.mac_of: Callable[[bytes], bytes] | None = None
+
+    def accept(self, rec: Sequence[Any]) -> bool:
+        """Check the next record (a RawRecord, or a plain tuple of its columns); False
+        (and `stopped`, with its finding) when it fails. Called once per row from
+        inside the store's INSERT ... SELECT, so the fast test is inline."""
+        if self.stopped:
+            return False
+        seq, time_ns, kind, job, body, prev_hash, rec_hash, mac, key_id = rec
+        epochs = self.epochs
+        if (self.fast and seq == self.last_seq + 1 and prev_hash == self.prev
+                and kind != "key" and sha256(prev_hash + body).digest() == rec_hash
+                and body.endswith(_suffix_of(seq, time_ns, kind, job))
+                and (seq == 0 or self.node_tag in body)
+                and (epochs is None or (key_id == self.mac_kid and mac is not None
+                                        and self.mac_of is not None
+                                        and self.mac_of(rec_hash) == mac))):
+            self.prev, self.last_seq, self.last = rec_hash, seq, rec
+            return True
+        return self._slow(rec if isinstance(rec, RawRecord) else RawRecord._make(rec))
+
+    def _slow(self, rec: RawRecord) -> bool:
+        epochs, key_id = self.epochs, rec.key_id
+        last = self.last
+        if last is not None and not isinstance(last, RawRecord):
+            last = RawRecord._make(last)
+        code, bad_seq, why = _check(rec, self.prev, self.last_seq, self.lookups,
+                                    node_tag=self.node_tag)
         if code is None and epochs is not None:
-            code, why, last_epoch = _check_mac(rec, epochs, hid, last_epoch, last)
-            seq = rec.seq
-            if code is None and key_id != mac_kid:
-                mac_kid, mac_of = key_id, hmac_epochs.mac_function(epochs.key(last_epoch))
-        if code is None and rec.kind == "key" and signers:
+            code, why, self.last_epoch = _check_mac(rec, epochs, self.hid, self.last_epoch,
+                                                    last)
+            bad_seq = rec.seq
+            if code is None and key_id != self.mac_kid:
+                self.mac_kid = key_id
+                self.mac_of = hmac_epochs.mac_function(epochs.key(self.last_epoch))
+        if code is None and rec.kind == "key" and self.signers:
             body_obj = _body(rec)
             if body_obj.get("event") == "rotate":
-                code, why = follow_rotation(body_obj, scan.origin or "", signers)
+                code, why = follow_rotation(body_obj, self.origin or "", self.signers)
         if code is not None:
-            scan.findings.append(Finding(code, node, seq, why))
-            break
-        good.append(rec)
-        seen[rec.hash] = rec.seq
-        prev, last_seq, last = rec.hash, rec.seq, rec
-    scan.leaves = leaf_hashes([r.body for r in good])
+            self.stop(code, bad_seq, why)
+            return False
+        self.prev, self.last_seq, self.last = rec.hash, rec.seq, rec
+        return True
+
+    def stop(self, code: str, seq: int | None, why: str) -> None:
+        """End the scan with a finding (also for what the caller found, e.g. a row the
+        database could not hand over)."""
+        if not self.stopped:
+            self.findings.append(Finding(code, self.node, seq, why))
+            self.stopped = True
+
+    def feed(self, rows: Sequence[RawRecord]) -> int:
+        """Check the next rows in seq order; returns how many leading ones were accepted."""
+        taken = 0
+        for rec in rows:
+            if not self.accept(rec):
+                break
+            taken += 1
+        return taken
 
 
 _KIND_JSON: dict[str, bytes] = {}
@@ -243,44 +260,49 @@ _NO_SUFFIX = b"\x00"  # no envelope ends with it: a column of the wrong type nev
 
 
 def _suffix(rec: RawRecord) -> bytes:
+    return _suffix_of(rec.seq, rec.time_ns, rec.kind, rec.job_id)
+
+
+def _suffix_of(seq: Any, time_ns: Any, kind_text: Any, job: Any) -> bytes:
     """`envelope_suffix` with the kind's JSON cached: it runs once per record. A
     column rewritten with another type (a BLOB kind, a TEXT time) gives `_NO_SUFFIX`."""
-    kind = _KIND_JSON.get(rec.kind)
+    kind = _KIND_JSON.get(kind_text)
     if kind is None:
-        if type(rec.kind) is not str:
+        if type(kind_text) is not str:
             return _NO_SUFFIX
         if len(_KIND_JSON) > 256:
             _KIND_JSON.clear()
-        kind = _KIND_JSON.setdefault(rec.kind, json.dumps(rec.kind).encode())
-    job = rec.job_id
-    if type(rec.time_ns) is not int or type(rec.seq) is not int or not (
+        kind = _KIND_JSON.setdefault(kind_text, json.dumps(kind_text).encode())
+    if type(time_ns) is not int or type(seq) is not int or not (
             job is None or type(job) is str):
         return _NO_SUFFIX
     if job is None:
-        return b',"job":null,"kind":%b,"seq":%d,"time_ns":%d}' % (kind, rec.seq, rec.time_ns)
+        return b',"job":null,"kind":%b,"seq":%d,"time_ns":%d}' % (kind, seq, time_ns)
     if job.isascii() and job.isprintable() and '"' not in job and "\\" not in job:
         return b',"job":"%b","kind":%b,"seq":%d,"time_ns":%d}' % (
-            job.encode(), kind, rec.seq, rec.time_ns)
-    return envelope_suffix(rec.seq, rec.time_ns, rec.kind, rec.job_id)
+            job.encode(), kind, seq, time_ns)
+    return envelope_suffix(seq, time_ns, kind_text, job)
 
 
-def _check(rec: RawRecord, prev: bytes, last_seq: int, seen: dict[bytes, int], *,
-           later: Callable[[], dict[bytes, int]], node_tag: bytes) -> tuple[str | None, int, str]:
+def _check(rec: RawRecord, prev: bytes, last_seq: int, lookups: Lookups, *,
+           node_tag: bytes) -> tuple[str | None, int, str]:
     if rec.seq <= last_seq:
         return "REORDER", rec.seq, f"seq {rec.seq} appears after seq {last_seq}"
     if rec.seq > last_seq + 1:
         return "GAP", last_seq + 1, f"seqs {last_seq + 1}..{rec.seq - 1} are missing"
     if type(rec.kind) is not str or not (rec.job_id is None or type(rec.job_id) is str):
         return "TAMPERED", rec.seq, "a column has the wrong type"  # as `sparkctl verify`
-    if rec.hash in seen:
-        return "DUPLICATE", rec.seq, f"repeats the record of seq {seen[rec.hash]}"
+    copied = _envelope_seq(rec.body)
+    if copied is not None and copied < rec.seq and lookups.hash_at(copied) == rec.hash:
+        return "DUPLICATE", rec.seq, f"repeats the record of seq {copied}"
     if record_hash(rec.prev_hash, rec.body) != rec.hash:
         return "TAMPERED", rec.seq, "stored bytes do not hash to the stored hash"
     if not rec.body.endswith(_suffix(rec)):
         env_seq = _envelope_seq(rec.body)
         if env_seq is None or env_seq == rec.seq:
             return "TAMPERED", rec.seq, "seq/time/kind/job columns differ from the hashed record"
-        if later().get(rec.prev_hash, -1) >= rec.seq:
+        linked = lookups.seq_of_hash(rec.prev_hash)
+        if linked is not None and linked >= rec.seq:
             return "REORDER", rec.seq, (f"holds the record of seq {env_seq}, which links to "
                                         "a record stored after it")
         if env_seq == rec.seq - 1:
@@ -291,9 +313,9 @@ def _check(rec: RawRecord, prev: bytes, last_seq: int, seen: dict[bytes, int], *
                                     "(later records renumbered)")
         return "REORDER", rec.seq, f"holds the record of seq {env_seq}"
     if rec.prev_hash != prev:
-        if rec.prev_hash in seen or rec.prev_hash in later():
-            return "REORDER", rec.seq, f"links to seq {later().get(rec.prev_hash)}, " \
-                                       f"not to seq {last_seq}"
+        linked = lookups.seq_of_hash(rec.prev_hash)
+        if linked is not None:
+            return "REORDER", rec.seq, f"links to seq {linked}, not to seq {last_seq}"
         return "TAMPERED", rec.seq, f"does not link to seq {last_seq}"
     if rec.seq > 0 and node_tag not in rec.body:
         claimed = _body(rec).get("node")
@@ -344,15 +366,19 @@ def follow_rotation(body: dict[str, Any], origin: str,
     return None, ""
 
 
-def _scan_checkpoints(scan: NodeScan, node: str, texts: Sequence[str],
-                      signers: list[Ed25519PublicKey], ledger_size: int) -> None:
+def signed_checkpoints(node: str, origin: str | None, texts: Sequence[str],
+                       signers: Sequence[Ed25519PublicKey]
+                       ) -> tuple[list[Checkpoint], list[Finding]]:
+    """The checkpoints signed by one of the node's keys, in size order, and a finding
+    for each that is not (with no key to check it by, a checkpoint proves nothing)."""
     verified: list[Checkpoint] = []
+    findings: list[Finding] = []
     for text in texts:
         cp = None
         problem: tuple[str, str] | None = None
         for key in signers:
             try:
-                cp = verify_checkpoint(text, key, scan.origin)
+                cp = verify_checkpoint(text, key, origin)
                 problem = None
                 break
             except CheckpointInvalid as exc:
@@ -362,22 +388,18 @@ def _scan_checkpoints(scan: NodeScan, node: str, texts: Sequence[str],
             except CheckpointError as exc:
                 problem = ("TAMPERED", f"unreadable checkpoint: {exc.message}")
         if problem is not None:
-            scan.findings.append(Finding(problem[0], node, None, problem[1]))
-        elif cp is not None:  # with no key to check it by, a checkpoint proves nothing
+            findings.append(Finding(problem[0], node, None, problem[1]))
+        elif cp is not None:
             verified.append(cp)
-    for cp in sorted(verified, key=lambda c: c.size):
-        if cp.size > ledger_size:
-            scan.findings.append(Finding("ROLLBACK", node, ledger_size,
-                                         f"ledger holds {ledger_size} records but its own "
-                                         f"checkpoint says {cp.size}"))
+    return sorted(verified, key=lambda c: c.size), findings
+
+
+def checkpoint_sizes(texts: Sequence[str]) -> set[int]:
+    """The tree sizes the checkpoint notes name (unverified: roots are compared there)."""
+    sizes = set()
+    for text in texts:
+        try:
+            sizes.add(parse_checkpoint(text).size)
+        except CheckpointError:
             continue
-        if cp.size > len(scan.good):
-            continue  # covers records past the first bad one: already reported
-        if scan.tree().root(cp.size) != cp.root \
-                or scan.good[cp.size - 1].hash.hex() != cp.head_hash:
-            scan.findings.append(Finding("FORK", node, None,
-                                         f"records differ from the ledger's own signed "
-                                         f"checkpoint of size {cp.size}"))
-            scan.good, scan.leaves = [], []
-            return
-        scan.valid_checkpoints.append(cp)
+    return sizes

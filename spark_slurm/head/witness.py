@@ -73,7 +73,8 @@ def node_of(origin: str) -> str:
 
 
 @contextmanager
-def _locked(state: Path) -> Iterator[None]:
+def locked_state(state: Path) -> Iterator[None]:
+    """The witness state's exclusive lock (adds serialise under it; so does a backup)."""
     state.mkdir(parents=True, exist_ok=True)
     fd = os.open(state / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -88,7 +89,7 @@ def witness_key(state: Path) -> tuple[str, Ed25519PrivateKey]:
     """The witness's name and key, created on first use (key file mode 0600)."""
     key_path = state / KEY_FILE
     name_path = state / NAME_FILE
-    with _locked(state):
+    with locked_state(state):
         if not key_path.exists():
             key = Ed25519PrivateKey.generate()
             replace_file(key_path, private_pem(key), 0o600)
@@ -207,7 +208,7 @@ def witness_checkpoint(state: Path, text: str, keys: KeyRing, proof: list[bytes]
         raise WitnessError(f"{node}: {problem.message}") from None
     name, key = witness_key(state)
     folder = state / "checkpoints"
-    with _locked(state):
+    with locked_state(state):
         folder.mkdir(exist_ok=True)
         old = latest(state, cp.origin)
         if old is not None:
@@ -233,15 +234,28 @@ def witness_checkpoint(state: Path, text: str, keys: KeyRing, proof: list[bytes]
 
 
 def witness_file(state: Path, checkpoint: Path, keys_dir: Path | None = None,
-                 proof: Path | None = None, ledger: Path | None = None) -> WitnessResult:
-    """The CLI entry point: read files, then `witness_checkpoint`."""
+                 proof: Path | None = None, ledger: Path | None = None, *,
+                 db: str | Path | None = None) -> WitnessResult:
+    """The CLI entry point: read files, then `witness_checkpoint`; with `db`, keep the
+    cosigned checkpoint in that cluster store too."""
     try:
         text = checkpoint.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{checkpoint}: cannot read checkpoint: {exc}") from None
     keys = KeyRing.load(keys_dir if keys_dir is not None else state / "keys")
     try:
-        return witness_checkpoint(state, text, keys, read_proof(proof) if proof else None,
-                                  ledger)
+        result = witness_checkpoint(state, text, keys, read_proof(proof) if proof else None,
+                                    ledger)
     except OSError as exc:
         raise InputError(f"{state}: cannot use witness state: {exc.strerror or exc}") from None
+    if db is not None:
+        from spark_slurm.head.store import open_store  # noqa: PLC0415
+
+        cp = parse_checkpoint(result.text)
+        store = open_store(db, create=True)
+        try:
+            store.import_checkpoint(node_of(cp.origin), cp.origin, cp.size, cp.root.hex(),
+                                    cp.text, source="witness")
+        finally:
+            store.close()
+    return result

@@ -47,6 +47,9 @@ class Record:
     hash: str
     mac: str | None
     key_id: str | None
+    node: str = ""
+    """The node that wrote it, where records of many nodes meet (the head node's
+    stores and audits); empty when read from a node ledger by itself."""
 
     @property
     def body(self) -> dict[str, Any]:

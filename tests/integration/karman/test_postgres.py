@@ -1,14 +1,11 @@
-"""`karman record` into a real PostgreSQL 15 started here from the Debian packages."""
+"""`karman record` into a real PostgreSQL 15 started here from the Debian packages
+(the `pg_url` fixture, tests/conftest.py: one fresh server per test)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -20,7 +17,6 @@ from spark_slurm.karman.publisher import PublishStats
 from spark_slurm.karman.recorder import BIBIMBAP, TABLE, PostgresSink, record
 from spark_slurm.karman.transport import Publisher
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 Replayer = Callable[..., tuple[threading.Thread, list[PublishStats]]]
 
 pytestmark = pytest.mark.postgres
@@ -30,38 +26,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _as_postgres(*args: str) -> list[str]:
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--", *args]
-    return list(args)
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    if not (PG_BIN / "initdb").exists():
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL 15 binaries missing under CI (make system-deps)")
-        pytest.skip("PostgreSQL 15 binaries not installed")
-    base = Path(tempfile.mkdtemp(prefix="karman-pg-"))
-    data = base / "data"
-    port = _free_port()
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres", "postgres")
-    try:
-        subprocess.run(_as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres",
-                                    "--auth=trust", "-E", "UTF8"),
-                       check=True, capture_output=True)
-        subprocess.run(_as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-l",
-                                    str(base / "log"), "-o",
-                                    f"-k {base} -p {port} -c listen_addresses=''", "start"),
-                       check=True, capture_output=True, timeout=60)
-        yield f"postgresql://postgres@/postgres?host={base}&port={port}"
-    finally:
-        subprocess.run(_as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                                    "stop"), check=False, capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_record_into_postgres_via_cli(pg_url: str, publisher: Publisher, replayer: Replayer,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,32 @@ from spark_slurm.head.merge import merge_ledgers
 from spark_slurm.head.tariff import flat
 from tests.unit.head import tamper
 from tests.unit.head.conftest import ENERGY, Cluster
+from tests.unit.head.stores import execute
+
+pytestmark = pytest.mark.both_stores
 
 
-def merged(c: Cluster) -> Path:
-    db = c.root / "cluster.db"
-    assert merge_ledgers(db, [str(c.n1), str(c.n2)], keys_dir=c.trust, clock=c.clock).ok
-    return db
+def merged(c: Cluster) -> str:
+    assert merge_ledgers(c.db, [str(c.n1), str(c.n2)], keys_dir=c.trust, clock=c.clock).ok
+    return c.db
 
 
-def edit_job_record(db: Path, node: str, kind: str, assignment: str) -> None:
-    """Tamper with the merged ledger: `SET assignment` on job 100's `kind` record of `node`."""
-    conn = sqlite3.connect(db)
-    with conn:
-        conn.execute(f"UPDATE records SET {assignment} WHERE kind=? AND job_id='100' AND "
-                     "node_id=(SELECT node_id FROM nodes WHERE name=?)", (kind, node))
-    conn.close()
+# the same edit in each store's dialect (SQLite | PostgreSQL)
+EDITS = {
+    "body": ("body = CAST(replace(body, 'alice', 'mallo') AS BLOB)",
+             "body = convert_to(replace(convert_from(body, 'UTF8'), 'alice', 'mallo'), 'UTF8')"),
+    "zero mac": ("mac = zeroblob(32)", "mac = decode(repeat('00', 32), 'hex')"),
+    "no mac": ("mac = NULL", "mac = NULL"),
+    "epoch": ("key_id = substr(key_id, 1, instr(key_id, ':')) || '1000000000000'",
+              "key_id = split_part(key_id, ':', 1) || ':1000000000000'"),
+}
+
+
+def edit_job_record(db: str, node: str, kind: str, edit: str) -> None:
+    """Tamper with the cluster store: `edit` (EDITS) on job 100's `kind` record of `node`."""
+    assignment = EDITS[edit][0 if not db.startswith("postgres") else 1]
+    execute(db, f"UPDATE records SET {assignment} WHERE kind=? AND job_id='100' AND "
+            "node_id=(SELECT node_id FROM nodes WHERE name=?)", (kind, node))
 
 
 def test_job_on_two_nodes_in_time_order_all_verified(cluster: Cluster) -> None:
@@ -68,7 +78,7 @@ def test_audit_on_a_node_ledger_works_too(cluster: Cluster) -> None:
 
 def test_a_record_changed_in_the_merged_ledger_shows_as_unverified(cluster: Cluster) -> None:
     db = merged(cluster)
-    edit_job_record(db, "n2", "cap", "body = CAST(replace(body, 'alice', 'mallo') AS BLOB)")
+    edit_job_record(db, "n2", "cap", "body")
     report = audit_job(db, "100")
     assert not report.ok
     bad = [e for e in report.timeline if not e.verification.ok]
@@ -116,7 +126,7 @@ def test_svg_plot(cluster: Cluster, tmp_path: Path) -> None:
 
 def test_merge_findings_on_a_jobs_node_fail_the_verdict(cluster: Cluster) -> None:
     tamper.sql(cluster.n2, "DELETE FROM per WHERE seq = 6")
-    db = cluster.root / "cluster.db"
+    db = cluster.db
     merge_ledgers(db, [str(cluster.n1), str(cluster.n2)], keys_dir=cluster.trust,
                   clock=cluster.clock)
     report = audit_job(db, "100")
@@ -151,8 +161,8 @@ def test_keys_recheck_every_mac_on_the_merged_ledger(cluster: Cluster) -> None:
 
 def test_a_mac_edited_in_the_merged_ledger_fails_only_with_keys(cluster: Cluster) -> None:
     db = merged(cluster)
-    edit_job_record(db, "n1", "restore", "mac = zeroblob(32)")
-    edit_job_record(db, "n2", "admission", "mac = NULL")
+    edit_job_record(db, "n1", "restore", "zero mac")
+    edit_job_record(db, "n2", "admission", "no mac")
     assert audit_job(db, "100").ok  # the MAC is not part of the hash chain
     report = audit_job(db, "100", keys_dir=cluster.trust)
     bad = {(e.node, e.kind): e.verification.mac for e in report.timeline
@@ -165,8 +175,7 @@ def test_a_mac_edited_in_the_merged_ledger_fails_only_with_keys(cluster: Cluster
 def test_a_key_id_naming_an_impossible_epoch_fails_without_deriving_it(
         cluster: Cluster) -> None:
     db = merged(cluster)
-    edit_job_record(db, "n1", "cap",
-                    "key_id = substr(key_id, 1, instr(key_id, ':')) || '1000000000000'")
+    edit_job_record(db, "n1", "cap", "epoch")
     report = audit_job(db, "100", keys_dir=cluster.trust)
     [bad] = [e for e in report.timeline if not e.verification.ok]
     assert (bad.node, bad.kind) == ("n1", "cap")

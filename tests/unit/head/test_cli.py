@@ -23,9 +23,9 @@ def test_every_command_is_documented(name: str, capsys: pytest.CaptureFixture[st
 
 def test_merge_json_summary_and_exit_codes(cluster: Cluster,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    db = cluster.root / "cluster.db"
+    db = cluster.db
     args = ["merge", "--into", str(db), "--keys", str(cluster.trust), "--json"]
-    assert run([*args, str(cluster.n1), str(cluster.n2)]) == 0
+    assert run([*args, str(cluster.n1)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] and doc["appended"] > 0 and doc["findings"] == []
     tamper.sql(cluster.n2, "DELETE FROM per WHERE seq = 2")
@@ -39,8 +39,7 @@ def test_merge_json_summary_and_exit_codes(cluster: Cluster,
 
 def test_merge_progress_bar_goes_to_stderr(cluster: Cluster,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    db = cluster.root / "cluster.db"
-    assert run(["merge", "--into", str(db), "--progress", str(cluster.n1)]) == 0
+    assert run(["merge", "--db", cluster.db, "--progress", str(cluster.n1)]) == 0
     captured = capsys.readouterr()
     assert "merging" in captured.err and "merged" in captured.out
 

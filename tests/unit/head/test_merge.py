@@ -4,30 +4,27 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from spark_slurm.clock import ManualClock
-from spark_slurm.head.headdb import Finding, HeadDb
 from spark_slurm.head.merge import MergeSummary, merge_ledgers
+from spark_slurm.head.store import Finding, open_store
 from spark_slurm.head.witness import witness_file
 from spark_slurm.ledger import Ledger
 from spark_slurm.ledger.keys import keygen, load_hmac_key, load_signing_key
 from tests.unit.head import tamper
 from tests.unit.head.builders import build_node, write_job
 from tests.unit.head.conftest import Cluster
+from tests.unit.head.stores import dump, node_rows, query
 
-
-def dump(db: Path) -> list[str]:
-    conn = sqlite3.connect(db)
-    out = list(conn.iterdump())
-    conn.close()
-    return out
+pytestmark = pytest.mark.both_stores
 
 
 def merge(c: Cluster, *sources: Path | str, witness: Path | None = None) -> MergeSummary:
-    return merge_ledgers(c.root / "cluster.db", [str(s) for s in sources], keys_dir=c.trust,
+    return merge_ledgers(c.db, [str(s) for s in sources], keys_dir=c.trust,
                          witness_state=witness, clock=c.clock)
 
 
@@ -43,23 +40,22 @@ def assert_healthy_n2(summary: MergeSummary) -> None:
 def test_merge_two_healthy_nodes_copies_records_byte_for_byte(cluster: Cluster) -> None:
     summary = merge(cluster, cluster.n1, cluster.n2)
     assert summary.ok and not summary.findings
-    with HeadDb.open(cluster.root / "cluster.db") as db:
-        for node, path in (("n1", cluster.n1), ("n2", cluster.n2)):
+    for node, path in (("n1", cluster.n1), ("n2", cluster.n2)):
+        stored = node_rows(cluster.db, node)
+        assert stored == tamper.rows(path)
+        with closing(open_store(cluster.db)) as db:
             state = db.node(node)
-            assert state is not None
-            stored = db.conn.execute(
-                "SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id "
-                "FROM records WHERE node_id=? ORDER BY seq", (state.node_id,)).fetchall()
-            assert [list(r) for r in stored] == tamper.rows(path)
-            assert state.count == len(stored) and state.head_seq == len(stored) - 1
+        assert state is not None
+        assert state.count == len(stored) and state.head_seq == len(stored) - 1
 
 
 def test_merge_twice_changes_nothing(cluster: Cluster) -> None:
     merge(cluster, cluster.n1, cluster.n2)
-    before = dump(cluster.root / "cluster.db")
+    before = dump(cluster.db)
     again = merge(cluster, cluster.n1, cluster.n2)
     assert again.ok and again.appended == 0
-    assert dump(cluster.root / "cluster.db") == before
+    assert [r.read for r in again.results] == [0, 0]  # nothing new: no row is copied
+    assert dump(cluster.db) == before
 
 
 def test_merge_is_incremental(cluster: Cluster, tmp_path: Path) -> None:
@@ -82,11 +78,11 @@ def test_tampered_node_is_reported_and_others_still_merge_idempotently(cluster: 
     assert not first.ok
     assert next((f.code, f.node, f.seq) for f in only(first, "n1")) == ("TAMPERED", "n1", 3)
     assert_healthy_n2(first)
-    before = dump(cluster.root / "cluster.db")
+    before = dump(cluster.db)
     second = merge(cluster, cluster.n1, cluster.n2)
     assert [(f.code, f.seq) for f in second.findings] == [(f.code, f.seq) for f in first.findings]
-    assert dump(cluster.root / "cluster.db") == before  # findings are recorded once
-    with HeadDb.open(cluster.root / "cluster.db") as db:
+    assert dump(cluster.db) == before  # findings are recorded once
+    with closing(open_store(cluster.db)) as db:
         assert ("TAMPERED", "n1", 3) in [(f.code, f.node, f.seq) for f in db.findings()]
         n1 = db.node("n1")
         assert n1 is not None and n1.head_seq == 2  # the verified prefix is kept
@@ -184,9 +180,8 @@ def test_fork_keeps_both_versions_as_evidence(cluster: Cluster, tmp_path: Path) 
     assert merge(cluster, cluster.n1, cluster.n2).ok
     summary = merge(cluster, other)
     assert ("FORK", "n1", size) == next((f.code, f.node, f.seq) for f in only(summary, "n1"))
-    with HeadDb.open(cluster.root / "cluster.db") as db:
-        kept = db.conn.execute("SELECT count(*) FROM forks WHERE seq = ?", (size,)).fetchone()[0]
-        assert kept == 1
+    with closing(open_store(cluster.db)) as db:
+        assert query(db, "SELECT count(*) FROM forks WHERE seq = ?", (size,)) == [(1,)]
         assert [r.job_id for r in db.job_records("300")]  # the first version stays
 
 
@@ -246,7 +241,7 @@ def test_foreign_origin_file_and_record(cluster: Cluster, tmp_path: Path) -> Non
     assert_healthy_n2(summary)
 
 
-def test_missing_epoch_seal_is_an_epoch_gap(tmp_path: Path) -> None:
+def test_missing_epoch_seal_is_an_epoch_gap(cluster: Cluster, tmp_path: Path) -> None:
     clock = ManualClock()
     trust = tmp_path / "trust"
     path = build_node(tmp_path, "n3", trust, clock, [])
@@ -260,7 +255,7 @@ def test_missing_epoch_seal_is_an_epoch_gap(tmp_path: Path) -> None:
     assert len(seals) == 2
     del rows[seals[1]]
     tamper.rewrite(path, rows, k0)  # a key thief rebuilds chain and MACs, minus one seal
-    summary = merge_ledgers(tmp_path / "c.db", [str(path)], keys_dir=trust, clock=clock)
+    summary = merge_ledgers(cluster.db, [str(path)], keys_dir=trust, clock=clock)
     assert ("EPOCH_GAP", "n3", seals[1]) in [(f.code, f.node, f.seq) for f in summary.findings]
 
 
@@ -273,23 +268,11 @@ def test_unusable_source_is_an_error_not_a_crash(cluster: Cluster) -> None:
     assert_healthy_n2(summary)
 
 
-def test_merge_refuses_to_write_into_a_node_ledger(cluster: Cluster) -> None:
-    from spark_slurm.errors import HeadDbError  # noqa: PLC0415
-
-    before = tamper.rows(cluster.n1)
-    with pytest.raises(HeadDbError, match="node ledger"):
-        merge_ledgers(cluster.n1, [str(cluster.n2)], keys_dir=cluster.trust)
-    assert tamper.rows(cluster.n1) == before
-    tables = {r[0] for r in sqlite3.connect(cluster.n1).execute(
-        "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert "records" not in tables
-
-
 def test_concurrent_merges_into_one_file_do_not_collide(cluster: Cluster) -> None:
     import threading  # noqa: PLC0415
 
-    db = cluster.root / "cluster.db"
-    merge_ledgers(db, [], keys_dir=cluster.trust)  # create the file first
+    db = cluster.db
+    merge_ledgers(db, [], keys_dir=cluster.trust)  # create the store first
     results: list[MergeSummary] = []
 
     def go() -> None:
@@ -309,11 +292,27 @@ def test_concurrent_merges_into_one_file_do_not_collide(cluster: Cluster) -> Non
 def test_worker_processes_give_the_same_result(cluster: Cluster, tmp_path: Path) -> None:
     tamper.sql(cluster.n1, "DELETE FROM per WHERE seq = 6")
     sources = [str(cluster.n1), str(cluster.n2), str(tmp_path / "missing.db")]
-    one = merge_ledgers(tmp_path / "a.db", sources, keys_dir=cluster.trust, workers=1)
-    two = merge_ledgers(tmp_path / "b.db", sources, keys_dir=cluster.trust, workers=2)
+    a, b = cluster.another_store("a"), cluster.another_store("b")
+    one = merge_ledgers(a, sources, keys_dir=cluster.trust, workers=1)
+    two = merge_ledgers(b, sources, keys_dir=cluster.trust, workers=2)
     assert one.to_json()["findings"] == two.to_json()["findings"]
     assert [r.appended for r in one.results] == [r.appended for r in two.results]
     assert two.results[2].error is not None and "missing.db" in two.results[2].error
-    assert dump(tmp_path / "a.db")[:50] != [] and [
-        ln for ln in dump(tmp_path / "a.db") if "INSERT INTO \"records\"" in ln] == [
-        ln for ln in dump(tmp_path / "b.db") if "INSERT INTO \"records\"" in ln]
+    assert any(ln.startswith("records:") for ln in dump(a))
+    assert dump(a) == dump(b)
+
+
+def test_a_finding_without_a_seq_is_recorded_once(cluster: Cluster) -> None:
+    """A bad checkpoint signature names no seq; merging again must not add it again."""
+    conn = sqlite3.connect(cluster.n1)
+    text = conn.execute("SELECT text FROM checkpoint ORDER BY id DESC LIMIT 1").fetchone()[0]
+    conn.close()
+    lines = text.split("\n")
+    lines[2] = "A" * 43 + "="  # another root under the same signature
+    tamper.sql(cluster.n1, "UPDATE checkpoint SET text = ? WHERE id = (SELECT max(id) FROM "
+               "checkpoint)", ("\n".join(lines),))
+    first = merge(cluster, cluster.n1)
+    assert [f.seq for f in first.findings] == [None]
+    merge(cluster, cluster.n1)
+    with closing(open_store(cluster.db)) as db:
+        assert len(db.findings("n1")) == 1

@@ -1,119 +1,151 @@
-"""Merge's three ways of storing checked rows agree, and check and copy read one file.
+"""What merge reads of a source, and that what it stores is exactly what it checked.
 
-Rows reach the cluster ledger by SQL from a private copy of the node ledger (in this
-process or with worker processes doing the checks), or bound from memory (the path
-`load_node_ledger` and lenient-read ledgers take). Whatever the damage, all three
-must leave byte-identical cluster ledgers and the same findings.
+The store reads the rows past the node's stored head once, handing each to merge's
+check on its way in (an inline fast test, or every record through the full
+checks). Whatever the damage, the fast path and the full checks leave
+byte-identical stores with the same findings; the rows stored are the rows the
+check saw, no more; and only the new rows are read.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import sqlite3
-import stat
+from collections.abc import Sequence
+from contextlib import closing
+from hashlib import sha256
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from spark_slurm.head.headdb import HeadDb
 from spark_slurm.head.keyring import KeyRing
-from spark_slurm.head.merge import (
-    MergeSummary,
-    Prepared,
-    apply_prepared,
-    merge_into,
-    merge_ledgers,
-    prepare,
-)
-from spark_slurm.head.scan import ref_seq_of
-from spark_slurm.head.source import private_copy
-from spark_slurm.ledger import Ledger
+from spark_slurm.head.merge import merge_into, merge_ledgers
+from spark_slurm.head.scan import RawRecord, ref_seq_of
+from spark_slurm.head.store import open_store
+from spark_slurm.ledger import Ledger, verify_ledger
 from spark_slurm.ledger.keys import keygen, load_hmac_key, load_signing_key
 from tests.unit.head import tamper
+from tests.unit.head.builders import write_job
 from tests.unit.head.conftest import Cluster
-from tests.unit.head.test_merge_bulk import DAMAGE
+from tests.unit.head.stores import dump, query
+
+pytestmark = pytest.mark.both_stores
+
+DAMAGE = [
+    "",
+    "UPDATE per SET hash = randomblob(32) WHERE seq=4",
+    "UPDATE per SET mac = randomblob(32) WHERE seq=5",
+    "UPDATE per SET mac = NULL WHERE seq=5",
+    "UPDATE per SET key_id = 'zz:0' WHERE seq=5",
+    "UPDATE per SET time_ns = time_ns + 1 WHERE seq=6",
+    "UPDATE per SET job_id = 'other' WHERE job_id IS NOT NULL AND seq > 2",
+    "UPDATE per SET prev_hash = randomblob(32) WHERE seq=3",
+    "DELETE FROM per WHERE seq=4",
+    "UPDATE per SET kind = 'restore' WHERE seq=3",
+    "UPDATE per SET body = CAST(body AS TEXT) WHERE seq=2",
+    "UPDATE per SET kind = CAST(X'FF6361' AS TEXT) WHERE seq=3",
+    "UPDATE per SET kind = CAST(kind AS BLOB) WHERE seq=3",
+    "UPDATE per SET job_id = CAST(job_id AS BLOB) WHERE job_id IS NOT NULL",
+    "UPDATE per SET key_id = CAST(key_id AS BLOB) WHERE seq=5",
+    "UPDATE per SET time_ns = 'noon' WHERE seq=4",
+    "UPDATE per SET seq = seq + 1000 WHERE seq >= 7",
+    "INSERT INTO per SELECT (SELECT max(seq) + 1 FROM per), time_ns, kind, job_id, body,"
+    " prev_hash, hash, mac, key_id FROM per WHERE seq = 3",
+]
 
 
-def _dump(db: Path) -> list[str]:
-    conn = sqlite3.connect(db)
-    out = [ln for ln in conn.iterdump() if not ln.startswith('INSERT INTO "findings"')]
-    findings = sorted(conn.execute("SELECT code, node, seq, detail, source FROM findings"))
-    conn.close()
-    return [*out, *map(repr, findings)]
-
-
-def _bound(c: Cluster, into: Path, sources: list[str]) -> MergeSummary:
-    with HeadDb.open(into, create=True) as db:
-        return merge_into(db, sources, KeyRing.load(c.trust), clock=c.clock)
-
-
-def _three_ways(c: Cluster, name: str, sources: list[str]) -> list[Path]:
-    """Merge `sources` into three fresh cluster ledgers, one per way; returns them."""
-    out = []
-    for way in ("pool", "copy", "bound"):
-        into = c.root / f"{name}-{way}.db"
-        if way == "bound":
-            _bound(c, into, sources)
-        else:
-            merge_ledgers(into, sources, keys_dir=c.trust, clock=c.clock,
-                          workers=2 if way == "pool" else 1)
-        out.append(into)
-    return out
+def _merged(c: Cluster, name: str, *, fast: bool) -> str:
+    into = c.another_store(name)
+    with closing(open_store(into, create=True)) as store, closing(open_store(into)) as reads:
+        merge_into(store, reads, [str(c.n1), str(c.n2)], KeyRing.load(c.trust),
+                   clock=c.clock, fast=fast)
+    return into
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_every_way_of_storing_gives_the_same_cluster_ledger(cluster: Cluster,
-                                                            damage: str) -> None:
+def test_fast_path_gives_the_verdicts_of_the_full_checks(cluster: Cluster, damage: str) -> None:
     if damage:
         tamper.sql(cluster.n1, damage)
-    sources = [str(cluster.n1), str(cluster.n2), str(cluster.root / "missing.db")]
-    pool, copy, bound = _three_ways(cluster, "c", sources)
-    assert _dump(pool) == _dump(copy) == _dump(bound)
-    assert any('INSERT INTO "records"' in ln for ln in _dump(pool))
+    fast, full = _merged(cluster, "fast", fast=True), _merged(cluster, "full", fast=False)
+    assert dump(fast) == dump(full)
+    assert any(ln.startswith("records:") for ln in dump(fast))
 
 
-def test_fork_evidence_is_the_same_every_way(cluster: Cluster, tmp_path: Path) -> None:
-    sources = [str(cluster.n1), str(cluster.n2)]
-    first = _three_ways(cluster, "f", sources)
-    rows = tamper.rows(cluster.n1)
-    del rows[4]  # a re-keyed history that parts from the merged one at seq 4
-    tamper.rewrite(cluster.n1, rows, load_hmac_key(tmp_path / "keys-n1" / "hmac.key"))
-    codes = []
-    for way, into in zip(("pool", "copy", "bound"), first, strict=True):
-        if way == "bound":
-            summary = _bound(cluster, into, sources)
-        else:
-            summary = merge_ledgers(into, sources, keys_dir=cluster.trust, clock=cluster.clock,
-                                    workers=2 if way == "pool" else 1)
-        codes.append([f.code for f in summary.findings])
-    assert codes[0] == codes[1] == codes[2] and "FORK" in codes[0]
-    dumps = [_dump(p) for p in first]
-    assert dumps[0] == dumps[1] == dumps[2]
-    forks = sqlite3.connect(first[0]).execute("SELECT seq, typeof(body) FROM forks").fetchall()
-    assert forks and {t for _, t in forks} == {"blob"}
+@pytest.mark.parametrize(("damage", "finding"), [
+    ("UPDATE per SET kind = CAST(kind AS BLOB) WHERE seq=3", ("TAMPERED", 3)),
+    ("UPDATE per SET job_id = CAST(job_id AS BLOB) WHERE seq=3", ("TAMPERED", 3)),
+    ("UPDATE per SET time_ns = 'noon' WHERE seq=4", ("TAMPERED", 4)),
+    ("UPDATE per SET key_id = CAST(key_id AS BLOB) WHERE seq=5", ("UNKNOWN_KEY", 5)),
+    ("UPDATE per SET job_id = CAST(X'31FF' AS TEXT) WHERE seq=3", ("TAMPERED", 3)),
+    # the bytes are what is hashed: a BLOB rewritten as TEXT of the same bytes is intact
+    ("UPDATE per SET body = CAST(body AS TEXT) WHERE seq=2", None),
+    ("UPDATE per SET hash = CAST(hash AS TEXT) WHERE seq=2", None),
+])
+def test_a_column_of_another_type_gets_the_verdict_of_verify(
+        cluster: Cluster, damage: str, finding: tuple[str, int] | None) -> None:
+    """Not a crash, and the seq `sparkctl verify` names."""
+    tamper.sql(cluster.n1, damage)
+    summary = merge_ledgers(cluster.db, [str(cluster.n1)], keys_dir=cluster.trust)
+    report = verify_ledger(cluster.n1, load_hmac_key(cluster.root / "keys-n1" / "hmac.key"))
+    assert [(f.code, f.seq) for f in summary.findings] == ([finding] if finding else [])
+    assert report.first_bad_seq == (finding[1] if finding else None)
+    assert summary.appended == (finding[1] if finding else report.count)
 
 
-def test_the_copy_is_what_gets_stored_not_the_source_file(cluster: Cluster) -> None:
-    """Swap the source after it was checked: the checked bytes are stored, not the swap."""
-    workdir = cluster.root / "work"
-    workdir.mkdir(mode=0o700)
-    item = prepare(str(cluster.n1), KeyRing.load(cluster.trust), workdir)
-    assert isinstance(item, Prepared) and item.copy is not None
-    assert stat.S_IMODE(item.copy.stat().st_mode) == 0o600
-    original = tamper.rows(cluster.n1)
-    tamper.sql(cluster.n1, "UPDATE per SET body = CAST('swapped' AS BLOB) WHERE seq = 3")
-    into = cluster.root / "cluster.db"
-    with HeadDb.open(into, create=True) as db:
-        result = apply_prepared(db, item, cluster.clock)
-        stored = db.conn.execute("SELECT seq, body FROM records ORDER BY seq").fetchall()
-    assert result.ok and result.appended == len(original)
-    assert stored == [(r[0], r[4]) for r in original]
-    assert not item.copy.exists()  # removed once stored
+class Spy:
+    """A check that accepts the first `limit` rows and remembers what it was shown."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: list[RawRecord] = []
+
+    def __call__(self, rec: Sequence[Any]) -> bytes | None:
+        if len(self.seen) >= self.limit:
+            return None
+        self.seen.append(RawRecord._make(rec))
+        return sha256(b"\x00" + rec[4]).digest()
+
+    def stop(self, code: str, seq: int, why: str) -> None:
+        self.limit = 0
+
+    def restart(self) -> None:
+        self.seen = []
 
 
-def test_unmerged_wal_frames_are_copied(tmp_path: Path) -> None:
-    """A ledger still open by its writer (frames only in its WAL) is copied whole."""
+@pytest.mark.parametrize("limit", [0, 1, 7, 10_000])
+def test_the_rows_stored_are_the_rows_the_check_saw(cluster: Cluster, limit: int) -> None:
+    """The store's half of the contract: rows go in through the check, the prefix it
+    accepts is stored byte for byte, nothing after the first refusal."""
+    spy = Spy(limit)
+    with closing(open_store(cluster.db, create=True)) as store:
+        with store.writer(cluster.n1) as w:
+            state = w.lock_node("n1", None)
+            count = w.append(state, 0, spy)
+        stored = query(store, "SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac,"
+                       " key_id FROM records ORDER BY seq")
+    source = [tuple(r) for r in tamper.rows(cluster.n1)]
+    assert count == min(limit, len(source)) == len(spy.seen)
+    assert stored == source[:count] == [tuple(r) for r in spy.seen]
+
+
+def test_only_the_new_rows_are_read(cluster: Cluster, tmp_path: Path) -> None:
+    assert merge_ledgers(cluster.db, [str(cluster.n1)], keys_dir=cluster.trust).ok
+    held = len(tamper.rows(cluster.n1))
+    with Ledger.open(cluster.n1, load_hmac_key(tmp_path / "keys-n1" / "hmac.key"),
+                     load_signing_key(tmp_path / "keys-n1" / "node.key"), node="n1",
+                     clock=cluster.clock) as led:
+        write_job(led, cluster.clock, "n1", "300", [0], {0: 42})
+    added = len(tamper.rows(cluster.n1)) - held
+    # an already-merged record damaged on the node is not read again: the head's copy
+    # is the verified one (the witness and `sparkctl verify` watch the node's history)
+    tamper.sql(cluster.n1, "UPDATE per SET body = CAST('old' AS BLOB) WHERE seq = 3")
+    summary = merge_ledgers(cluster.db, [str(cluster.n1)], keys_dir=cluster.trust)
+    assert summary.ok and summary.appended == added
+    assert summary.results[0].read == added
+
+
+def test_unmerged_wal_frames_are_read(tmp_path: Path) -> None:
+    """A ledger still open by its writer (frames only in its WAL) is read whole."""
     files = keygen(tmp_path / "keys")
     trust = tmp_path / "trust"
     trust.mkdir()
@@ -124,26 +156,8 @@ def test_unmerged_wal_frames_are_copied(tmp_path: Path) -> None:
         led.append_many([("cap", {"v": 1, "node": "w1", "job_id": str(i)}) for i in range(50)])
         wal = Path(f"{path}-wal")
         assert wal.exists() and wal.stat().st_size > 0
-        copy = private_copy(path, tmp_path)
-        conn = sqlite3.connect(copy)
-        assert conn.execute("SELECT count(*) FROM per").fetchone()[0] == led.size
-        conn.close()
         summary = merge_ledgers(tmp_path / "cluster.db", [str(path)], keys_dir=trust)
         assert summary.ok and summary.appended == led.size
-
-
-def test_the_working_directory_is_private_and_removed(cluster: Cluster) -> None:
-    seen: list[tuple[str, int]] = []
-
-    def look(_n: int) -> None:
-        for entry in cluster.root.iterdir():
-            if entry.name.startswith(".spark-merge-"):
-                seen.append((entry.name, stat.S_IMODE(entry.stat().st_mode)))
-
-    merge_ledgers(cluster.root / "cluster.db", [str(cluster.n1), str(cluster.n2)],
-                  keys_dir=cluster.trust, progress=look, workers=2)
-    assert seen and {mode for _, mode in seen} == {0o700}
-    assert not [e for e in os.listdir(cluster.root) if e.startswith(".spark-merge-")]
 
 
 @pytest.mark.parametrize(("body", "want"), [

@@ -14,19 +14,23 @@ from spark_slurm.head.replay import parse_time, replay
 from tests.unit.head.builders import build_node, decide
 from tests.unit.head.conftest import Cluster
 
+pytestmark = pytest.mark.both_stores
 
-def merged(c: Cluster) -> Path:
-    db = c.root / "cluster.db"
-    merge_ledgers(db, [str(c.n1), str(c.n2)], keys_dir=c.trust, clock=c.clock)
-    return db
+
+def merged(c: Cluster) -> str:
+    merge_ledgers(c.db, [str(c.n1), str(c.n2)], keys_dir=c.trust, clock=c.clock)
+    return c.db
 
 
 def times(c: Cluster, node: str, kind: str, job: str | None = None) -> list[int]:
-    from spark_slurm.head.headdb import HeadDb  # noqa: PLC0415
+    from spark_slurm.head.store import open_store  # noqa: PLC0415
 
-    with HeadDb.open(c.root / "cluster.db") as db:
+    db = open_store(c.db)
+    try:
         return [r.time_ns for r in db.records_of_kind([kind], node)
                 if job is None or r.job_id == job]
+    finally:
+        db.close()
 
 
 def test_state_follows_cap_throttle_release_restore(cluster: Cluster) -> None:
