@@ -12,8 +12,8 @@ It also carries what the witness needs without the node's history: the node's
 newest checkpoint (even one that covers nothing new: a rolled-back node still
 shows how small it now is), a consistency proof from the size the witness last
 cosigned (`proof_from`) to that checkpoint, computed from the stored subtrees in
-O(log n) reads, and the node's `key` records, so the witness follows signing-key
-rotations. Neither needs trusting: the proof is checked against the witnessed
+O(log n) reads, and the node's key rotation records, so the witness follows
+signing keys. Neither needs trusting: the proof is checked against the witnessed
 root, a rotation proves itself by the outgoing key's signature. The genesis row
 rides along too, so merge knows who the node is as it would from the ledger.
 Export reads the live ledger read-only in one snapshot, so the daemon is never
@@ -191,15 +191,18 @@ def export_segment(ledger: str | os.PathLike[str], out: str | os.PathLike[str] |
 
 def _witness_part(conn: sqlite3.Connection, size: int, proof_from: int | None, *,
                   stored: bool) -> tuple[int | None, int | None, int]:
-    """Copy the genesis row, the key records and the newest checkpoint (within `size`)
+    """Copy the genesis row, the key rotations and the newest checkpoint (within `size`)
     into the segment, and the consistency proof from `proof_from` to that checkpoint
     when it can be had: (newest checkpoint size, proof_from when proved, key records)."""
     from spark_slurm.ledger.tree import ledger_tree  # noqa: PLC0415 (only export needs it)
 
     conn.execute(f"INSERT INTO seg.genesis SELECT {_COLS} FROM main.per"  # noqa: S608
                  " WHERE seq = 0 AND kind = 'genesis'")
+    # key records that may be rotations (the index finds the key records; the daily HMAC
+    # epoch seals among them are left out): the witness parses and checks each anyway
     rotations = conn.execute(f"INSERT INTO seg.rotation SELECT {_COLS} FROM main.per"  # noqa: S608
-                             " WHERE kind = 'key' AND seq < ? ORDER BY seq", (size,)).rowcount
+                             " WHERE kind = 'key' AND seq < ? AND instr(body, 'rotate') > 0"
+                             " ORDER BY seq", (size,)).rowcount
     conn.execute("INSERT OR IGNORE INTO seg.checkpoint SELECT id, size, time_ns, key_id, text"
                  " FROM main.checkpoint WHERE size <= ? ORDER BY id DESC LIMIT 1", (size,))
     row = conn.execute("SELECT size FROM seg.checkpoint ORDER BY id DESC LIMIT 1").fetchone()
