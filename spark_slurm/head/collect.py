@@ -30,9 +30,8 @@ merge); one that forked ships rows that do not link to the held head (merge:
 FORK) and a checkpoint no proof from the witnessed root reaches (witness: FORK).
 
 Transports: `SshTransport` (what a site runs; the slurmctld host is collected
-like any node, since its ledger holds the submit-time denials) and
-`SharedTransport` (each node leaves its own snapshot in a shared directory:
-always whole ledgers, witnessed from the copy itself).
+like any node: its ledger holds the submit-time denials) and `SharedTransport`
+(each node leaves its own whole snapshot in a shared directory).
 """
 
 from __future__ import annotations
