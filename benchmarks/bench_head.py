@@ -12,6 +12,9 @@ Audit (line 2): one job on a node ledger of AUDIT_NODE_PERS records, read
 through its indexes; and one job on a merged ledger of SPARK_BENCH_HEAD_PERS
 (default 10 million) from benchmarks/gen_ledger.py.
 
+Collection (issue 16 line 4): one night of a node the head holds, a segment of
+the new records with the witness's proof beside the whole snapshot it replaces.
+
 Projection (line 6): the measured per-node and per-record merge costs, store bytes
 per record and peak memory, scaled to 10,000 nodes x 2,000 records a day.
 
@@ -35,8 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import gen_ledger, gen_nodes, harness
+from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.sqlite_store import SqliteStore
-from spark_slurm.ledger.segment import export_segment
+from spark_slurm.head.witness import witness_checkpoint, witness_file, witness_segment
+from spark_slurm.ledger.checkpoint import parse_checkpoint
+from spark_slurm.ledger.segment import export_segment, read_witness_part
+from spark_slurm.ledger.snapshot import snapshot
 
 AUDIT_JOBS = 40
 AUDIT_NODE_PERS = 1_000_000
@@ -233,6 +240,59 @@ def node_audit_section(work: Path) -> harness.Section:
     return sec
 
 
+def collect_section(work: Path, records: int = AUDIT_NODE_PERS) -> harness.Section:
+    """Issue 16 line 4: what one night ships of a node the head already holds (a segment
+    of the records since, with the witness's proof) beside the whole-ledger snapshot
+    it replaces, and the witness's cost from each."""
+    fleet = gen_nodes.fleet(1, records)
+    ledger = fleet.ledgers[0]
+    conn = sqlite3.connect(ledger)
+    texts = [str(t) for (t,) in conn.execute("SELECT text FROM checkpoint ORDER BY id")]
+    conn.close()
+    cps = [parse_checkpoint(t) for t in texts]
+    newest = cps[-1]
+    seen = max((c for c in cps if c.size <= newest.size * (1 - NEW_FRACTION)),
+               key=lambda c: c.size)
+    states = [work / "witness-seg", work / "witness-whole"]
+    for state in states:
+        witness_checkpoint(state, texts[cps.index(seen)], KeyRing.load(fleet.trust))
+    t = time.perf_counter()
+    seg = export_segment(ledger, work / "night.seg", seen.size - 1, proof_from=seen.size)
+    export_s = time.perf_counter() - t
+    t = time.perf_counter()
+    whole = snapshot(ledger, work / "night.db")
+    snapshot_s = time.perf_counter() - t
+    whole_bytes = (work / "night.db").stat().st_size
+    t = time.perf_counter()
+    by_seg = witness_segment(states[0], work / "night.seg", fleet.trust)
+    seg_w = time.perf_counter() - t
+    note = work / "night.checkpoint"
+    note.write_text(newest.text)
+    t = time.perf_counter()
+    by_whole = witness_file(states[1], note, fleet.trust, None, work / "night.db")
+    whole_w = time.perf_counter() - t
+    assert by_seg is not None and by_seg.status == by_whole.status == "accepted"
+    sec = harness.Section(f"Head node: one night's collection of a {records:,}-PER node",
+                          "python -m benchmarks bench_head")
+    sec.figures += [
+        harness.Figure("bytes shipped: segment (1 % new + proof)", seg.bytes, "B",
+                       "whole-ledger snapshot", whole_bytes, "≤ 5 % of the snapshot",
+                       seg.bytes <= 0.05 * whole_bytes),
+        harness.Figure("export on the node", export_s, "s", "sparkctl ledger snapshot",
+                       snapshot_s),
+        harness.Figure("witness from the segment's proof", seg_w * 1000, "ms",
+                       "witness computing the proof from the snapshot", whole_w * 1000),
+    ]
+    sec.notes.append(
+        f"One node ledger of {whole.count:,} records (benchmarks/gen_nodes.py, a checkpoint "
+        f"every {gen_nodes.CHECKPOINT_EVERY}); the witness last cosigned size {seen.size:,}, "
+        f"the node is now at {newest.size:,}. The segment holds the {seg.rows:,} records "
+        f"since, {seg.checkpoints} checkpoints, {seg.rotations} key records and a "
+        f"{len(read_witness_part(work / 'night.seg').proof)}-hash consistency proof from the "
+        "stored subtrees; the snapshot is what collection shipped before.")
+    return sec
+
+
 def merged_audit_section() -> harness.Section:
     pers = int(os.environ.get("SPARK_BENCH_HEAD_PERS", "10000000"))
     nodes = int(os.environ.get("SPARK_BENCH_HEAD_NODES", "1000"))
@@ -382,6 +442,8 @@ def run() -> list[harness.Section]:
             sections.append(fleet_section(fig))
             shutil.rmtree(work)
         sections.append(node_audit_section(Path(tmp)))
+        (Path(tmp) / "collect").mkdir()
+        sections.append(collect_section(Path(tmp) / "collect"))
     sections.append(projection_section(figs, peak))
     sections.append(merged_audit_section())
     return sections

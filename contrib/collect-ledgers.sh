@@ -2,17 +2,22 @@
 # Collect node ledgers on the head node (see docs/head-node.md): a thin wrapper that
 # maps this environment onto `sparkctl collect`.
 #
-#   collect-ledgers.sh                 fetch every node's ledger to $SPARK_COLLECT/<node>.db
-#   collect-ledgers.sh --merge         fetch, then merge them all into $SPARK_CLUSTER_DB
-#                                      (nightly: spark-merge.service)
-#   collect-ledgers.sh --checkpoints   fetch, then hand each node's newest signed checkpoint
-#                                      to the witness (every 15 min: spark-checkpoint.service)
+#   collect-ledgers.sh                 fetch every node's whole ledger to $SPARK_COLLECT/<node>.db
+#   collect-ledgers.sh --merge         fetch what is new since the last merge, then merge it
+#                                      into $SPARK_CLUSTER_DB (nightly: spark-merge.service)
+#   collect-ledgers.sh --checkpoints   fetch what the witness has not seen, then hand each
+#                                      node's newest signed checkpoint and its consistency
+#                                      proof to the witness (every 15 min: spark-checkpoint.service)
 #
-# Over ssh, each node takes an SQLite online backup of its live ledger (`sparkctl ledger
-# snapshot`, so the running daemon is never disturbed) and streams it back on the same
-# connection; the node daemon's clock is compared with the head node's on the way. With
-# SPARK_SHARED set, each node writes its own snapshot to $SPARK_SHARED/<node>.db instead
-# (e.g. from its own timer) and this script copies it. Nodes are fetched in parallel.
+# Over ssh (key-based, BatchMode), a node the head node already holds runs `sparkctl ledger
+# export --after SEQ --proof-from SIZE --out -` and streams back a segment: its records past
+# the head's position, its newest checkpoint and the proof from what the witness cosigned,
+# so what travels follows what is new. A node not held yet (and the plain fetch) sends an
+# SQLite online backup of its whole ledger (`sparkctl ledger snapshot`). Neither disturbs
+# the running daemon; the node daemon's clock is compared with the head node's on the way.
+# With SPARK_SHARED set, each node writes its own snapshot to $SPARK_SHARED/<node>.db
+# instead (e.g. from its own timer) and this script copies it whole. Nodes are fetched in
+# parallel.
 #
 # Environment:
 #   SPARK_NODES_FILE  node list, one name per line (default /etc/spark/nodes.list; when

@@ -18,7 +18,8 @@ from spark_slurm.errors import CollectFailed, InputError
               help="Node list, one name per line (# comments). Include the slurmctld host: "
                    "its ledger holds the submit-time denials.")
 @click.option("--dest", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where the copies land on the head node (DEST/<node>.db).")
+              help="Where the copies (segments or snapshots) land on the head node "
+                   "(DEST/<node>.db).")
 @click.option("--ssh", "ssh", default="ssh -o BatchMode=yes -o ConnectTimeout=10",
               show_default=True, help="ssh command (key-based, no prompts).")
 @click.option("--shared", type=click.Path(file_okay=False, path_type=Path),
@@ -48,13 +49,16 @@ def collect(*, nodes: tuple[str, ...], nodes_file: Path | None, dest: Path, ssh:
             shared: Path | None, remote_ledger: str, remote_sparkctl: str, remote_socket: str,
             keys: Path | None, witness_state: Path | None, cosign: bool, into: Path | None,
             max_skew: float, parallel: int, timeout: float, as_json: bool) -> None:
-    """Fetch every node's ledger, then witness (--cosign) and merge (--into) the copies.
+    """Fetch what is new of every node's ledger, then witness (--cosign) and merge (--into).
 
-    Over ssh, each node takes an online snapshot of its live ledger (the daemon is
-    never disturbed) and streams it back; the node daemon's clock is compared with
-    this host's. A node that cannot be reached, a refused checkpoint, a merge
-    finding or a clock off by more than --max-skew is reported (exit 1); the
-    other nodes are collected and merged regardless.
+    Over ssh, a node the head already holds streams back a segment (`sparkctl
+    ledger export --after SEQ --proof-from SIZE`): its records since the last
+    merge (or since what the witness saw), its newest checkpoint and the proof
+    from the witnessed one. A node not held yet, or a plain fetch, sends an online
+    snapshot of its whole ledger. The daemon is never disturbed; its clock is
+    compared with this host's. A node that cannot be reached, a refused
+    checkpoint, a merge finding or a clock off by more than --max-skew is reported
+    (exit 1); the other nodes are collected and merged regardless.
     """
     from spark_slurm.head.collect import (  # noqa: PLC0415 (lazy CLI)
         SharedTransport,

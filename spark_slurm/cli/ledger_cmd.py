@@ -93,21 +93,28 @@ def snapshot(path: str, dest: str) -> None:
                    "node: `sparkctl positions --seq`); -1 ships everything.")
 @click.option("--until", "until", type=click.IntRange(min=0),
               help="Stop at this seq (an archive of one range; default: the newest).")
+@click.option("--proof-from", "proof_from", type=click.IntRange(min=0),
+              help="Also carry a consistency proof from this tree size (the witness's last "
+                   "cosigned size for this node) to the newest checkpoint.")
 @click.option("--out", "out", required=True,
               help="Segment file to write (replaced atomically), or - for stdout.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON "
               "(on stderr with --out -).")
-def export(path: str, after: int, until: int | None, out: str, as_json: bool) -> None:
+def export(path: str, *, after: int, until: int | None, proof_from: int | None, out: str,
+           as_json: bool) -> None:
     """Write the records after a seq, and the checkpoints covering them, to a segment.
 
     Read-only and safe on a live ledger; costs what the new records cost. The head
-    node merges segments like ledger snapshots (`sparkctl merge --db DB SEGMENT`).
+    node merges segments like ledger snapshots (`sparkctl merge --db DB SEGMENT`),
+    and its witness checks the newest checkpoint from the segment alone: it carries
+    that checkpoint, the node's key records and, with --proof-from, the proof.
     """
     import sys  # noqa: PLC0415
 
     from spark_slurm.ledger.segment import export_segment  # noqa: PLC0415 (lazy CLI)
 
-    seg = export_segment(path, sys.stdout.buffer if out == "-" else out, after, until)
+    seg = export_segment(path, sys.stdout.buffer if out == "-" else out, after, until,
+                         proof_from)
     if as_json:
         echo_json(seg.to_json(), err=out == "-")
     elif out != "-":

@@ -1,24 +1,37 @@
-"""Collection on the head node: fetch every node's ledger over ssh, witness, merge.
+"""Collection on the head node: fetch what is new of every node's ledger over ssh,
+witness, merge.
 
 Per node, in parallel (bounded), the head node reads the node daemon's clock
 (`sparkctl status --json` over ssh, bracketed by its own clock: the skew is the
-node's time minus the midpoint, give or take half the round trip) and takes an
-SQLite online backup of the live ledger on the node (`sparkctl ledger
-snapshot`: the daemon is never disturbed), streamed back on the same ssh
-channel into `DEST/<node>.db`. The copy is written under a temporary name and
-renamed, so a failed fetch leaves the last good copy in place. A node that
-cannot be reached is reported with ssh's reason and the others are collected
-anyway. Then each fresh copy's newest signed checkpoint goes to the witness,
-and all fresh copies are merged (`NODE=PATH`, so a copy must belong to the node
-it came from).
+node's time minus the midpoint, give or take half the round trip), then pulls
+what it lacks on the same kind of channel: `sparkctl ledger export LEDGER
+--after SEQ --proof-from SIZE --out -` runs on the node (read-only, one read
+snapshot: the daemon is never disturbed) and streams back a segment into
+`DEST/<node>.db`. SEQ is the head's position for the node (what the cluster
+ledger holds; for a witness-only run, the size the witness last cosigned, less
+one), SIZE what the witness last cosigned, so the segment holds the rows since
+the last merge, the node's newest checkpoint, the consistency proof from SIZE to
+it and the node's key records: what is shipped follows what is new, not the
+ledger's length. Only a node the head holds nothing of (and a plain fetch, with
+neither witness nor merge) is shipped whole, as an SQLite online backup
+(`sparkctl ledger snapshot`). The authentication is ssh's: key-based, BatchMode,
+the node's host key known to the head node.
 
-Transports: `SshTransport` (ssh, key-based, BatchMode: what a site runs; the
-slurmctld host is collected like any node, since its ledger holds the
-submit-time denials) and `SharedTransport` (each node leaves its own snapshot in
-a shared directory). Shipping only the records past the head's position
-replaces the whole-ledger snapshot in `SshTransport.remote_fetch`, which is
-already handed the head's position (`head_positions`), once `sparkctl ledger
-export --after SEQ` exists; the rest of the flow is the same.
+The copy is written under a temporary name and renamed, so a failed fetch
+leaves the last good copy in place. A node that cannot be reached is reported
+with ssh's reason and the others are collected anyway. Then each fresh copy's
+newest signed checkpoint goes to the witness (a segment's with the proof and
+key records it carries: the witness never needs the node's history), and all
+fresh copies are merged (`NODE=PATH`, so a copy must belong to the node it came
+from); merge proves a segment's first row continues the chain it holds. A node
+rolled back below the witnessed size shows it in its newest checkpoint (the
+witness names the ROLLBACK) and in the size the segment reports (so does
+merge); one that forked ships rows that do not link to the held head (merge:
+FORK) and a checkpoint no proof from the witnessed root reaches (witness: FORK).
+
+Transports: `SshTransport` (what a site runs; the slurmctld host is collected
+like any node: its ledger holds the submit-time denials) and `SharedTransport`
+(each node leaves its own whole snapshot in a shared directory).
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ import os
 import re
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -38,8 +52,9 @@ from typing import Any, Protocol
 
 from spark_slurm.errors import FetchError, InputError, SparkError
 from spark_slurm.head.merge import MergeSummary, merge_ledgers, positions
-from spark_slurm.head.witness import witness_file
+from spark_slurm.head.witness import node_of, witness_file, witness_segment, witnessed
 from spark_slurm.ledger.reader import latest_checkpoint
+from spark_slurm.ledger.segment import SEGMENT_FORMAT
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -65,9 +80,12 @@ class ClockReading:
 class Transport(Protocol):
     """How the head node reaches a node's ledger and daemon."""
 
-    def fetch(self, node: str, dest: Path, after: int | None = None) -> None:
-        """Write a consistent copy of `node`'s ledger to `dest` (records past seq `after`
-        are what the head lacks: a transport may ship only those); FetchError when not."""
+    def fetch(self, node: str, dest: Path, after: int | None = None,
+              proof_from: int | None = None) -> None:
+        """Write a consistent copy of `node`'s ledger to `dest`, or with `after` a segment
+        of the records past that seq (what the head lacks; a transport may still ship
+        the whole ledger), carrying a consistency proof from tree size `proof_from`
+        when given; FetchError when neither can be had."""
         ...
 
     def clock(self, node: str) -> ClockReading | None:
@@ -105,19 +123,25 @@ class SshTransport:
             return FetchError(node, f"unreachable ({why})", True)
         return FetchError(node, f"{what} failed ({why})")
 
-    def remote_fetch(self, after: int | None = None) -> str:
-        """The shell command run on the node: snapshot to a private temp dir, stream it.
-        (Whole ledger for now, whatever `after` is: the head merges only what is new.)"""
+    def remote_fetch(self, after: int | None = None, proof_from: int | None = None) -> str:
+        """The shell command run on the node: with `after`, export the records past it
+        (and the witness's proof from `proof_from`) to stdout; without, snapshot the
+        whole ledger to a private temp dir and stream it."""
         q = shlex.quote
+        if after is not None:
+            proof = "" if proof_from is None else f" --proof-from {int(proof_from)}"
+            return (f"{q(self.sparkctl)} ledger export {q(self.ledger)} --after {int(after)}"
+                    f"{proof} --out -")
         return (f'd=$(mktemp -d) || exit 1; trap \'rm -rf "$d"\' EXIT; '
                 f'{q(self.sparkctl)} ledger snapshot {q(self.ledger)} "$d/ledger.db" '
                 f'>/dev/null && cat "$d/ledger.db"')
 
-    def fetch(self, node: str, dest: Path, after: int | None = None) -> None:
+    def fetch(self, node: str, dest: Path, after: int | None = None,
+              proof_from: int | None = None) -> None:
         with dest.open("wb") as out:
-            res = self._run(node, self.remote_fetch(after), out, self.timeout_s)
+            res = self._run(node, self.remote_fetch(after, proof_from), out, self.timeout_s)
         if res.returncode != 0:
-            raise self._failed(node, "snapshot", res)
+            raise self._failed(node, "snapshot" if after is None else "export", res)
 
     def clock(self, node: str) -> ClockReading | None:
         remote = (f"{shlex.quote(self.sparkctl)} status --json --socket "
@@ -140,7 +164,8 @@ class SharedTransport:
 
     directory: Path
 
-    def fetch(self, node: str, dest: Path, after: int | None = None) -> None:
+    def fetch(self, node: str, dest: Path, after: int | None = None,
+              proof_from: int | None = None) -> None:
         try:
             shutil.copyfile(self.directory / f"{node}.db", dest)
         except OSError:
@@ -157,6 +182,10 @@ class NodeCollection:
     node: str
     path: Path | None = None
     head_seq: int | None = None         # what the head node held before this collection
+    after: int | None = None            # the cut asked for (None: the whole ledger)
+    proof_from: int | None = None       # the witnessed size a proof was asked from
+    kind: str | None = None             # what came back: "ledger" | "segment"
+    rows: int = 0                       # records in what came back
     error: str | None = None
     unreachable: bool = False
     bytes: int = 0
@@ -172,7 +201,8 @@ class NodeCollection:
 
     def to_json(self) -> dict[str, Any]:
         return {"node": self.node, "fetched": self.fetched, "path": str(self.path or "") or None,
-                "head_seq": self.head_seq,
+                "head_seq": self.head_seq, "after": self.after, "proof_from": self.proof_from,
+                "kind": self.kind, "rows": self.rows,
                 "error": self.error, "unreachable": self.unreachable, "bytes": self.bytes,
                 "seconds": round(self.seconds, 3),
                 "clock": None if self.clock is None else {
@@ -231,9 +261,53 @@ def head_positions(into: Path | None, nodes: Sequence[str]) -> dict[str, int | N
     return {state.name: state.head_seq for state in positions(into, nodes)}
 
 
-def _fetch_one(transport: Transport, node: str, dest_dir: Path, after: int | None
-               ) -> NodeCollection:
-    result = NodeCollection(node, head_seq=after)
+def witnessed_sizes(state: Path | None, nodes: Sequence[str]) -> dict[str, int | None]:
+    """The size the witness last cosigned for each node (None: nothing, or two origins
+    claim the node's name and a proof from either could be the wrong one)."""
+    sizes: dict[str, int | None] = {n: None for n in nodes}
+    if state is None:
+        return sizes
+    seen: dict[str, list[int]] = {}
+    for cp in witnessed(state):
+        seen.setdefault(node_of(cp.origin), []).append(cp.size)
+    for n in nodes:
+        got = seen.get(n, [])
+        sizes[n] = got[0] if len(got) == 1 else None
+    return sizes
+
+
+def _cut(held: int | None, witnessed_size: int | None, *, merging: bool, cosign: bool
+         ) -> tuple[int | None, int | None]:
+    """(after, proof_from) for one node: the records past the head's position, else past
+    what the witness saw (a witness-only run), else the whole ledger (None)."""
+    proof_from = witnessed_size if cosign else None
+    if merging:
+        return held, proof_from if held is not None else None
+    if cosign and witnessed_size is not None:
+        return witnessed_size - 1, proof_from
+    return None, None
+
+
+def _describe(path: Path) -> tuple[str, int]:
+    """What a fetched copy is and how many records it holds (seq bounds: O(log n))."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+    except sqlite3.Error:
+        raise FetchError(path.stem, "what came back is not an SQLite ledger") from None
+    try:
+        fmt = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        lo, hi = conn.execute("SELECT min(seq), max(seq) FROM per").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise FetchError(path.stem, f"what came back is not a ledger ({exc})") from None
+    finally:
+        conn.close()
+    kind = "segment" if fmt is not None and fmt[0] == SEGMENT_FORMAT else "ledger"
+    return kind, 0 if lo is None else int(hi) - int(lo) + 1
+
+
+def _fetch_one(transport: Transport, node: str, dest_dir: Path, held: int | None,
+               cut: tuple[int | None, int | None]) -> NodeCollection:
+    result = NodeCollection(node, head_seq=held, after=cut[0], proof_from=cut[1])
     started = time.monotonic()
     part = dest_dir / f".{node}.db.part"
     try:
@@ -243,10 +317,14 @@ def _fetch_one(transport: Transport, node: str, dest_dir: Path, after: int | Non
             if exc.unreachable:
                 raise
             result.clock_error = exc.reason
-        transport.fetch(node, part, after)
+        transport.fetch(node, part, *cut)
         with part.open("rb") as fh:
             if fh.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
                 raise FetchError(node, "what came back is not an SQLite ledger")
+        try:
+            result.kind, result.rows = _describe(part)
+        except FetchError as exc:
+            raise FetchError(node, exc.reason) from None
         result.bytes = part.stat().st_size
         final = dest_dir / f"{node}.db"
         os.replace(part, final)
@@ -261,13 +339,17 @@ def _fetch_one(transport: Transport, node: str, dest_dir: Path, after: int | Non
 
 def _witness(result: NodeCollection, state: Path, keys_dir: Path | None) -> None:
     assert result.path is not None
-    cp = latest_checkpoint(result.path)
-    if cp is None:
-        result.witness = "no checkpoint yet"
-        return
-    note = result.path.with_suffix(".checkpoint")
-    note.write_text(cp.text)
     try:
+        if result.kind == "segment":
+            seg = witness_segment(state, result.path, keys_dir)
+            result.witness = "no checkpoint yet" if seg is None else seg.status
+            return
+        cp = latest_checkpoint(result.path)
+        if cp is None:
+            result.witness = "no checkpoint yet"
+            return
+        note = result.path.with_suffix(".checkpoint")
+        note.write_text(cp.text)
         result.witness = witness_file(state, note, keys_dir, None, result.path).status
     except SparkError as exc:
         result.witness_error = exc.message
@@ -280,14 +362,19 @@ def collect(nodes: Sequence[str], transport: Transport, dest: Path, *,
             ) -> CollectReport:
     """Collect `nodes` into `dest`; with `cosign`, witness each fresh copy's newest
     checkpoint into `witness_state`; with `into`, merge the fresh copies there
-    (checked against `witness_state` when given). Never raises for one node's
-    failure: every problem is listed in the report."""
+    (checked against `witness_state` when given). With either, a node already known
+    ships only its records since (a segment). Never raises for one node's failure:
+    every problem is listed in the report."""
     names = check_names(nodes)
     dest.mkdir(parents=True, exist_ok=True)
     workers = max(1, min(parallel, len(names)))
     held = head_positions(into, names)
+    sizes = witnessed_sizes(witness_state if cosign else None, names)
+    cuts = {n: _cut(held[n], sizes[n], merging=into is not None, cosign=cosign)
+            for n in names}
     with ThreadPoolExecutor(workers, thread_name_prefix="collect") as pool:
-        results = list(pool.map(lambda n: _fetch_one(transport, n, dest, held[n]), names))
+        results = list(pool.map(lambda n: _fetch_one(transport, n, dest, held[n], cuts[n]),
+                                names))
     report = CollectReport(results, int(max_skew_s * 1e9))
     for r in results:
         if r.error is not None:

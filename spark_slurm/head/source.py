@@ -107,6 +107,13 @@ def _identify(conn: sqlite3.Connection, arg: str, expected: str | None, path: Pa
         meta, after, kind = read_meta(conn, path), -1, "ledger"
     row = _fetch_one(conn, f"SELECT {COLUMNS} FROM per WHERE seq = 0",  # noqa: S608
                      (), path)
+    if row is None and kind == "segment" and _fetch_one(
+            conn, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'genesis'",
+            (), path) is not None:
+        # a segment past genesis carries the node's genesis row on the side: who the
+        # node is now (its keys) is read from the node, as from a whole ledger
+        row = _fetch_one(conn, f"SELECT {COLUMNS} FROM genesis WHERE seq = 0",  # noqa: S608
+                         (), path)
     genesis = None if row is None else RawRecord._make(row)
     return Source(arg, path, expected, kind, meta, genesis, after)
 

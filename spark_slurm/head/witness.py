@@ -20,7 +20,7 @@ import json
 import os
 import socket
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,7 @@ from spark_slurm.ledger.checkpoint import (
 from spark_slurm.ledger.keys import load_signing_key, private_pem, public_pem
 from spark_slurm.ledger.merkle import consistency_proof, verify_consistency
 from spark_slurm.ledger.schema import open_existing
+from spark_slurm.ledger.segment import read_witness_part
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -133,25 +134,34 @@ def proof_from_ledger(ledger: Path, old_size: int, new_size: int) -> list[bytes]
     return consistency_proof([leaf_hash(bytes(r[0])) for r in rows], old_size)
 
 
-def rotated_keys(ledger: Path, cp: Checkpoint, trusted: Ed25519PublicKey
-                 ) -> list[Ed25519PublicKey]:
-    """The trusted key, then each signing key it endorsed in turn in the ledger's
-    `rotate` records within the checkpoint's size, as `sparkctl verify` follows them.
-
-    An endorsement is the outgoing key's signature over the origin and the new key,
-    so it proves itself; a rotation that is not endorsed ends the chain. This lets
-    the 15-minute witness go on after `sparkctl ledger rotate-key` without the head
-    node's copy of the node's public key being replaced first."""
+def key_records(ledger: Path, size: int) -> list[tuple[int, bytes]]:
+    """(seq, stored bytes) of the ledger's `key` records below `size` (an index lookup)."""
     conn, _ = open_existing(ledger)
     try:
-        rows = conn.execute("SELECT CAST(body AS BLOB) FROM per WHERE kind = 'key' AND seq < ?"
-                            " ORDER BY seq", (cp.size,)).fetchall()
+        rows = conn.execute("SELECT seq, CAST(body AS BLOB) FROM per WHERE kind = 'key' AND"
+                            " seq < ? ORDER BY seq", (size,)).fetchall()
     except sqlite3.DatabaseError as exc:
         raise WitnessError(f"{ledger}: unreadable ledger: {exc}") from None
     finally:
         conn.close()
+    return [(int(seq), bytes(raw)) for seq, raw in rows]
+
+
+def follow_keys(records: Sequence[tuple[int, bytes]], cp: Checkpoint,
+                trusted: Ed25519PublicKey) -> list[Ed25519PublicKey]:
+    """The trusted key, then each signing key it endorsed in turn in the `rotate`
+    records (seq, stored bytes) within the checkpoint's size, as `sparkctl verify`
+    follows them.
+
+    An endorsement is the outgoing key's signature over the origin and the new key,
+    so it proves itself, wherever the record came from (the ledger, or a segment);
+    a rotation that is not endorsed ends the chain. This lets the 15-minute witness
+    go on after `sparkctl ledger rotate-key` without the head node's copy of the
+    node's public key being replaced first."""
     signers = [trusted]
-    for (raw,) in rows:
+    for seq, raw in sorted(records):
+        if seq >= cp.size:
+            break
         try:
             body = json.loads(raw)["body"]
         except (ValueError, KeyError, TypeError):
@@ -160,6 +170,12 @@ def rotated_keys(ledger: Path, cp: Checkpoint, trusted: Ed25519PublicKey
                 and follow_rotation(body, cp.origin, signers)[0] is not None:
             break
     return signers
+
+
+def rotated_keys(ledger: Path, cp: Checkpoint, trusted: Ed25519PublicKey
+                 ) -> list[Ed25519PublicKey]:
+    """`follow_keys` over a node ledger snapshot's own key records."""
+    return follow_keys(key_records(ledger, cp.size), cp, trusted)
 
 
 def latest(state: Path, origin: str) -> Checkpoint | None:
@@ -188,14 +204,23 @@ def cosign(cp: Checkpoint, name: str, key: Ed25519PrivateKey) -> str:
 
 
 def witness_checkpoint(state: Path, text: str, keys: KeyRing, proof: list[bytes] | None = None,
-                       ledger: Path | None = None) -> WitnessResult:
-    """Verify a node checkpoint against the last witnessed one, persist it, cosign it."""
+                       ledger: Path | None = None, *, proof_from: int | None = None,
+                       rotations: Sequence[tuple[int, bytes]] | None = None) -> WitnessResult:
+    """Verify a node checkpoint against the last witnessed one, persist it, cosign it.
+
+    `proof` runs from the witnessed size, or from `proof_from` when the caller knows
+    it (a segment says which size its proof starts at: one from any other size than
+    the witness holds is refused as stale, not as a fork). Rotations are followed in
+    `rotations` (key records from a segment), else in `ledger`."""
     cp = parse_checkpoint(text)
     node = node_of(cp.origin)
     public: Ed25519PublicKey | None = keys.public(node)
     if public is None:
         raise WitnessError(f"UNKNOWN_KEY: no public key for node {node!r} in {keys.directory}")
-    signers = [public] if ledger is None else rotated_keys(ledger, cp, public)
+    if rotations is not None:
+        signers = follow_keys(rotations, cp, public)
+    else:
+        signers = [public] if ledger is None else rotated_keys(ledger, cp, public)
     problem = None
     for signer in reversed(signers):  # the trusted key last: its refusal is the one shown
         try:
@@ -220,8 +245,13 @@ def witness_checkpoint(state: Path, text: str, keys: KeyRing, proof: list[bytes]
                     raise WitnessError(f"FORK: {cp.origin} size {cp.size} has a different root "
                                        "than the witnessed checkpoint")
                 return WitnessResult(cp.origin, cp.size, old.size, "unchanged", old.text)
-            if proof is None and ledger is not None:
+            stale = proof is not None and proof_from is not None and proof_from != old.size
+            if (proof is None or stale) and ledger is not None:
                 proof = proof_from_ledger(ledger, old.size, cp.size)
+            elif stale:
+                raise WitnessError(f"{cp.origin}: the proof shipped runs from size "
+                                   f"{proof_from}, the witness holds size {old.size}: "
+                                   "collect again")
             if proof is None:
                 raise WitnessError(f"{cp.origin}: a consistency proof from size {old.size} "
                                    "is needed (--proof or --ledger)")
@@ -259,3 +289,22 @@ def witness_file(state: Path, checkpoint: Path, keys_dir: Path | None = None,
         finally:
             store.close()
     return result
+
+
+def witness_segment(state: Path, segment: Path, keys_dir: Path | None = None
+                    ) -> WitnessResult | None:
+    """Witness the newest checkpoint a segment carries, with the proof and key records
+    it carries (no node history needed); None when the node has no checkpoint yet."""
+    part = read_witness_part(segment)
+    if part.checkpoint is None:
+        return None
+    keys = KeyRing.load(keys_dir if keys_dir is not None else state / "keys")
+    proof = None
+    if part.proof_from is not None and part.proof_to == parse_checkpoint(part.checkpoint).size:
+        proof = part.proof
+    try:
+        return witness_checkpoint(state, part.checkpoint, keys, proof,
+                                  proof_from=part.proof_from if proof is not None else None,
+                                  rotations=part.rotations)
+    except OSError as exc:
+        raise InputError(f"{state}: cannot use witness state: {exc.strerror or exc}") from None

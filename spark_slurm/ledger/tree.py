@@ -1,4 +1,4 @@
-"""Merkle roots and inclusion proofs from stored subtrees, without the whole tree.
+"""Merkle roots, inclusion and consistency proofs from stored subtrees, without the whole tree.
 
 Schema 2 keeps the hash of every aligned perfect subtree of at least
 2^SUBTREE_LEVEL leaves in the `tree` table (the writer records each as it
@@ -7,7 +7,8 @@ or a split of it, or fewer than 2^SUBTREE_LEVEL leaves hashed from the records'
 stored bytes, so an inclusion proof costs O(log n) row reads and at most two
 blocks of leaves, however long the ledger. `StoredTree` takes the two lookups
 as functions, so any store that keeps the same subtrees (a node ledger here)
-can answer proofs the same way; proofs are checked with `merkle.verify_inclusion`.
+can answer proofs the same way; proofs are checked with `merkle.verify_inclusion`
+and `merkle.verify_consistency`.
 """
 
 from __future__ import annotations
@@ -78,6 +79,31 @@ class StoredTree:
             else:
                 proof.append(self.subtree(lo, lo + k))
                 lo = lo + k
+        proof.reverse()
+        return proof
+
+    def consistency_proof(self, old_size: int) -> list[bytes]:
+        """Proof that the tree of the first `old_size` leaves is a prefix of this one
+        (RFC 6962 SUBPROOF, in the order `merkle.verify_consistency` expects): at most
+        about 2 log2(size) subtrees, each a stored row or a short split of one, so a
+        node answers the witness without hashing its history."""
+        if not 0 <= old_size <= self.size:
+            raise ValueError(f"old size {old_size} outside 0..{self.size}")
+        if old_size in (0, self.size):
+            return []
+        proof: list[bytes] = []
+        lo, hi, complete = 0, self.size, True
+        while old_size != hi:
+            k = 1 << ((hi - lo - 1).bit_length() - 1)
+            if old_size - lo <= k:
+                proof.append(self.subtree(lo + k, hi))
+                hi = lo + k
+            else:
+                proof.append(self.subtree(lo, lo + k))
+                lo += k
+                complete = False
+        if not complete:
+            proof.append(self.subtree(lo, hi))
         proof.reverse()
         return proof
 

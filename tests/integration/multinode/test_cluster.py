@@ -114,3 +114,31 @@ def test_submit_time_denials_are_the_controllers_pers_and_reach_the_head(
     finally:
         conn.close()
     assert merged >= 3
+
+
+def test_the_next_collection_ships_only_what_each_node_wrote_since(
+        cluster: ClusterStack, head: Head) -> None:
+    """Issue 16/17: over real ssh, a node the head already holds sends a segment of its
+    records since the last merge, with the proof its newest checkpoint needs; what
+    travels follows what is new, not the length of the ledger."""
+    first = head.collect()
+    assert first.returncode == 0, first.stderr
+    assert {first.node(h.name)["kind"] for h in cluster.hosts} == {"ledger"}
+    job = cluster.cluster.submit(["-J", "mn-segment", "-w", "n1", "--gres=gpu:2,gpupower:800"],
+                                 wrap="sleep 1")
+    assert cluster.cluster.wait_job(job, timeout=90) == "COMPLETED"
+    cluster.node("n1").wait_records(job, "restore")
+    again = head.collect()
+    assert again.returncode == 0, again.stderr
+    appended = {r["node"]: r["appended"] for r in again.report["merge"]["nodes"]}
+    for host in cluster.hosts:
+        was, now = first.node(host.name), again.node(host.name)
+        assert now["kind"] == "segment" and now["head_seq"] is not None
+        assert now["after"] == now["head_seq"] and now["rows"] == appended[host.name]
+        assert now["proof_from"] is not None and now["witness"] in ("accepted", "unchanged")
+        # the demo's ledgers are short: what travels shows in records, not bytes. The
+        # segment starts where the first (whole) copy ended and holds what was merged
+        assert now["after"] == was["rows"] - 1, (host.name, was, now)
+    n1 = again.node("n1")
+    job_records = len(cluster.node("n1").records(job))
+    assert n1["rows"] >= job_records > 0 and n1["witness"] == "accepted"

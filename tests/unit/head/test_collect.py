@@ -14,9 +14,12 @@ import os
 import shutil
 import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spark_slurm.cli import run
 from spark_slurm.clock import ManualClock
@@ -30,7 +33,11 @@ from spark_slurm.head.collect import (
     collect,
     read_node_list,
 )
-from tests.unit.head.builders import build_node
+from spark_slurm.head.witness import latest
+from spark_slurm.ledger import Ledger
+from spark_slurm.ledger.keys import load_hmac_key, load_signing_key
+from spark_slurm.ledger.segment import read_witness_part
+from tests.unit.head.builders import build_node, write_job
 
 SPARKCTL = str(Path(sys.executable).with_name("sparkctl"))
 FAKE_SSH = """
@@ -137,6 +144,10 @@ def test_the_remote_command_quotes_its_paths() -> None:
     text = remote.remote_fetch()
     assert "'/opt/x y/sparkctl' ledger snapshot '/var/lib/spark/my ledger.db'" in text
     assert 'rm -rf "$d"' in text
+    assert remote.remote_fetch(41, 30) == ("'/opt/x y/sparkctl' ledger export "
+                                           "'/var/lib/spark/my ledger.db' --after 41 "
+                                           "--proof-from 30 --out -")
+    assert "--proof-from" not in remote.remote_fetch(41)
 
 
 class SkewedTransport(SharedTransport):
@@ -197,3 +208,135 @@ def test_cli_reports_json_and_exits_1_on_a_down_node(site: Path,
     assert "down9: unreachable" in out.err and "sparkctl: collect: 1 problem(s)" in out.err
     assert run(["collect", "--dest", str(site / "c")]) == 2
     assert "name the nodes" in capsys.readouterr().err
+
+
+# ------------------------------------------------ the next night: only what is new
+
+
+def nightly(site: Path, nodes: tuple[str, ...] = ("n1", "n2"),
+            ssh: SshTransport | None = None) -> CollectReport:
+    return collect(list(nodes), ssh or transport(site), site / "collect",
+                   keys_dir=site / "trust", witness_state=site / "witness", cosign=True,
+                   into=site / "cluster.db")
+
+
+def node_ledger(site: Path, node: str, *, signing: Any = None) -> Ledger:
+    keys = site / node / f"keys-{node}"
+    return Ledger.open(site / node / "ledger.db", load_hmac_key(keys / "hmac.key"),
+                       signing or load_signing_key(keys / "node.key"), node=node,
+                       clock=ManualClock())
+
+
+def write_jobs(site: Path, node: str, first: int, count: int) -> int:
+    """`count` more jobs and a checkpoint on `node`; the records it now holds."""
+    with node_ledger(site, node) as led:
+        for job in range(first, first + count):
+            write_job(led, ManualClock(), node, str(job), [0], {0: 7})
+        led.checkpoint()
+        return led.size
+
+
+def witnessed_size(site: Path, node: str) -> int:
+    cp = latest(site / "witness", f"spark/spark/{node}")
+    assert cp is not None
+    return cp.size
+
+
+def test_the_second_night_ships_only_the_new_records_and_the_proof(site: Path) -> None:
+    size = write_jobs(site, "n1", 200, 60)           # a node with some history
+    first = nightly(site)
+    assert first.ok, first.problems
+    f1 = first.node("n1")
+    assert (f1.kind, f1.after, f1.rows) == ("ledger", None, size)  # nothing held: whole
+    grown = write_jobs(site, "n1", 300, 2)
+    again = nightly(site)
+    assert again.ok, again.problems
+    n1, n2 = again.node("n1"), again.node("n2")
+    assert (n1.kind, n1.after, n1.proof_from) == ("segment", size - 1, size)
+    assert n1.rows == grown - size > 0 and n2.rows == 0 and n2.kind == "segment"
+    assert n1.bytes * 4 < f1.bytes                    # what travels follows what is new
+    assert n1.witness == "accepted" and n2.witness == "unchanged"
+    assert witnessed_size(site, "n1") == grown
+    part = read_witness_part(site / "collect" / "n1.db")   # the proof the witness used
+    assert part.proof and (part.proof_from, part.proof_to) == (size, grown)
+    assert again.merge is not None and again.merge.appended == grown - size
+    assert merged_counts(site / "cluster.db")["n1"] == grown
+    assert again.to_json()["nodes"][0]["rows"] == n1.rows
+
+
+def test_a_tampered_proof_is_a_fork_and_the_witness_keeps_its_checkpoint(
+        site: Path) -> None:
+    class Tampering(SshTransport):
+        def fetch(self, node: str, dest: Path, after: int | None = None,
+                  proof_from: int | None = None) -> None:
+            super().fetch(node, dest, after, proof_from)
+            if node == "n1":
+                with closing(sqlite3.connect(dest)) as conn, conn:
+                    conn.execute("UPDATE proof SET hash = zeroblob(32) WHERE i = 0")
+
+    assert nightly(site).ok
+    before = witnessed_size(site, "n1")
+    write_jobs(site, "n1", 300, 3)
+    bent = Tampering(transport(site).ssh, ledger="ledger.db", sparkctl=SPARKCTL,
+                     socket="no-daemon.sock")
+    report = nightly(site, ssh=bent)
+    n1 = report.node("n1")
+    assert n1.witness is None and n1.witness_error is not None
+    assert n1.witness_error.startswith("FORK: spark/spark/n1")
+    assert f"n1: witness refused: {n1.witness_error}" in report.problems
+    assert witnessed_size(site, "n1") == before
+    assert report.node("n2").witness == "unchanged" and not report.node("n2").witness_error
+
+
+def test_a_rollback_then_a_fork_are_named_by_witness_and_merge_from_segments(
+        site: Path) -> None:
+    old = site / "n1-old.db"
+    shutil.copy(site / "n1" / "ledger.db", old)
+    write_jobs(site, "n1", 300, 4)
+    assert nightly(site).ok                          # witnessed and merged the longer one
+    shutil.copy(old, site / "n1" / "ledger.db")      # an old backup restored
+    rolled = nightly(site)
+    n1 = rolled.node("n1")
+    assert n1.kind == "segment" and n1.rows == 0
+    assert n1.witness_error is not None and n1.witness_error.startswith("ROLLBACK")
+    assert rolled.merge is not None
+    assert "ROLLBACK" in {f.code for r in rolled.merge.results for f in r.findings
+                          if f.node == "n1"}
+    assert not [p for p in rolled.problems if not p.startswith("n1:")]
+    write_jobs(site, "n1", 400, 8)                   # ... and the node writes on from there
+    forked = nightly(site)
+    n1 = forked.node("n1")
+    assert n1.kind == "segment" and n1.rows > 0
+    assert n1.witness_error is not None and n1.witness_error.startswith("FORK")
+    assert forked.merge is not None
+    assert "FORK" in {f.code for r in forked.merge.results for f in r.findings
+                      if f.node == "n1"}
+    assert forked.node("n2").witness == "unchanged"
+
+
+def test_a_key_rotation_is_followed_from_the_segment(site: Path) -> None:
+    assert nightly(site).ok
+    with node_ledger(site, "n1") as led:
+        led.rotate_signing_key(Ed25519PrivateKey.generate())
+        write_job(led, ManualClock(), "n1", "301", [0], {0: 5})
+        rotated = led.checkpoint()
+    report = nightly(site)
+    assert report.ok, report.problems
+    assert report.node("n1").kind == "segment" and report.node("n1").witness == "accepted"
+    assert witnessed_size(site, "n1") == rotated.size
+
+
+def test_a_witness_only_run_ships_what_the_witness_has_not_seen(site: Path) -> None:
+    def cosign_only() -> CollectReport:
+        return collect(["n1"], transport(site), site / "collect", keys_dir=site / "trust",
+                       witness_state=site / "witness", cosign=True)
+
+    first = cosign_only()
+    assert first.ok and first.node("n1").kind == "ledger"
+    seen = witnessed_size(site, "n1")
+    grown = write_jobs(site, "n1", 300, 1)
+    again = cosign_only()
+    n1 = again.node("n1")
+    assert again.ok, again.problems
+    assert (n1.kind, n1.after, n1.rows, n1.witness) == ("segment", seen - 1, grown - seen,
+                                                        "accepted")

@@ -216,3 +216,24 @@ def test_export_refuses_bad_input_with_one_line(cluster: Cluster, tmp_path: Path
         err = capsys.readouterr().err
         assert err.startswith(("sparkctl: ", "Usage")) and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_reinstalled_nodes_segment_names_it_by_its_own_genesis(cluster: Cluster) -> None:
+    """A node reinstalled with a new key (which the admin trusts) ships rows that do not
+    continue the held chain: a FORK. Its segment's genesis row says who it is now; read
+    from the held chain instead, the new key would look unknown."""
+    from tests.unit.head.builders import build_node  # noqa: PLC0415
+
+    assert merge(cluster, cluster.n1).ok
+    held = head(cluster, "n1")
+    fresh_root = cluster.root / "reinstalled"
+    fresh_root.mkdir()
+    fresh = build_node(fresh_root, "n1", cluster.trust, cluster.clock,
+                       [(str(j), [0], {0: 5}) for j in range(500, 500 + held)])
+    seg = export_segment(fresh, cluster.root / "n1.seg", held)
+    assert seg.rows > 0
+    summary = merge(cluster, f"n1={seg.path}")
+    assert found(summary)[0] == ("FORK", "n1", held + 1) and summary.appended == 0
+    tamper.sql(Path(seg.path), "DROP TABLE genesis", ())
+    blind = merge(cluster, f"n1={seg.path}")
+    assert [f.code for f in blind.findings] == ["UNKNOWN_KEY"]

@@ -180,3 +180,46 @@ def test_an_endorsed_key_rotation_is_followed_through_the_ledger(cluster: Cluste
     assert result.status == "accepted" and result.previous_size == first.size
     stored = latest(state, "spark/spark/n1")
     assert stored is not None and stored.size == result.size
+
+
+def test_a_proof_from_another_size_is_stale_not_a_fork(cluster: Cluster, tmp_path: Path) -> None:
+    """A segment's proof starts at the size the witness held when it was exported; if a
+    15-minute run cosigned a newer one since, the proof is refused as stale."""
+    state = tmp_path / "w"
+    keys = KeyRing.load(cluster.trust)
+    witness_checkpoint(state, checkpoints(cluster.n1)[-1], keys)
+    mid = witness_checkpoint(state, grow(cluster, cluster.n1, "301"), keys, ledger=cluster.n1)
+    newer = grow(cluster, cluster.n1, "302")
+    old_size = mid.previous_size
+    assert old_size is not None
+    stale = consistency_proof(leaves(cluster.n1), old_size)
+    with pytest.raises(WitnessError, match="collect again") as err:
+        witness_checkpoint(state, newer, keys, stale, proof_from=old_size)
+    assert "FORK" not in err.value.message
+    fresh = consistency_proof(leaves(cluster.n1), mid.size)
+    assert witness_checkpoint(state, newer, keys, fresh, proof_from=mid.size).status == \
+        "accepted"
+
+
+def test_a_segment_alone_is_witnessed(cluster: Cluster, tmp_path: Path) -> None:
+    """No ledger on the head node: the segment's checkpoint, proof and key records."""
+    from spark_slurm.head.witness import witness_segment  # noqa: PLC0415
+    from spark_slurm.ledger.segment import export_segment  # noqa: PLC0415
+
+    state = tmp_path / "w"
+    first = witness_checkpoint(state, checkpoints(cluster.n1)[-1], KeyRing.load(cluster.trust))
+    with Ledger.open(cluster.n1, None, load_signing_key(cluster.root / "keys-n1" / "node.key"),
+                     node="n1", clock=cluster.clock) as led:
+        led.rotate_signing_key(Ed25519PrivateKey.generate())
+        write_job(led, cluster.clock, "n1", "301", [0], {0: 5})
+        rotated = led.checkpoint()
+        size = led.size
+    seg = tmp_path / "n1.seg"
+    export_segment(cluster.n1, seg, size - 3, proof_from=first.size)
+    result = witness_segment(state, seg, cluster.trust)
+    assert result is not None and result.status == "accepted"
+    assert (result.previous_size, result.size) == (first.size, rotated.size)
+    empty = tmp_path / "none.seg"
+    export_segment(cluster.n1, empty, size - 1, proof_from=rotated.size)
+    again = witness_segment(state, empty, cluster.trust)
+    assert again is not None and again.status == "unchanged"
