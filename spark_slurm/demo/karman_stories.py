@@ -168,7 +168,7 @@ def no_cap(sc: Scenario) -> None:
              f"load = {ours:.0%} of the uncapped rack here ({got['idle'] / 1000:.2f} -> "
              f"{got['uncapped'] / 1000:.2f} kW), {theirs:.0%} in the reference "
              f"({ref['idle'] / 1000:.2f} -> {ref['loaded'] / 1000:.2f} kW); allowed "
-             f"{SHAPE_MARGIN:.0%} less")
+             f"{SHAPE_MARGIN * 100:.0f} points less")
 
 
 # --------------------------------------------------------------------- static 300 W

@@ -26,18 +26,19 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from spark_slurm.errors import InputError
 from spark_slurm.karman import synth
 from spark_slurm.karman.csvfile import read_recording
 
 SHAPE_MARGIN = 0.05   # the reference's own two passes through its 300 W step differ by 3 points
 RAMP_S, STEP_SETTLE_S, EDGE_S = 35.0, 2.0, 5.0
-STORIES = {"no-cap": "no-cap", "static-300": "static-300", "partial-dynamic": "dynamic-mid"}
 
 
-def _mean(series: list[tuple[float, float]], t0: float, t1: float) -> float:
+def _mean(series: list[tuple[float, float]], t0: float, t1: float, where: Path) -> float:
     values = [w for t, w in series if t0 <= t < t1]
     if not values:
-        raise ValueError(f"no reference cycles in [{t0:.1f}, {t1:.1f}) s")
+        raise InputError(f"{where}: no cycles in [{t0:.1f}, {t1:.1f}) s of the run; is it "
+                         "the whole reference recording?")
     return sum(values) / len(values)
 
 
@@ -45,20 +46,22 @@ def _mean(series: list[tuple[float, float]], t0: float, t1: float) -> float:
 def reference_levels(scenario: str, datasets: Path) -> dict[str, float]:
     """Mean rack power (W) of each part of a reference run (`karman synth` scenario name)."""
     sc = synth.scenario(scenario)
-    rec = read_recording(datasets / sc.file)
+    path = datasets / sc.file
+    rec = read_recording(path)
     start = rec.cycles[0].time_ns
     series = [((c.time_ns - start) / 1e9, c.real_power_w()) for c in rec.cycles]
     plan = synth.plan(scenario)
     drain_end = series[-1][0] - plan.tail_s
-    out = {"idle": _mean(series, 1.0, plan.lead_s - 1.0)}
+    out = {"idle": _mean(series, 1.0, plan.lead_s - 1.0, path)}
     loaded_from = plan.lead_s + RAMP_S
     if sc.caps in ("none", "static"):
-        out["loaded"] = _mean(series, loaded_from, drain_end - EDGE_S)
+        out["loaded"] = _mean(series, loaded_from, drain_end - EDGE_S, path)
         return out
     steps = [t for t, _ in plan.steps[1:]]
-    out["uncapped"] = _mean(series, loaded_from, steps[0])
+    out["uncapped"] = _mean(series, loaded_from, steps[0], path)
     for k, (t, watts) in enumerate(plan.steps[1:-1]):
         label = f"{watts:.0f} W #{k // 3 + 1}"
-        out[label] = _mean(series, t + STEP_SETTLE_S, steps[k + 1])
-    out["uncapped after"] = _mean(series, steps[-1] + STEP_SETTLE_S, drain_end - EDGE_S)
+        out[label] = _mean(series, t + STEP_SETTLE_S, steps[k + 1], path)
+    out["uncapped after"] = _mean(series, steps[-1] + STEP_SETTLE_S, drain_end - EDGE_S,
+                                   path)
     return out
