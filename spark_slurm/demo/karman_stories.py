@@ -210,7 +210,7 @@ def static_300(sc: Scenario) -> None:
              f"300 W takes {ours:.0%} of the uncapped rack here ({got['300 W'] / 1000:.2f} of "
              f"{uncapped / 1000:.2f} kW), {theirs:.0%} in the reference "
              f"({ref['loaded'] / 1000:.2f} of {ref_uncapped / 1000:.2f} kW, the no-cap run); "
-             f"allowed {SHAPE_MARGIN:.0%} less")
+             f"allowed {SHAPE_MARGIN * 100:.0f} points less")
 
 
 # ------------------------------------------------------------------------- dynamic
