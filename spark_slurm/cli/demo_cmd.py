@@ -25,9 +25,10 @@ from spark_slurm.errors import ScenarioFailed
 def demo(scenarios: tuple[str, ...], *, workdir: Path | None, keep: bool, stop_dir: Path | None,
          nodes: int | None, as_json: bool) -> None:
     """Start munge, Slurm, sparkd, 8 sim B200 GPUs per node and a Karman stream, run the
-    scenarios (thermal, deny, driver-crash, oob, dynamic, multi-node; default all) as
-    real sbatch jobs, collect and merge every node's ledger on the head node, audit
-    every job, verify the ledger, write plots, and clean up.
+    scenarios (thermal, deny, driver-crash, oob, incident, no-cap, static-300, dynamic,
+    partial-dynamic, multi-node; default all) as real sbatch jobs, collect and merge
+    every node's ledger on the head node, audit every job, verify the ledger, write
+    plots, and clean up.
 
     Exit 0 when every scenario's checks pass, 1 when one fails (listed), 2 for a
     usage error (unknown scenario, not root, Slurm missing). Needs root.

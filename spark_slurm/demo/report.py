@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from spark_slurm.demo.scenarios import Check
@@ -45,17 +45,22 @@ def render_audit(report: AuditReport) -> list[str]:
             line += "  VALID" if e.validated else "  NOT VALIDATED"
         lines.append(line)
     macs = all(e.verification.mac == "ok" for e in report.timeline)
-    lines.append(f"  energy {kwh_text(report.energy_mj)} kWh; verdict: "
-                 + (f"all records verified ({'chain, proof, MAC' if macs else 'chain, proof'}),"
-                    " every action validated" if report.ok
-                    else f"{len(report.problems)} problem(s): " + "; ".join(report.problems)))
+    verified = ("all records verified (" + ("chain, proof, MAC" if macs else "chain, proof")
+                + ")" if all(e.verification.ok for e in report.timeline)
+                else "NOT every record verified")
+    lines.append(f"  energy {kwh_text(report.energy_mj)} kWh; verdict: {verified}"
+                 + (", every action validated" if report.ok
+                    else f"; {len(report.problems)} problem(s): " + "; ".join(report.problems)))
     return lines
 
 
 def audit_jobs(ledger: Path, jobs: list[str], plots: Path, say: Say,
-               keys_dir: Path | None = None) -> tuple[list[Check], list[Path]]:
+               keys_dir: Path | None = None, *,
+               expected: Mapping[str, list[str]] | None = None) -> tuple[list[Check], list[Path]]:
     """Print each job's audit (MACs re-checked against `keys_dir`), write its plot,
-    and check its verdict."""
+    and check its verdict: no problem, or for a job whose story causes one on purpose
+    (`expected`, the incident), exactly those problems and no other."""
+    expected = expected or {}
     checks: list[Check] = []
     written: list[Path] = []
     plots.mkdir(parents=True, exist_ok=True)
@@ -71,9 +76,11 @@ def audit_jobs(ledger: Path, jobs: list[str], plots: Path, say: Say,
             continue
         for line in render_audit(report):
             say(line)
-        checks.append(Check(f"audit of job {job}", report.ok,
-                            "verified and validated" if report.ok else "; ".join(
-                                report.problems)))
+        wanted = list(expected.get(job, []))
+        detail = ("verified and validated" if report.ok else "; ".join(report.problems))
+        if wanted and report.problems == wanted:
+            detail = "verified; only the problem its story caused: " + detail
+        checks.append(Check(f"audit of job {job}", report.problems == wanted, detail))
         if not can_plot:
             continue
         ok = path.is_file() and path.stat().st_size > 0

@@ -190,7 +190,9 @@ def _head_audits(stack: ClusterStack, jobs: list[str], say: Say,
         say(f"  [{'PASS' if check.ok else 'FAIL'}] {check.name} — {check.detail}")
         db = stack.cluster_db
     say(f"== audit of every demo job (sparkctl audit --db {db.name} --keys)")
-    checks, result.plots = audit_jobs(db, jobs, stack.plots, say, stack.trust_dir)
+    expected = {j: p for s in result.scenarios for j, p in s.expected_problems.items()}
+    checks, result.plots = audit_jobs(db, jobs, stack.plots, say, stack.trust_dir,
+                                      expected=expected)
     result.checks += checks
 
 

@@ -1,10 +1,13 @@
-"""The demo's five stories, each run as real `sbatch` jobs and each asserting its outcome.
+"""The demo's stories, each run as real `sbatch` jobs and each asserting its outcome.
 
 A scenario drives the cluster the way users and operators would (sbatch,
 `sparkctl sim fault`, `sparkctl sim smi -pl`, `sparkctl cap`), then checks what
-the ledger, the GPUs and Slurm say happened. Every check is recorded, passed or
-not, so a failure names exactly which promise broke; an error that stops a
-scenario early is itself a failed check, never a traceback.
+the ledger, the GPUs, the rack's facility stream and Slurm say happened. Every
+check is recorded, passed or not, so a failure names exactly which promise
+broke; an error that stops a scenario early is itself a failed check, never a
+traceback. The Karman reference stories live in karman_stories.py, the
+post-incident investigation in incident.py, the multi-node story in
+multinode.py; this module holds the others and the registry.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from spark_slurm.demo import incident, karman_stories
 from spark_slurm.demo.services import wait_for
 from spark_slurm.demo.stack import ClusterStack
 from spark_slurm.errors import SparkError
@@ -24,8 +29,6 @@ from spark_slurm.slurm import SubprocessRunner, open_context_source
 
 Say = Callable[[str], None]
 THRESHOLD_MC, RELEASE_MC = 87_000, 80_000   # etc/policy.yaml thermal section
-DYNAMIC_STEPS_W = (900, 600, 300)           # the Karman dataset's dynamic scenario
-STEP_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,9 @@ class ScenarioResult:
     checks: list[Check] = field(default_factory=list)
     started_ns: int = 0
     ended_ns: int = 0
+    # job -> the audit problems its story causes on purpose (the incident): the end-of-run
+    # audit of that job passes when it finds exactly these, and no other
+    expected_problems: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -56,6 +62,7 @@ class ScenarioResult:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "title": self.title, "ok": self.ok, "jobs": self.job_ids,
                 "started_ns": self.started_ns, "ended_ns": self.ended_ns,
+                "expected_problems": self.expected_problems,
                 "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail}
                            for c in self.checks]}
 
@@ -75,12 +82,16 @@ class Scenario:
         self.say(f"  [{'PASS' if ok else 'FAIL'}] {name}" + (f" — {detail}" if detail else ""))
         return bool(ok)
 
-    def submit(self, name: str, args: list[str], seconds: float, pin: bool = True) -> str:
+    def submit(self, name: str, args: list[str], seconds: float, pin: bool = True,
+               until: Path | None = None) -> str:
         """sbatch a job; on a multi-node cluster it is pinned to the first node (whose
-        GPUs, ledger and stream the single-node stories read) unless `pin` is off."""
+        GPUs, ledger and stream the single-node stories read) unless `pin` is off.
+        It sleeps `seconds`, or with `until` ends as soon as that file exists (at most
+        `seconds`): a story with timed steps then never outlives its job on a slow host."""
         pinned = ["-w", self.stack.cluster.node] if pin and self.stack.namespaced else []
-        job = self.stack.cluster.submit(["-J", name, *pinned, *args],
-                                        wrap=f"sleep {seconds:g}")
+        wrap = f"sleep {seconds:g}" if until is None else (
+            f"for i in $(seq {int(seconds * 5)}); do [ -e {until} ] && exit 0; sleep 0.2; done")
+        job = self.stack.cluster.submit(["-J", name, *pinned, *args], wrap=wrap)
         self.result.job_ids.append(job)
         self.say(f"  sbatch {' '.join([*pinned, *args])}  -> job {job}")
         return job
@@ -105,6 +116,12 @@ class Scenario:
         self.check("epilog restore recorded", bool(restore),
                    f"restore PER seq {restore[0].seq}" if restore else "no restore PER")
 
+    def facility_of(self, rec: Record, timeout: float = 20) -> Record | None:
+        """The facility follow-up PER of an action (its `ref` names the action)."""
+        found = self.stack.find_records("facility", None, timeout=timeout,
+                                        match={"ref": {"seq": rec.seq, "hash": rec.hash}})
+        return found[0] if found else None
+
     def one(self, kind: str, job: str | None, timeout: float, **match: Any) -> Record | None:
         found = self.stack.find_records(kind, job, timeout=timeout, match=match)
         return found[0] if found else None
@@ -114,12 +131,6 @@ def _paths_ok(body: dict[str, Any]) -> bool:
     p = body.get("paths") or {}
     return (p.get("telemetry") == "ok" and p.get("policy") in ("allow", "clamp")
             and p.get("ledger") == "committed" and p.get("facility") == "pending")
-
-
-def _facility_of(sc: Scenario, rec: Record, timeout: float = 20) -> Record | None:
-    found = sc.stack.find_records("facility", None, timeout=timeout,
-                                  match={"ref": {"seq": rec.seq, "hash": rec.hash}})
-    return found[0] if found else None
 
 
 # --------------------------------------------------------------------- thermal
@@ -146,7 +157,7 @@ def thermal(sc: Scenario) -> None:
              f"read back {b.get('readback_mw', 0) // 1000} W")
     sc.check("throttle carries its validation paths", _paths_ok(b)
              and b.get("authority") == "automation:thermal", str(b.get("paths")))
-    facility = _facility_of(sc, throttle)
+    facility = sc.facility_of(throttle)
     sc.check("throttle's facility follow-up recorded", facility is not None,
              "none" if facility is None else str(facility.body.get("verdict")))
     release = sc.one("release", job, 40, gpu=hot)
@@ -317,42 +328,6 @@ def oob(sc: Scenario) -> None:
     sc.finish(job, gpus)
 
 
-# --------------------------------------------------------------------- dynamic
-def dynamic(sc: Scenario) -> None:
-    """An admin steps an 8-GPU job's caps 900/600/300 W; every step facility-correlated."""
-    st = sc.stack
-    run_s = st.facility_before_s + len(DYNAMIC_STEPS_W) * STEP_S + st.facility_after_s + 4
-    job = sc.submit("demo-dynamic", ["--gres=gpu:8,gpupower:5600",
-                                     "--comment=spark:class=training"], run_s)
-    gpus = sc.running(job, 1.0)
-    time.sleep(st.facility_before_s + 0.5)  # a full before-window at the job's own cap
-    caps: list[tuple[int, Record | None]] = []
-    for watts in DYNAMIC_STEPS_W:
-        started = time.monotonic()
-        res = st.sparkctl("cap", "--job", job, "--watts", str(watts), "--socket",
-                          str(st.socket), "--reason", "dynamic capping step", check=False)
-        sc.say(f"  sparkctl cap --job {job} --watts {watts}  -> "
-               f"{(res.stdout or res.stderr).strip()}")
-        limits = st.limits_w()
-        sc.check(f"{watts} W step applied to all 8 GPUs",
-                 res.returncode == 0 and all(limits[g] == watts for g in gpus),
-                 f"limits {sorted(set(limits[g] for g in gpus))} W")
-        found = [r for r in st.records(job) if r.kind == "cap"
-                 and (r.body.get("decision") or {}).get("granted_mw") == watts * 1000]
-        caps.append((watts, found[-1] if found else None))
-        time.sleep(max(0.0, STEP_S - (time.monotonic() - started)))
-    for watts, cap in caps:
-        facility = _facility_of(sc, cap, 20) if cap is not None else None
-        b = facility.body if facility is not None else {}
-        sc.check(f"{watts} W step correlated with rack power",
-                 b.get("verdict") == "correlated"
-                 and (cap is not None and (cap.body.get("requester") or {}).get("role")
-                      == "admin"),
-                 f"verdict {b.get('verdict')}: rack Δ {b.get('delta_mw', 0) / 1000:.0f} W vs "
-                 f"GPU Δ {b.get('expected_delta_mw', 0) / 1000:.0f} W")
-    sc.finish(job, gpus)
-
-
 # ------------------------------------------------------------------ multi-node
 def multi_node(sc: Scenario) -> None:
     """One job across three real slurmd; per-node budgets; the head node's collection."""
@@ -366,7 +341,16 @@ SCENARIOS: dict[str, tuple[str, Callable[[Scenario], None]]] = {
     "deny": ("inference job over the fleet policy", deny),
     "driver-crash": ("multi-GPU job whose driver crashes mid-run", driver_crash),
     "oob": ("post-incident investigation of an out-of-band cap change", oob),
-    "dynamic": ("dynamic capping 900/600/300 W with facility correlation", dynamic),
+    "incident": ("post-incident replay: a GPU that ignored a demand-response cap, "
+                 "pinpointed by sparkctl replay --at and audit", incident.post_incident),
+    "no-cap": ("Karman reference: no power cap, the rack at the uncapped load",
+               karman_stories.no_cap),
+    "static-300": ("Karman reference: static 300 W per GPU, the rack held at the cap",
+                   karman_stories.static_300),
+    "dynamic": ("dynamic capping 900/600/300 W with facility correlation",
+                karman_stories.dynamic),
+    "partial-dynamic": ("Karman reference: uncapped, two 900/600/300 W cycles mid-run",
+                        karman_stories.partial_dynamic),
     "multi-node": ("one job on three nodes: per-node budgets, collection, merge, audit",
                    multi_node),
 }

@@ -40,8 +40,8 @@ from spark_slurm.policy.lua import write_lua
 
 GPU_MODEL = "b200"
 GPUS = 8
-# 8 x 900 W: the top step of the Karman dataset's dynamic scenario fits the node budget.
-NODE_BUDGET_W = 7200
+# 8 x 1,000 W: the node's feed carries its GPUs' full TDP (the Karman no-cap story).
+NODE_BUDGET_W = 8000
 RUN_DIR = "/run/spark"                  # on a namespaced host: hook.json, sparkd.sock
 STATE_DIR = "/run/spark/state"          # on a namespaced host: ledger.db, journal.jsonl
 KARMAN_PORT, METRICS_PORT, EXPORTER_PORT = 5557, 9400, 9557  # per namespace

@@ -62,7 +62,7 @@ def _processes_under(root: Path) -> list[str]:
     return found
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_every_demo_scenario_passes_and_the_ledger_proves_it(tmp_path: Path) -> None:
     _require_slurm()
     root = tmp_path / "demo"
@@ -79,6 +79,12 @@ def test_every_demo_scenario_passes_and_the_ledger_proves_it(tmp_path: Path) -> 
     assert all(c.ok for c in result.checks)
 
     assert result.scenarios[-1].name == "multi-node"
+    # the incident's job fails its audit on purpose, with exactly the record it caused
+    incident = next(s for s in result.scenarios if s.name == "incident")
+    [(job, problems)] = incident.expected_problems.items()
+    assert len(problems) == 1 and problems[0].endswith("(cap) not validated: readback=mismatch")
+    audit = next(c for c in result.checks if c.name == f"audit of job {job}")
+    assert audit.ok and "only the problem its story caused" in audit.detail
     assert "head node collection (sparkctl collect --cosign --into)" in names
     # the kept copy verifies on its own, and tampering with it is caught
     copy = root / "results" / "ledger.db"

@@ -68,9 +68,9 @@ def test_stop_without_a_running_demo_says_so(tmp_path: Path,
 
 def test_demo_help_names_the_scenarios_and_options() -> None:
     out = CliRunner().invoke(cli, ["demo", "--help"]).output
-    for word in ("thermal", "deny", "driver-crash", "oob", "dynamic", "multi-node", "--keep",
-                 "--stop", "--workdir", "--nodes"):
+    for word in (*SCENARIOS, "--keep", "--stop", "--workdir", "--nodes"):
         assert word in out
+    assert {"incident", "no-cap", "static-300", "partial-dynamic"} <= set(SCENARIOS)
 
 
 def test_wrappers_get_every_placeholder_filled(tmp_path: Path) -> None:
