@@ -2,41 +2,108 @@
 
 mutmut copies spark_slurm/ and tests/ into mutants/, runs the mapped tests once
 to learn which tests execute which function, then runs each mutant only against
-those tests in forked workers, so a group is affordable on two cores. Groups map
-the modules of issue 21 to the test directories that cover them; mutmut narrows
-that further per function.
+those tests in forked workers. A group names its modules and the test
+directories that cover them; mutmut runs in this process with its
+`only_mutate` and `pytest_add_cli_args_test_selection` narrowed to the group, so
+it mutates only those files and its one stats pass runs only those tests
+(pyproject.toml's [tool.mutmut] lists every module of issue 21 for a bare
+`mutmut run`, and is never edited). A group is then affordable on two cores:
+policy is 644 mutants in about 17 minutes.
 
     python scripts/mutation.py GROUP...   (policy nvml facility automations pipeline
                                            ledger merge, or `all`)
+    python scripts/mutation.py --rerun GROUP...   re-run only the mutants listed in
+                                                  mutants/survivors-GROUP.txt (after
+                                                  adding tests), and rewrite that list
     python scripts/mutation.py --survivors   the issue's hand-made survivors, each
                                              applied and shown killed
 
 Results stay in mutants/ (gitignored); `mutmut results` and `mutmut show NAME`
 explain each one. docs/testing.md lists the survivors and why each is equivalent
-or which test kills it.
+or which test kills it. Running another group (or set of groups) changes the test
+selection, which makes mutmut reset every cached verdict and collect stats again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
+import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MUTMUT = [sys.executable, "-m", "mutmut"]
 
-# group -> mutant name globs (module paths as mutmut names them)
-GROUPS: dict[str, list[str]] = {
-    "policy": ["spark_slurm.policy.evaluate.*", "spark_slurm.policy.lua.*",
-               "spark_slurm.policy.model.*"],
-    "nvml": ["spark_slurm.gpu.nvml.*", "spark_slurm.gpu.mapping.*"],
-    "facility": ["spark_slurm.daemon.facility.*"],
-    "automations": ["spark_slurm.daemon.automations.*"],
-    "pipeline": ["spark_slurm.daemon.pipeline.*", "spark_slurm.daemon.actuation.*"],
-    "ledger": ["spark_slurm.ledger.*"],
-    "merge": ["spark_slurm.head.merge.*", "spark_slurm.head.scan.*",
-              "spark_slurm.head.scan_worker.*"],
+
+@dataclass(frozen=True)
+class Group:
+    """Files mutmut mutates (globs, as `only_mutate` takes them) and the tests that cover them."""
+
+    modules: tuple[str, ...]
+    tests: tuple[str, ...]
+
+    def mutant_globs(self) -> list[str]:
+        """mutmut names a mutant by dotted module: spark_slurm/ledger/* -> spark_slurm.ledger.*"""
+        return [m.removesuffix(".py").removesuffix("/*").replace("/", ".") + ".*"
+                for m in self.modules]
+
+
+DAEMON_TESTS = ("tests/unit/daemon",)
+GROUPS: dict[str, Group] = {
+    "policy": Group(("spark_slurm/policy/evaluate.py", "spark_slurm/policy/lua.py",
+                     "spark_slurm/policy/model.py"), ("tests/unit/policy", "tests/unit/lua")),
+    "nvml": Group(("spark_slurm/gpu/nvml.py", "spark_slurm/gpu/mapping.py"),
+                  ("tests/unit/gpu",)),
+    "facility": Group(("spark_slurm/daemon/facility.py",), DAEMON_TESTS),
+    "automations": Group(("spark_slurm/daemon/automations.py",), DAEMON_TESTS),
+    "pipeline": Group(("spark_slurm/daemon/pipeline.py", "spark_slurm/daemon/actuation.py"),
+                      DAEMON_TESTS),
+    "ledger": Group(("spark_slurm/ledger/*",), ("tests/unit/ledger",)),
+    "merge": Group(("spark_slurm/head/merge.py", "spark_slurm/head/scan.py"),
+                   ("tests/unit/head",)),
 }
+
+
+def _union(names: list[str]) -> Group:
+    modules = [m for n in names for m in GROUPS[n].modules]
+    tests = [t for n in names for t in GROUPS[n].tests]
+    return Group(tuple(dict.fromkeys(modules)), tuple(dict.fromkeys(tests)))
+
+
+def _mutmut(group: Group, args: list[str]) -> tuple[int, str]:
+    """Run one mutmut command in this process, configured for `group`; (exit code, stdout).
+
+    mutmut 3.8.1 (pinned by the `mutation` extra) reads [tool.mutmut] once into
+    `mutmut.configuration._config`; setting that before the command narrows it
+    without editing pyproject.toml, a file make (the venv stamp) and mutmut (its
+    watched files) both react to. The forked workers inherit the narrowed config.
+    """
+    # The `mutation` extra; --survivors needs only pytest.
+    from mutmut import configuration  # noqa: PLC0415
+    from mutmut.__main__ import cli  # noqa: PLC0415
+
+    os.chdir(REPO)  # mutmut reads ./pyproject.toml and works in ./mutants
+    base = configuration._load_config()
+    configuration._config = dataclasses.replace(
+        base, only_mutate=list(group.modules),
+        pytest_add_cli_args_test_selection=list(group.tests))
+    out = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out) if args[0] == "results" else contextlib.nullcontext():
+        try:
+            cli.main(args, prog_name="mutmut", standalone_mode=False)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return code, out.getvalue()
+
+
+def _stale(group: Group) -> list[str]:
+    return [m for m in group.modules if not list(REPO.glob(m))] + \
+           [t for t in group.tests if not (REPO / t).exists()]
+
 
 # The single-line changes issue 21 found surviving, each with the tests that must
 # now fail under it: (file, original, mutant, test).
@@ -89,29 +156,54 @@ def check_survivors() -> int:
     return 1 if failed else 0
 
 
+def _survivor_list(names: list[str]) -> Path:
+    return REPO / "mutants" / f"survivors-{'-'.join(names)}.txt"
+
+
+def _write_survivors(names: list[str], group: Group) -> int:
+    code, text = _mutmut(group, ["results"])
+    if code:
+        return code
+    prefixes = tuple(g.rstrip("*") for g in group.mutant_globs())
+    survivors = [line.strip() for line in text.splitlines()
+                 if line.strip().startswith(prefixes) and not line.strip().endswith("killed")]
+    out = _survivor_list(names)
+    out.write_text("".join(f"{s}\n" for s in survivors))
+    print(f"{len(survivors)} mutants not killed in {', '.join(names)}; listed in {out}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if argv == ["--survivors"]:
         return check_survivors()
-    names = list(GROUPS) if argv in ([], ["all"]) else argv
+    rerun = argv[:1] == ["--rerun"]
+    args = argv[1:] if rerun else argv
+    names = list(GROUPS) if args in ([], ["all"]) else args
     unknown = [n for n in names if n not in GROUPS]
     if unknown:
         print(f"mutation: unknown group {unknown[0]!r} (choose from {', '.join(GROUPS)}, all)",
               file=sys.stderr)
         return 2
-    globs = [g for n in names for g in GROUPS[n]]
-    run = subprocess.run([*MUTMUT, "run", "--max-children", "2", *globs], cwd=REPO,
-                         check=False)
-    if run.returncode:
-        return run.returncode
-    results = subprocess.run([*MUTMUT, "results"], cwd=REPO, capture_output=True, text=True,
-                             check=False)
-    prefixes = tuple(g.rstrip("*") for g in globs)
-    survivors = [line.strip() for line in results.stdout.splitlines()
-                 if line.strip().startswith(prefixes) and not line.strip().endswith("killed")]
-    out = REPO / "mutants" / f"survivors-{'-'.join(names)}.txt"
-    out.write_text("\n".join(survivors) + "\n")
-    print(f"{len(survivors)} mutants not killed in {', '.join(names)}; listed in {out}")
-    return 0
+    group = _union(names)
+    stale = _stale(group)
+    if stale:
+        print(f"mutation: {stale[0]} in scripts/mutation.py GROUPS matches no file",
+              file=sys.stderr)
+        return 2
+    if rerun:
+        listed = _survivor_list(names)
+        if not listed.exists():
+            print(f"mutation: {listed} does not exist; run `scripts/mutation.py "
+                  f"{' '.join(names)}` first", file=sys.stderr)
+            return 2
+        targets = [line.split(":", 1)[0] for line in listed.read_text().splitlines() if line]
+        if not targets:
+            print(f"mutation: {listed} lists no survivors")
+            return 0
+    else:
+        targets = group.mutant_globs()
+    code, _ = _mutmut(group, ["run", "--max-children", "2", *targets])
+    return code or _write_survivors(names, group)
 
 
 if __name__ == "__main__":

@@ -236,3 +236,14 @@ def test_a_spool_that_cannot_be_written_still_denies(plugin: LuaPlugin) -> None:
     out = plugin.submit(tres_per_node="gres:gpupower:5")
     assert out.rc == ERROR
     assert any("cannot append to denial spool" in e for e in out.error)
+
+
+def test_a_policy_without_rules_loads_and_admits(plugin: LuaPlugin) -> None:
+    # Sections only, no `rules:`: the compiled table still has a rules list to walk.
+    plugin.install("gpu: {min_watts: 100, max_watts: 500, default_watts: 300}\n"
+                   "tenants:\n  physics: {max_watts_per_gpu: 400}\n")
+    out = plugin.submit(account="physics", tres_per_node="gres:gpu:2")
+    assert not plugin.load_log["error"]  # an empty Lua table reads back as {}
+    assert out.rc == SUCCESS
+    assert out.job_desc["tres_per_node"] == "gres:gpu:2,gres:gpupower:600"
+    assert (out.token["rule"], out.token["injected"]) == ("gpu-limits", "1")
