@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from spark_slurm.ledger import hmac_epochs
-from spark_slurm.ledger.records import GENESIS_PREV, envelope_bytes, record_hash
+from spark_slurm.ledger.chain import GENESIS_PREV, link_hash
+from spark_slurm.ledger.records import envelope_bytes
 
 
 def sql(path: Path, statement: str, args: tuple[Any, ...] = ()) -> None:
@@ -36,7 +37,7 @@ def rewrite(path: Path, new_rows: list[list[Any]], k0: bytes | None) -> None:
     for seq, r in enumerate(new_rows):
         body = json.loads(r[4])["body"]
         stored = envelope_bytes(seq, r[1], r[2], body)
-        h = record_hash(prev, stored)
+        h = link_hash(prev, stored)
         mac = r[7]
         if keys is not None and r[8]:
             parsed = hmac_epochs.parse_key_id(r[8])
