@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from spark_slurm.canonical import canonical_bytes
-from spark_slurm.head.frontier import NodeFrontier
 from spark_slurm.head.sqlite_store import SqliteStore
+from spark_slurm.ledger.chain import GENESIS_PREV, Chain
 from spark_slurm.ledger.checkpoint import body_text
-from spark_slurm.ledger.records import GENESIS_PREV
 
 OUT = Path(__file__).parent / "out"
 T0 = 1_780_000_000_000_000_000
@@ -203,8 +202,9 @@ def _store(conn: sqlite3.Connection, n: int, rows: list[tuple[Any, ...]]) -> Non
         "INSERT INTO records(node_id, seq, time_ns, kind, job_id, body, prev_hash, hash, mac,"
         " key_id, ref_seq, leaf) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
         [(node_id, *r) for r in rows])
-    frontier = NodeFrontier()
-    frontier.add([r[10] for r in rows])
+    frontier = Chain()
+    frontier.subtrees = []
+    frontier.add_leaves([r[10] for r in rows], [r[6] for r in rows])
     conn.executemany("INSERT INTO subtrees VALUES (?,?,?,?)",
                      [(node_id, lv, i, h) for lv, i, h in frontier.subtrees])
     head = rows[-1][6].hex()

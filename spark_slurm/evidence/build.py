@@ -39,7 +39,7 @@ from spark_slurm.evidence.verify import Pins, check_bundle, note_signed
 from spark_slurm.head.audit import build_report, open_reads
 from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.node_view import NodeLedgerView
-from spark_slurm.head.proofs import NodeTree
+from spark_slurm.head.proofs import node_tree
 from spark_slurm.head.store import ClusterReads, body_of
 from spark_slurm.head.witness import KEY_FILE, NAME_FILE, PUB_FILE, witnessed
 from spark_slurm.ledger.checkpoint import Checkpoint, parse_checkpoint, signatures
@@ -155,11 +155,14 @@ def _proven(src: ClusterReads, node: str, seqs: list[int], cp: Checkpoint
     if state.next_seq < cp.size:
         raise EvidenceError(f"node {node}: the ledger holds {state.next_seq} records, the cosigned "
                             f"checkpoint covers {cp.size}")
-    tree = NodeTree(src, state.node_id, cp.size)
-    if tree.root() != cp.root:
-        raise EvidenceError(f"node {node}: the ledger's first {cp.size} records do not match "
-                            "the cosigned checkpoint (a different or forked ledger)")
-    return {(node, s): tree.inclusion_proof(s) for s in seqs}
+    tree = node_tree(src, state.node_id, cp.size)
+    try:
+        if tree.root() != cp.root:
+            raise EvidenceError(f"node {node}: the ledger's first {cp.size} records do not "
+                                "match the cosigned checkpoint (a different or forked ledger)")
+        return {(node, s): tree.inclusion_proof(s) for s in seqs}
+    except ValueError as exc:  # the store lacks leaves the tree needs
+        raise EvidenceError(f"node {node}: {exc} (records missing from the ledger)") from None
 
 
 def _assemble(src: ClusterReads, source: str, job_id: str, *, wit: Witnessed, signer: Signer,

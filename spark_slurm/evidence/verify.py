@@ -31,10 +31,11 @@ from spark_slurm.evidence.bundle import (
     parse_statement,
     read_bundle,
 )
+from spark_slurm.ledger.chain import link_hash
 from spark_slurm.ledger.checkpoint import note_key_hash, parse_checkpoint, signatures
 from spark_slurm.ledger.keys import public_raw, signing_key_id
 from spark_slurm.ledger.merkle import leaf_hash, verify_inclusion
-from spark_slurm.ledger.records import envelope_suffix, record_hash
+from spark_slurm.ledger.records import envelope_suffix
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +199,7 @@ class _Check:
             if not (r.body.startswith(b'{"body":') and r.body.endswith(suffix)):
                 raise EvidenceInvalid(part, "seq/time/kind/job columns do not match the "
                                       "hashed bytes")
-            if record_hash(r.prev_hash, r.body) != r.hash:
+            if link_hash(r.prev_hash, r.body) != r.hash:
                 raise EvidenceInvalid(part, "hash is not SHA-256(prev_hash || body)")
             sc = self.cps.get(node)
             if sc is None:

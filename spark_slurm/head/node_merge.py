@@ -19,13 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from hashlib import sha256
 from typing import Any
 
 from spark_slurm.errors import SparkError
-from spark_slurm.head.frontier import NodeFrontier
 from spark_slurm.head.keyring import KeyRing
-from spark_slurm.head.proofs import NodeTree
+from spark_slurm.head.proofs import node_tree
 from spark_slurm.head.scan import (
     ChainScan,
     Identity,
@@ -45,6 +43,7 @@ from spark_slurm.head.store import (
     NodeWriter,
     StoredCheckpoint,
 )
+from spark_slurm.ledger.chain import GENESIS_PREV, Chain, leaf_hash
 from spark_slurm.ledger.keys import public_from_raw, public_raw
 
 SAME_SEQ = "same seq, different record than the one merged earlier (both kept)"
@@ -75,20 +74,25 @@ class NodeResult:
 class RowCheck:
     """Called once per new row, in seq order, by the store as it copies the row in:
     the row's Merkle leaf when it checks out, None from the first that does not
-    (the store then stores nothing from there on). Leaves are folded into the
-    node's compact range a page at a time."""
+    (the store then stores nothing from there on). The accepted rows' leaves and
+    hashes go into the node's `Chain` (its stored compact range, resumed) a page
+    at a time; it keeps the root and head at every checkpoint size in `marks` and
+    the perfect subtrees the store keeps for proofs."""
 
     def __init__(self, make_scan: Callable[[], ChainScan], frontier: bytes, start: int,
-                 marks: set[int]) -> None:
+                 head: bytes, marks: set[int]) -> None:
         self.make_scan, self.initial, self.start, self.marks = make_scan, frontier, start, marks
+        self.head = head
         self.restart()
 
     def restart(self) -> None:
         self.scan = self.make_scan()
         self.accept = self.scan.accept
-        self.frontier = NodeFrontier.from_bytes(self.start, self.initial)
-        self.buffer: list[bytes] = []
-        self.heads: dict[int, bytes] = {}  # mark size -> hash of record size - 1
+        self.chain = Chain.from_bytes(self.start, self.initial, self.head)
+        self.chain.marks = frozenset(self.marks)
+        self.chain.subtrees = []
+        self.leaves: list[bytes] = []
+        self.hashes: list[bytes] = []
         self.read = 0
 
     def __call__(self, rec: Sequence[Any]) -> bytes | None:
@@ -96,11 +100,10 @@ class RowCheck:
         self.read += 1
         if not self.accept(rec):
             return None
-        leaf = sha256(b"\x00" + rec[4]).digest()
-        self.buffer.append(leaf)
-        if rec[0] + 1 in self.marks:
-            self.heads[rec[0] + 1] = rec[6]
-        if len(self.buffer) >= PAGE:
+        leaf = leaf_hash(rec[4])
+        self.leaves.append(leaf)
+        self.hashes.append(rec[6])
+        if len(self.leaves) >= PAGE:
             self.flush()
         return leaf
 
@@ -109,9 +112,9 @@ class RowCheck:
         self.scan.stop(code, seq, why)
 
     def flush(self) -> None:
-        if self.buffer:
-            self.frontier.add(self.buffer, self.marks)
-            self.buffer = []
+        if self.leaves:
+            self.chain.add_leaves(self.leaves, self.hashes)
+            self.leaves, self.hashes = [], []
 
 
 class _Lookups:
@@ -207,7 +210,7 @@ def _nothing_new(reads: ClusterReads, src: Source, reader: SourceReader,
     if wit.size > reader.size:
         return False  # shorter than what the witness saw: the full path names it
     if wit.size == held.next_seq:
-        return NodeFrontier.from_bytes(wit.size, held.frontier).root().hex() == wit.root
+        return Chain.from_bytes(wit.size, held.frontier).root().hex() == wit.root
     return any(c.root == wit.root and c.source == "ledger"
                for c in reads.checkpoints_at(held.node_id, wit.size))
 
@@ -344,8 +347,11 @@ class _NodeMerge:
                for c in self.reads.checkpoints_at(held.node_id, cp.size)):
             return True
         if cp.size == held.next_seq:
-            return NodeFrontier.from_bytes(cp.size, held.frontier).root().hex() == cp.root
-        return NodeTree(self.reads, held.node_id, cp.size).root().hex() == cp.root
+            return Chain.from_bytes(cp.size, held.frontier).root().hex() == cp.root
+        try:
+            return node_tree(self.reads, held.node_id, cp.size).root().hex() == cp.root
+        except ValueError:  # held leaves missing: the held chain cannot have that root
+            return False
 
     def _append(self, wit: StoredCheckpoint | None) -> None:
         held, head, start = self.held, self.head, self.start
@@ -365,11 +371,12 @@ class _NodeMerge:
             marks.add(wit.size)
         lookups = _Lookups(self.reader, self.reads, held)
         check = RowCheck(lambda: ChainScan(self.ident, lookups, last=last, fast=self.fast),
-                         held.frontier if head >= 0 else b"", start, marks)
+                         held.frontier if head >= 0 else b"", start,
+                         last.hash if last is not None else GENESIS_PREV, marks)
         self.w.mark()
         count = self.w.append(held, start, check)
         check.flush()
-        scan, frontier = check.scan, check.frontier
+        scan, chain = check.scan, check.chain
         self.read = check.read
         findings = list(scan.findings)
         if findings and self.src.kind == "segment" and head >= 0 \
@@ -385,16 +392,19 @@ class _NodeMerge:
                              f"{accepted - start}")
         checkpoints, forked = self._judge(texts, check, last=last, accepted=accepted)
         if not forked and wit is not None and start < wit.size <= accepted \
-                and frontier.roots.get(wit.size, b"").hex() != wit.root:
+                and (chain.root_at(wit.size) or b"").hex() != wit.root:
             self.find("FORK", None, f"first {wit.size} records differ from the witnessed "
                       "checkpoint")
             forked = True
         if forked or count == 0:
             self.w.undo()
             return
-        self.w.set_head(held, Advance(start, accepted - 1, scan.prev, frontier.to_bytes(),
+        if chain.size != accepted or chain.head != scan.prev:  # a bug, not input
+            raise SparkError(f"{self.src.name}: the tree reached {chain.size} records, the "
+                             f"check {accepted}")
+        self.w.set_head(held, Advance(start, accepted - 1, scan.prev, chain.to_bytes(),
                                       tuple(public_raw(k) for k in scan.signers),
-                                      frontier.subtrees))
+                                      chain.subtrees or []))
         for size, root, text in checkpoints:
             self.w.add_checkpoint(held.node_id, size, root, text, "ledger")
         self.appended, self.head = count, accepted - 1
@@ -406,7 +416,7 @@ class _NodeMerge:
         e.g. for an archive cut later), and whether one contradicts the records (a
         FORK: nothing is merged)."""
         start, size = self.start, self.reader.size
-        scan, frontier = check.scan, check.frontier
+        scan, chain = check.scan, check.chain
         valid, bad = signed_checkpoints(self.node, self.ident.origin, texts, scan.signers)
         self.findings.extend(bad)
         keep: list[tuple[int, str, str]] = []
@@ -420,9 +430,9 @@ class _NodeMerge:
             if cp.size > accepted:
                 continue  # covers records past the first bad one: already reported
             if cp.size > start:
-                root, head_hash = frontier.roots.get(cp.size), check.heads.get(cp.size)
+                root, head_hash = chain.root_at(cp.size), chain.head_at(cp.size)
             else:  # covers exactly what is held
-                root = NodeFrontier.from_bytes(start, self.held.frontier).root()
+                root = Chain.from_bytes(start, self.held.frontier).root()
                 head_hash = last.hash if last is not None else None
             if root != cp.root or head_hash is None or head_hash.hex() != cp.head_hash:
                 self.find("FORK", None, "records differ from the ledger's own signed "

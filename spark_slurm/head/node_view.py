@@ -25,9 +25,10 @@ from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.proofs import MerkleProver, Prover
 from spark_slurm.head.scan import follow_rotation, identify
 from spark_slurm.head.store import Finding, NodeState, StoredCheckpoint, body_of
+from spark_slurm.ledger.chain import continues
 from spark_slurm.ledger.checkpoint import Checkpoint, verify_checkpoint
 from spark_slurm.ledger.merkle import leaf_hash
-from spark_slurm.ledger.records import Record, record_hash
+from spark_slurm.ledger.records import Record
 from spark_slurm.ledger.schema import open_existing
 
 NODE_ID = 1
@@ -279,23 +280,22 @@ class NodeLedgerView:
         return self._keys[1:]
 
     def chain_holds(self, seq: int, cp: Checkpoint) -> bool:
-        """Records seq..cp.size-1 are each the hash of the one before and their own
-        stored bytes, and the last one's hash is the checkpoint's head."""
-        prev: bytes | None = None
+        """Records seq..cp.size-1 each continue the chain (the first from its own
+        stored prev hash), and the last one's hash is the checkpoint's head."""
+        head: bytes | None = None
         at = seq
         while at < cp.size:
             rows = self.conn.execute(
-                "SELECT seq, CAST(body AS BLOB), CAST(prev_hash AS BLOB), CAST(hash AS BLOB)"
-                " FROM per WHERE seq >= ? AND seq < ? ORDER BY seq LIMIT 4096",
-                (at, cp.size)).fetchall()
+                "SELECT seq, NULL, NULL, NULL, CAST(body AS BLOB), CAST(prev_hash AS BLOB),"
+                " CAST(hash AS BLOB) FROM per WHERE seq >= ? AND seq < ? ORDER BY seq"
+                " LIMIT 4096", (at, cp.size)).fetchall()
             if not rows:
                 return False
-            for row_seq, body, prev_hash, value in rows:
-                if row_seq != at or (prev is not None and prev_hash != prev) \
-                        or record_hash(prev_hash, body) != value:
+            for row in rows:
+                if not continues(row, at, row[5] if head is None else head):
                     return False
-                prev, at = value, at + 1
-        return prev is not None and prev.hex() == cp.head_hash
+                head, at = row[6], at + 1
+        return head is not None and head.hex() == cp.head_hash
 
     def prover(self) -> Prover:
         """An RFC 6962 inclusion proof where the ledger keeps its subtrees (schema 2),

@@ -2,11 +2,13 @@
 and (given the node's HMAC K[0]) the record's epoch MAC.
 
 Inclusion proofs are built from the leaf hashes the merge stored, plus the hash
-of every perfect subtree of `BLOCK` leaves or more it completed. Any subtree the
-RFC 6962 recursion asks for is then stored or spans fewer than `BLOCK` leaves,
-so a proof costs O(BLOCK + log n) hashes instead of O(n) and `audit` stays fast
-however long a node's chain grows. Proofs are checked with
-the ledger's own `verify_inclusion`; nothing here decides validity by itself.
+of every perfect subtree of 2^SUBTREE_LEVEL leaves or more it completed, by the
+ledger's own `StoredTree` (the node ledger answers proofs the same way). Any
+subtree the RFC 6962 recursion asks for is then stored or spans fewer than
+2^SUBTREE_LEVEL leaves, so a proof costs O(2^SUBTREE_LEVEL + log n) hashes
+instead of O(n) and `audit` stays fast however long a node's chain grows.
+Proofs are checked with the ledger's own `verify_inclusion`, links with
+`chain.continues`; nothing here decides validity by itself.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from spark_slurm.head.frontier import BLOCK, BLOCK_LEVEL
 from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.store import ClusterReads
 from spark_slurm.ledger import hmac_epochs
+from spark_slurm.ledger.chain import GENESIS_PREV, continues, link_hash
 from spark_slurm.ledger.keys import hmac_key_id
-from spark_slurm.ledger.merkle import leaf_hash, node_hash, root, verify_inclusion
-from spark_slurm.ledger.records import GENESIS_PREV, Record, envelope_suffix, record_hash
+from spark_slurm.ledger.merkle import leaf_hash, verify_inclusion
+from spark_slurm.ledger.records import Record, envelope_suffix
+from spark_slurm.ledger.tree import StoredTree
 
-__all__ = ["BLOCK", "BLOCK_LEVEL", "MerkleProver", "NodeTree", "Prover", "Verification",
-           "verify_records"]
+__all__ = ["MerkleProver", "Prover", "Verification", "node_tree", "verify_records"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,55 +45,14 @@ class Verification:
             and self.mac in ("ok", "unchecked")
 
 
-class NodeTree:
-    """The RFC 6962 tree over a node's first `size` stored leaves.
-
-    A perfect subtree of 2^k >= BLOCK leaves is read from the stored ones when kept
-    (merge keeps every one it completes), else computed from its two halves; smaller
-    ones, and the ragged right edge, from the leaves. A proof thus reads O(log n)
-    stored hashes plus at most two blocks of leaves."""
-
-    def __init__(self, db: ClusterReads, node_id: int, size: int) -> None:
-        self.db = db
-        self.node_id = node_id
-        self.size = size
-        self._memo: dict[tuple[int, int], bytes] = {}
-
-    def subtree(self, lo: int, hi: int) -> bytes:
-        """MTH of leaves [lo, hi)."""
-        key = (lo, hi)
-        if key in self._memo:
-            return self._memo[key]
-        n = hi - lo
-        value = None
-        if n >= BLOCK and n & (n - 1) == 0 and lo % n == 0:
-            value = self.db.subtree(self.node_id, n.bit_length() - 1, lo // n)
-        if value is None:
-            if n <= BLOCK:
-                value = root(self.db.leaves(self.node_id, lo, n))
-            else:
-                k = 1 << ((n - 1).bit_length() - 1)
-                value = node_hash(self.subtree(lo, lo + k), self.subtree(lo + k, hi))
-        self._memo[key] = value
-        return value
-
-    def root(self) -> bytes:
-        return self.subtree(0, self.size)
-
-    def inclusion_proof(self, index: int) -> list[bytes]:
-        """Audit path for one leaf, in the order `verify_inclusion` expects."""
-        proof: list[bytes] = []
-        lo, hi = 0, self.size
-        while hi - lo > 1:
-            k = 1 << ((hi - lo - 1).bit_length() - 1)
-            if index - lo < k:
-                proof.append(self.subtree(lo + k, hi))
-                hi = lo + k
-            else:
-                proof.append(self.subtree(lo, lo + k))
-                lo = lo + k
-        proof.reverse()
-        return proof
+def node_tree(db: ClusterReads, node_id: int, size: int) -> StoredTree:
+    """The RFC 6962 tree over a node's first `size` stored leaves: the ledger's own
+    `StoredTree`, reading the perfect subtrees of 2^SUBTREE_LEVEL leaves or more
+    that merge kept (`Chain.subtrees`) and the leaves from the cluster store. A
+    proof thus reads O(log n) stored hashes plus at most two blocks of leaves; a
+    subtree whose leaves are not all there raises ValueError."""
+    return StoredTree(size, lambda lo, hi: db.leaves(node_id, lo, hi - lo),
+                      lambda level, index: db.subtree(node_id, level, index))
 
 
 class Prover(Protocol):
@@ -107,7 +68,7 @@ class MerkleProver:
 
     def __init__(self, db: ClusterReads) -> None:
         self.db = db
-        self._trees: dict[str, tuple[NodeTree, bytes] | None] = {}
+        self._trees: dict[str, tuple[StoredTree, bytes] | None] = {}
 
     def prove(self, rec: Record) -> tuple[str, int | None]:
         if rec.node not in self._trees:
@@ -115,13 +76,16 @@ class MerkleProver:
             cp = self.db.latest_checkpoint(state.node_id, state.next_seq) \
                 if state is not None else None
             self._trees[rec.node] = None if cp is None or state is None else (
-                NodeTree(self.db, state.node_id, cp.size), bytes.fromhex(cp.root))
+                node_tree(self.db, state.node_id, cp.size), bytes.fromhex(cp.root))
         held = self._trees[rec.node]
         if held is None or rec.seq >= held[0].size:
             return "uncovered", held[0].size if held is not None else None
         tree, cp_root = held
-        good = verify_inclusion(leaf_hash(rec.body_bytes), rec.seq, tree.size,
-                                tree.inclusion_proof(rec.seq), cp_root)
+        try:
+            path = tree.inclusion_proof(rec.seq)
+        except ValueError:  # leaves the proof needs are gone (a record deleted)
+            return "failed", tree.size
+        good = verify_inclusion(leaf_hash(rec.body_bytes), rec.seq, tree.size, path, cp_root)
         return ("ok" if good else "failed"), tree.size
 
 
@@ -177,13 +141,19 @@ def mac_status(rec: Record, key: NodeMacKey | None) -> str:
 
 
 def _chain_status(db: ClusterReads, node_id: int, rec: Record) -> str:
-    if record_hash(bytes.fromhex(rec.prev_hash), rec.body_bytes).hex() != rec.hash:
+    try:
+        prev, value = bytes.fromhex(rec.prev_hash), bytes.fromhex(rec.hash)
+    except ValueError:
+        return "hash mismatch"
+    if link_hash(prev, rec.body_bytes) != value:
         return "hash mismatch"
     if not rec.body_bytes.endswith(envelope_suffix(rec.seq, rec.time_ns, rec.kind, rec.job_id)):
         return "columns differ from the hashed record"
-    if rec.seq == 0:
-        return "ok" if rec.prev_hash == GENESIS_PREV.hex() else "genesis does not start the chain"
-    previous = db.hash_at(node_id, rec.seq - 1)  # a retention cut keeps the hash it cut at
-    if previous is None:
+    head = GENESIS_PREV if rec.seq == 0 else db.hash_at(node_id, rec.seq - 1)
+    if head is None:  # a retention cut keeps the hash it cut at
         return f"previous record {rec.seq - 1} missing"
-    return "ok" if previous.hex() == rec.prev_hash else f"does not link to seq {rec.seq - 1}"
+    row = (rec.seq, rec.time_ns, rec.kind, rec.job_id, rec.body_bytes, prev, value)
+    if continues(row, rec.seq, head):
+        return "ok"
+    return "genesis does not start the chain" if rec.seq == 0 else \
+        f"does not link to seq {rec.seq - 1}"

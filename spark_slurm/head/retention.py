@@ -25,10 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from spark_slurm.errors import HeadDbError
-from spark_slurm.head.frontier import BLOCK
-from spark_slurm.head.proofs import NodeTree
+from spark_slurm.head.proofs import node_tree
 from spark_slurm.head.sqlite_store import SqliteStore, signers_text
 from spark_slurm.head.store import Maintenance, NodeState, display_url, open_store
+from spark_slurm.ledger.chain import SUBTREE_LEVEL
+
+BLOCK = 1 << SUBTREE_LEVEL
+"""A cut keeps the leaves from the last multiple of BLOCK before it: every proof
+over the records kept then finds stored subtrees or leaves."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +130,15 @@ def _archive(m: Maintenance, out: SqliteStore, state: NodeState, first: int) -> 
         _insert(conn, node_id, page)
         count += len(page)
     size = first
-    tree = NodeTree(m, state.node_id, size)
+    tree = node_tree(m, state.node_id, size)
     frontier, at = [], 0
-    for k in range(size.bit_length() - 1, -1, -1):
-        if size >> k & 1:
-            frontier.append(tree.subtree(at, at + (1 << k)))
-            at += 1 << k
+    try:
+        for k in range(size.bit_length() - 1, -1, -1):
+            if size >> k & 1:
+                frontier.append(tree.subtree(at, at + (1 << k)))
+                at += 1 << k
+    except ValueError as exc:
+        raise HeadDbError(f"{out.path}: cannot archive node {state.name}: {exc}") from None
     head_hash = m.hash_at(state.node_id, first - 1)
     conn.execute("UPDATE nodes SET head_seq=?, head_hash=?, count=count+?, frontier=?,"
                  " signers=? WHERE node_id=?",
@@ -161,7 +168,7 @@ def _copy_proofs(m: Maintenance, conn: sqlite3.Connection, state: NodeState, nod
         if cp.size <= size:
             conn.execute("INSERT OR IGNORE INTO checkpoints(node_id, size, root, text, source)"
                          " VALUES (?,?,?,?,?)", (node_id, cp.size, cp.root, cp.text, cp.source))
-    for level in range(8, max(9, size.bit_length())):
+    for level in range(SUBTREE_LEVEL, max(SUBTREE_LEVEL + 1, size.bit_length())):
         for idx in range(size >> level):
             value = m.subtree(state.node_id, level, idx)
             if value is not None:

@@ -17,7 +17,6 @@ import hmac
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from hashlib import sha256
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from cryptography.exceptions import InvalidSignature
@@ -26,6 +25,7 @@ from spark_slurm.errors import CheckpointError, CheckpointInvalid, LedgerKeyErro
 from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.store import Finding
 from spark_slurm.ledger import hmac_epochs
+from spark_slurm.ledger.chain import GENESIS_PREV, continues, link_hash
 from spark_slurm.ledger.checkpoint import (
     Checkpoint,
     origin_for,
@@ -33,7 +33,7 @@ from spark_slurm.ledger.checkpoint import (
     verify_checkpoint,
 )
 from spark_slurm.ledger.keys import hmac_key_id, public_from_raw, signing_key_id
-from spark_slurm.ledger.records import GENESIS_PREV, envelope_suffix, record_hash
+from spark_slurm.ledger.records import envelope_suffix
 from spark_slurm.ledger.store import rotation_message
 
 if TYPE_CHECKING:
@@ -166,7 +166,8 @@ class ChainScan:
     the one before it (next seq, links to it, hashes right, columns match the
     envelope, names the node, MAC'd under the same key id, not a key event) is
     accepted by the inline test; anything else takes `_check` and `_check_mac`
-    exactly as written, so findings do not depend on the fast path. The inline test
+    exactly as written, so findings do not depend on the fast path. Both decide the
+    link with `chain.continues`, the rule `sparkctl verify` applies. The inline test
     skips the DUPLICATE lookup: a record whose hash verifies and whose envelope
     names its own seq cannot repeat an earlier hash short of a SHA-256 collision.
     Memory holds one page: earlier rows are reached through `lookups`."""
@@ -199,10 +200,9 @@ class ChainScan:
         inside the store's INSERT ... SELECT, so the fast test is inline."""
         if self.stopped:
             return False
-        seq, time_ns, kind, job, body, prev_hash, rec_hash, mac, key_id = rec
+        seq, time_ns, kind, job, body, _, rec_hash, mac, key_id = rec
         epochs = self.epochs
-        if (self.fast and seq == self.last_seq + 1 and prev_hash == self.prev
-                and kind != "key" and sha256(prev_hash + body).digest() == rec_hash
+        if (self.fast and kind != "key" and continues(rec, self.last_seq + 1, self.prev)
                 and body.endswith(_suffix_of(seq, time_ns, kind, job))
                 and (seq == 0 or self.node_tag in body)
                 and (epochs is None or (key_id == self.mac_kid and mac is not None
@@ -295,7 +295,7 @@ def _check(rec: RawRecord, prev: bytes, last_seq: int, lookups: Lookups, *,
     copied = _envelope_seq(rec.body)
     if copied is not None and copied < rec.seq and lookups.hash_at(copied) == rec.hash:
         return "DUPLICATE", rec.seq, f"repeats the record of seq {copied}"
-    if record_hash(rec.prev_hash, rec.body) != rec.hash:
+    if link_hash(rec.prev_hash, rec.body) != rec.hash:
         return "TAMPERED", rec.seq, "stored bytes do not hash to the stored hash"
     if not rec.body.endswith(_suffix(rec)):
         env_seq = _envelope_seq(rec.body)
@@ -312,7 +312,7 @@ def _check(rec: RawRecord, prev: bytes, last_seq: int, lookups: Lookups, *,
             return "GAP", rec.seq, (f"the record of seq {rec.seq} was deleted "
                                     "(later records renumbered)")
         return "REORDER", rec.seq, f"holds the record of seq {env_seq}"
-    if rec.prev_hash != prev:
+    if not continues(rec, last_seq + 1, prev):  # seq and hash were checked: the link fails
         linked = lookups.seq_of_hash(rec.prev_hash)
         if linked is not None:
             return "REORDER", rec.seq, f"links to seq {linked}, not to seq {last_seq}"

@@ -3,7 +3,7 @@
 Schema 2 keeps, per node, the Merkle compact range and the signing keys followed
 (so a merge reads only new rows) and every perfect subtree of 256 leaves or more
 (so a proof reads O(log n) hashes). A schema-1 store has the leaves and records
-to derive them: each node's leaves are streamed through `NodeFrontier` and its
+to derive them: each node's leaves are streamed through the ledger's `Chain` and its
 genesis and key records give the keys. One transaction: a failed upgrade leaves
 the store as it was.
 """
@@ -16,8 +16,8 @@ import sqlite3
 from pathlib import Path
 
 from spark_slurm.errors import HeadDbError, LedgerKeyError
-from spark_slurm.head.frontier import NodeFrontier
 from spark_slurm.head.scan import follow_rotation
+from spark_slurm.ledger.chain import Chain
 from spark_slurm.ledger.keys import public_from_raw, public_raw
 
 _CHUNK = 65536
@@ -56,7 +56,8 @@ def upgrade_sqlite(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def _node(conn: sqlite3.Connection, node_id: int, count: int) -> None:
-    frontier = NodeFrontier()
+    frontier = Chain()
+    frontier.subtrees = []
     at = 0
     while at < count:
         leaves = [bytes(r[0]) for r in conn.execute(
@@ -64,7 +65,7 @@ def _node(conn: sqlite3.Connection, node_id: int, count: int) -> None:
             (node_id, at, at + _CHUNK))]
         if not leaves:
             break
-        frontier.add(leaves)
+        frontier.add_leaves(leaves)
         conn.executemany("INSERT OR REPLACE INTO subtrees VALUES (?,?,?,?)",
                          [(node_id, lv, i, h) for lv, i, h in frontier.subtrees])
         frontier.subtrees.clear()

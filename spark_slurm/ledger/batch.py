@@ -4,7 +4,7 @@ Kept apart from the store so the per-record encoding is one tight loop over
 locals (envelope tail cached per (kind, job)); the chain hash and the Merkle
 tree are `Chain.link`'s, the one implementation verify and merge use too. It
 yields exactly the bytes and errors, in the same order, that
-`records.envelope_bytes` + `record_hash` would.
+`records.envelope_bytes` + `chain.link_hash` would.
 """
 
 from __future__ import annotations

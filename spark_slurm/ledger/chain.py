@@ -1,16 +1,24 @@
 """The hash chain and the RFC 6962 Merkle tree over a ledger's records, in one place.
 
 Appending (`Ledger`), verifying (`sparkctl verify`, sequential or on every core)
-and merging (the head node) all move the same state forward: the hash of the
-last record and the tree's compact range (one perfect-subtree hash per set bit
-of the size, largest first). `Chain` holds that state and is the only code that
-computes a chain link `H(prev ‖ body)`, a leaf `H(0x00 ‖ body)` or an interior
-node `H(0x01 ‖ left ‖ right)` for a ledger walk, so the three cannot disagree.
+and merging (the head node, which keeps each node's compact range as bytes in
+its store) all move the same state forward: the hash of the last record and the
+tree's compact range (one perfect-subtree hash per set bit of the size, largest
+first). `Chain` holds that state; this module is the only code that computes a
+chain link `H(prev ‖ body)`, a leaf `H(0x00 ‖ body)` or an interior node
+`H(0x01 ‖ left ‖ right)`, and `continues` is the one statement of the link rule
+(next seq, stored prev hash = the head, hash = H(head ‖ body)) that append,
+verify and merge's per-row check all apply, so none can accept what another
+refuses.
 
-Its loops are written for speed (locals, no call per record): `link` makes new
-records' hashes, `accept` checks stored rows and stops before the first that
-does not continue the chain, `push` grafts a leaf or a whole perfect subtree.
-Stdlib only: the parallel verifier's worker script imports it as a sibling.
+Its loops are written for speed (locals, hashes in list comprehensions):
+`link` makes new records' hashes, `accept` checks stored rows and stops before
+the first that does not continue the chain, `add_leaves` takes leaf hashes
+(merge computes them row by row as it stores them), `push` grafts a leaf or a
+whole perfect subtree. On the way it keeps the compact range and head at the
+`marks` sizes (checkpoint sizes) and, when asked, every perfect subtree of
+2^SUBTREE_LEVEL leaves or more. Stdlib only: the parallel verifier's worker
+script imports it as a sibling.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Any
 GENESIS_PREV = bytes(32)
 """The previous hash of the genesis record (seq 0): 32 zero bytes."""
 EMPTY_ROOT = hashlib.sha256(b"").digest()
+_sha256 = hashlib.sha256
 BLOCK_BITS = 12
 """Leaves are merged in aligned runs of up to 2^BLOCK_BITS at a time."""
 SUBTREE_LEVEL = 8
@@ -29,9 +38,37 @@ SUBTREE_LEVEL = 8
 (the ledger's `tree` table): any proof then needs at most two blocks of leaves."""
 
 
+def link_hash(prev: bytes, body: bytes) -> bytes:
+    """A record's hash: H(prev hash ‖ stored bytes)."""
+    return hashlib.sha256(prev + body).digest()
+
+
+def leaf_hash(body: bytes) -> bytes:
+    """A record's Merkle leaf: H(0x00 ‖ stored bytes)."""
+    return hashlib.sha256(b"\x00" + body).digest()
+
+
 def node_hash(left: bytes, right: bytes) -> bytes:
     """Hash of an interior node."""
     return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def continues(row: Sequence[Any], at: int, head: bytes) -> bool:
+    """The link rule. A stored row in PER column order (seq, time_ns, kind, job_id,
+    body, prev_hash, hash, ...) continues a chain that stands at size `at` after
+    the record hashed `head` when its seq is `at`, its stored prev hash is `head`
+    and its hash is H(head ‖ body). Both halves matter: the prev column can be
+    edited alone, and a rewritten record can carry a hash that is right for its
+    own bytes. A column of the wrong type continues nothing. `Chain.accept`
+    (`sparkctl verify`, sequential and parallel) and the head node's merge (per
+    row, inside the store's INSERT) decide with this function; `Chain.link`
+    writes rows that satisfy it."""
+    try:
+        ok: bool = row[0] == at and row[5] == head \
+            and _sha256(head + row[4]).digest() == row[6]
+    except TypeError:
+        return False
+    return ok
 
 
 def fold(hashes: Sequence[bytes]) -> bytes:
@@ -51,9 +88,10 @@ class Chain:
     at an aligned chunk (`base` a multiple of the chunk size, `head` the stored
     hash of record base-1) whose compact range covers only its own records.
     Set `marks` to the sizes whose (compact range, head) should be kept in
-    `marked` (checkpoint sizes: `fold` gives the root), and `subtrees` to a
+    `marked` (checkpoint sizes: `root_at` gives the root), and `subtrees` to a
     list to collect (level, index, hash) of every perfect subtree of at least
-    2^SUBTREE_LEVEL leaves as it completes.
+    2^SUBTREE_LEVEL leaves as it completes (the ledger's `tree` table, the head
+    store's proof cache).
     """
 
     __slots__ = ("base", "hashes", "head", "marked", "marks", "size", "subtrees")
@@ -90,6 +128,16 @@ class Chain:
         """Merkle tree head over [base, size)."""
         return fold(self.hashes)
 
+    def root_at(self, size: int) -> bytes | None:
+        """The tree head at a mark passed on the way (None when none was kept there)."""
+        kept = self.marked.get(size)
+        return None if kept is None else fold(kept[0])
+
+    def head_at(self, size: int) -> bytes | None:
+        """The hash of record size - 1 at a mark passed on the way (None when none)."""
+        kept = self.marked.get(size)
+        return None if kept is None else kept[1]
+
     def levels(self) -> list[int]:
         """The height of each compact-range hash, largest first."""
         n = self.size - self.base
@@ -123,65 +171,65 @@ class Chain:
         for body in data:
             head = sha(head + body).digest()
             out.append(head)
-        self._grow(data, out)
+        self._grow([sha(b"\x00" + b).digest() for b in data], out)
         return out
 
     def accept(self, rows: Sequence[Sequence[Any]]) -> int:
         """Take stored rows (PER column order: seq, time_ns, kind, job_id, body,
-        prev_hash, hash, ...) while each continues the chain: next seq, prev hash
-        equal to the head, hash equal to H(prev ‖ body). Returns how many were
-        taken; the chain then stands after the last of them."""
+        prev_hash, hash, ...) while each `continues` the chain. Returns how many
+        were taken; the chain then stands after the last of them."""
         taken = self._continuing(rows)
         if taken:
+            sha = hashlib.sha256
             part = rows if taken == len(rows) else rows[:taken]
-            self._grow([r[4] for r in part], [r[6] for r in part])
+            self._grow([sha(b"\x00" + r[4]).digest() for r in part], [r[6] for r in part])
         return taken
 
     def _continuing(self, rows: Sequence[Sequence[Any]]) -> int:
-        """How many leading rows continue the chain (the state does not move). A
-        whole page is checked with list operations; only a page with a break in
-        it is walked row by row to find where."""
-        sha = hashlib.sha256
+        """How many leading rows continue the chain (the state does not move)."""
         size, head = self.size, self.head
-        try:
-            prevs = [r[5] for r in rows]
-            hashes = [r[6] for r in rows]
-            if prevs and prevs[0] == head and prevs[1:] == hashes[:-1] \
-                    and [r[0] for r in rows] == list(range(size, size + len(rows))) \
-                    and [sha(r[5] + r[4]).digest() for r in rows] == hashes:
-                return len(rows)
-        except TypeError:  # a column of the wrong type: found below
-            pass
         for i, r in enumerate(rows):
-            try:
-                if r[0] != size or r[5] != head or sha(head + r[4]).digest() != r[6]:
-                    return i
-            except TypeError:
+            if not continues(r, size, head):
                 return i
             head, size = r[6], size + 1
         return len(rows)
 
-    def _grow(self, bodies: Sequence[bytes], hashes: Sequence[bytes]) -> None:
-        """Add records (stored bytes and hashes, continuing the chain) to the tree,
-        keeping the compact range at each size in `marks` on the way."""
-        sha = hashlib.sha256
-        start, end = self.size, self.size + len(bodies)
+    def add_leaves(self, leaves: Sequence[bytes], hashes: Sequence[bytes] | None = None
+                   ) -> None:
+        """Merge the leaf hashes of the next records, in order, into the compact range.
+        With `hashes` (those records' hashes, already checked to continue the chain:
+        merge checks each row as the store copies it) the head moves too and the
+        marks on the way are kept; without, the head stays (a tree rebuilt from
+        stored bytes alone) and no mark may fall among these leaves."""
+        if hashes is None:
+            if any(self.size < m <= self.size + len(leaves) for m in self.marks):
+                raise ValueError("a mark's head is unknown without the records' hashes")
+            self._leaves(leaves)
+            return
+        if len(hashes) != len(leaves):
+            raise ValueError(f"{len(leaves)} leaves but {len(hashes)} record hashes")
+        self._grow(leaves, hashes)
+
+    def _grow(self, leaves: Sequence[bytes], hashes: Sequence[bytes]) -> None:
+        """Add records (leaf hashes and record hashes, continuing the chain) to the
+        tree, keeping the compact range and head at each size in `marks` on the way."""
+        start, end = self.size, self.size + len(leaves)
         cuts = sorted(m - start for m in self.marks if start < m <= end) if self.marks else []
+        if not cuts:
+            if leaves:
+                self._leaves(leaves)
+                self.head = hashes[-1]
+            return
         done = 0
-        for cut in [*cuts, len(bodies)]:
+        for cut in [*cuts, len(leaves)]:
             if cut > done:
-                self._leaves([sha(b"\x00" + b).digest() for b in bodies[done:cut]])
+                self._leaves(leaves[done:cut])
                 self.head = hashes[cut - 1]
                 done = cut
             if cut in cuts:
                 self.marked[self.size] = (list(self.hashes), self.head)
 
-    def add_leaves(self, leaves: list[bytes]) -> None:
-        """Merge leaf hashes (of the next records, in order) into the compact range;
-        the head does not move (for a tree rebuilt from stored bytes alone)."""
-        self._leaves(leaves)
-
-    def _leaves(self, leaves: list[bytes]) -> None:
+    def _leaves(self, leaves: Sequence[bytes]) -> None:
         """Merge leaf hashes into the compact range: each aligned run of 2^k leaves
         (k <= BLOCK_BITS) is hashed level by level in list comprehensions, then
         grafted whole; the perfect subtrees it forms are recorded on the way."""
@@ -195,7 +243,7 @@ class Chain:
                 self.push(leaves[i])
                 i += 1
                 continue
-            level = leaves[i:i + (1 << k)]
+            level = list(leaves[i:i + (1 << k)])
             subs, at = self.subtrees, self.size
             for height in range(1, k + 1):
                 level = [sha(b"\x01" + a + b).digest()

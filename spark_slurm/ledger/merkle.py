@@ -8,18 +8,12 @@ non-matching proof rather than raising, so callers can report "proof invalid".
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
-from spark_slurm.ledger.chain import EMPTY_ROOT, GENESIS_PREV, Chain, node_hash
+from spark_slurm.ledger.chain import EMPTY_ROOT, GENESIS_PREV, Chain, leaf_hash, node_hash
 
 __all__ = ["EMPTY_ROOT", "Frontier", "consistency_proof", "inclusion_proof", "leaf_hash",
            "node_hash", "root", "root_from_inclusion", "verify_consistency", "verify_inclusion"]
-
-
-def leaf_hash(data: bytes) -> bytes:
-    """Hash of one leaf's data (the record's stored bytes)."""
-    return hashlib.sha256(b"\x00" + data).digest()
 
 
 def _split(n: int) -> int:

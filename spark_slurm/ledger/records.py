@@ -8,7 +8,6 @@ plain columns are only an index and the verifier checks them against the bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,9 +15,6 @@ from typing import Any
 
 from spark_slurm.canonical import canonical_bytes
 from spark_slurm.errors import CanonicalError
-
-GENESIS_PREV = bytes(32)
-"""The previous hash of the genesis record (seq 0): 32 zero bytes."""
 
 _FAST = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"),
                         allow_nan=False)
@@ -154,8 +150,3 @@ def envelope_suffix(seq: int, time_ns: int, kind: str, job_id: str | None) -> by
     """The fixed tail of an envelope; the verifier matches columns against it cheaply."""
     job = "null" if job_id is None else _json_str(job_id)
     return f',"job":{job},"kind":{_json_str(kind)},"seq":{seq},"time_ns":{time_ns}}}'.encode()
-
-
-def record_hash(prev: bytes, stored: bytes) -> bytes:
-    """SHA-256(previous hash, 32 raw bytes ‖ stored bytes): the chain link."""
-    return hashlib.sha256(prev + stored).digest()

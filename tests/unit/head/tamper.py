@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from spark_slurm.ledger import hmac_epochs
-from spark_slurm.ledger.records import GENESIS_PREV, envelope_bytes, record_hash
+from spark_slurm.ledger.chain import GENESIS_PREV, link_hash
+from spark_slurm.ledger.records import envelope_bytes
 
 
 def sql(path: Path, statement: str, args: tuple[Any, ...] = ()) -> None:
@@ -36,7 +39,7 @@ def rewrite(path: Path, new_rows: list[list[Any]], k0: bytes | None) -> None:
     for seq, r in enumerate(new_rows):
         body = json.loads(r[4])["body"]
         stored = envelope_bytes(seq, r[1], r[2], body)
-        h = record_hash(prev, stored)
+        h = link_hash(prev, stored)
         mac = r[7]
         if keys is not None and r[8]:
             parsed = hmac_epochs.parse_key_id(r[8])
@@ -50,4 +53,62 @@ def rewrite(path: Path, new_rows: list[list[Any]], k0: bytes | None) -> None:
         conn.executemany("INSERT INTO per (seq, time_ns, kind, job_id, body, prev_hash, hash, "
                          "mac, key_id) VALUES (?,?,?,?,?,?,?,?,?)", out)
         conn.execute("DELETE FROM checkpoint")
+    conn.close()
+
+
+def _mth(leaves: list[bytes]) -> bytes:
+    """RFC 6962 tree head, recursively as the RFC writes it (not the library's Chain)."""
+    if not leaves:
+        return hashlib.sha256(b"").digest()
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1 << ((len(leaves) - 1).bit_length() - 1)
+    return hashlib.sha256(b"\x01" + _mth(leaves[:k]) + _mth(leaves[k:])).digest()
+
+
+def rewrite_derived(path: Path, seq: int, *, relink: bool, k0: bytes | None = None,
+                    drop_checkpoints: bool = False) -> None:
+    """What someone with write access but no signing key does to a node ledger: edit
+    record `seq`'s body ("power_mw":N becomes "power_mw":9N) and recompute its hash,
+    then (relink) every later record's prev hash and hash, with K[0] every MAC made
+    over a changed hash, and always the saved frontier and the stored subtrees. No
+    checkpoint is re-signed (`drop_checkpoints` deletes them instead). Written with
+    hashlib and hmac alone, so it shares no code with what it attacks."""
+    conn = sqlite3.connect(path)
+    rows = [(int(s), bytes(b), bytes(p), bytes(h), k) for s, b, p, h, k in conn.execute(
+        "SELECT seq, body, prev_hash, hash, key_id FROM per ORDER BY seq")]
+    body = rows[seq][1].replace(b'"power_mw":', b'"power_mw":9', 1)
+    assert body != rows[seq][1], f"record {seq} has no power_mw to edit"
+    prev = rows[seq][2]
+    for s in range(seq, len(rows) if relink else seq + 1):
+        data = body if s == seq else rows[s][1]
+        h = hashlib.sha256(prev + data).digest()
+        mac = None
+        if k0 is not None:
+            epoch = int(str(rows[s][4]).rsplit(":", 1)[1])
+            key = k0
+            for _ in range(epoch):  # K[e+1] = HMAC-SHA256(K[e], label), docs/ledger-format.md
+                key = hmac.digest(key, hmac_epochs.EPOCH_LABEL, "sha256")
+            mac = hmac.digest(key, h, "sha256")
+        conn.execute("UPDATE per SET body = ?, prev_hash = ?, hash = ?, mac = ? WHERE seq = ?",
+                     (data, prev, h, mac, s))
+        rows[s] = (s, data, prev, h, rows[s][4])
+        prev = h
+    leaves = [hashlib.sha256(b"\x00" + r[1]).digest() for r in rows]
+    frontier, at = b"", 0
+    for k in range(len(leaves).bit_length() - 1, -1, -1):
+        if len(leaves) >> k & 1:
+            frontier += _mth(leaves[at:at + (1 << k)])
+            at += 1 << k
+    conn.execute("UPDATE state SET value = ? WHERE key = 'frontier'", (frontier,))
+    conn.execute("DELETE FROM tree")
+    level = 8
+    while 1 << level <= len(leaves):
+        for idx in range(len(leaves) >> level):
+            conn.execute("INSERT INTO tree VALUES (?, ?, ?)",
+                         (level, idx, _mth(leaves[idx << level:(idx + 1) << level])))
+        level += 1
+    if drop_checkpoints:
+        conn.execute("DELETE FROM checkpoint")
+    conn.commit()
     conn.close()

@@ -13,8 +13,8 @@ from contextlib import closing
 from pathlib import Path
 
 from spark_slurm.head.audit import audit_job
-from spark_slurm.head.frontier import BLOCK
 from spark_slurm.head.merge import merge_ledgers
+from spark_slurm.head.retention import BLOCK
 from spark_slurm.head.store import open_store
 from spark_slurm.ledger import Ledger
 from spark_slurm.ledger.keys import load_hmac_key, load_signing_key

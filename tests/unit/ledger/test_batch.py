@@ -10,9 +10,9 @@ import pytest
 from spark_slurm.errors import CanonicalError
 from spark_slurm.ledger import hmac_epochs as he
 from spark_slurm.ledger.batch import Row, chain_rows
-from spark_slurm.ledger.chain import Chain
+from spark_slurm.ledger.chain import GENESIS_PREV, Chain, link_hash
 from spark_slurm.ledger.merkle import Frontier, leaf_hash
-from spark_slurm.ledger.records import GENESIS_PREV, envelope_bytes, job_of, record_hash
+from spark_slurm.ledger.records import envelope_bytes, job_of
 
 BATCH: list[tuple[str, Any]] = [
     ("cap", {"v": 1, "job_id": "7", "gpus": [{"index": 0, "ok": True, "x": None}]}),
@@ -39,7 +39,7 @@ def test_chain_rows_matches_the_reference(key: bytes | None, start: int) -> None
     prev = head
     for i, ((kind, body), row) in enumerate(zip(BATCH * 3, rows, strict=True)):
         stored = envelope_bytes(start + i, 123, kind, body)
-        h = record_hash(prev, stored)
+        h = link_hash(prev, stored)
         mac = None if key is None else hmac.digest(key, h, "sha256")
         assert row == (start + i, 123, kind, job_of(body), stored, prev, h, mac,
                        None if key is None else "k:0")

@@ -153,3 +153,43 @@ def test_accept_refuses_a_row_linked_to_a_rewritten_predecessor() -> None:
     chain = Chain()
     assert chain.accept(forged) == 3
     assert chain.head == new2
+
+
+@pytest.mark.parametrize("cuts", [[1100], [1, 2, 3, 1094], [255, 1, 512, 332], [700, 400],
+                                  [4096 + 3, 5000 - 4099]])
+def test_leaves_added_in_any_batches_keep_roots_and_heads_at_the_marks(cuts: list[int]) -> None:
+    """How merge grows a node's stored range: leaf and record hashes a page at a time,
+    resumed from the stored bytes between merges, checkpoint sizes as marks."""
+    data = bodies(sum(cuts))
+    table = rows(data)
+    leaves = [leaf_hash(b) for b in data]
+    marks = frozenset({1, 2, 3, 7, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 1099,
+                       sum(cuts)})
+    chain, at, found = Chain(), 0, []
+    for cut in cuts:
+        chain = Chain.from_bytes(at, chain.to_bytes(), chain.head)  # as the store keeps it
+        chain.marks, chain.subtrees = marks, []
+        chain.add_leaves(leaves[at:at + cut], [r[6] for r in table[at:at + cut]])
+        found += chain.subtrees
+        at += cut
+        assert (chain.size, chain.head, chain.root()) == (at, table[at - 1][6], mth(leaves[:at]))
+        for size in marks:
+            if at - cut < size <= at:
+                assert chain.root_at(size) == mth(leaves[:size]), size
+                assert chain.head_at(size) == table[size - 1][6], size
+            else:
+                assert chain.root_at(size) is None and chain.head_at(size) is None
+    assert sorted(found) == sorted(expected_subtrees(leaves))
+
+
+def test_leaves_without_record_hashes_move_no_head_and_pass_no_mark() -> None:
+    leaves = [leaf_hash(b) for b in bodies(600)]
+    chain = Chain()
+    chain.add_leaves(leaves)
+    assert (chain.size, chain.head, chain.root()) == (600, GENESIS_PREV, mth(leaves))
+    chain.marks = frozenset({700})
+    with pytest.raises(ValueError, match="without the records' hashes"):
+        chain.add_leaves(leaves[:100])
+    with pytest.raises(ValueError, match="3 leaves but 2 record hashes"):
+        chain.add_leaves(leaves[:3], [bytes(32)] * 2)
+    assert chain.size == 600

@@ -4,13 +4,14 @@ On a ledger without HMAC nothing secret stops someone with write access from
 editing record 2's body, recomputing its hash, the saved Merkle frontier and the
 stored subtrees. What still catches it: record 3's link to the old hash, and,
 when they also re-link every later record, the signed checkpoints. Both verifiers
-must name the right seq. The attacker here is written with hashlib alone (not
-with the library's Chain), so the test does not share code with what it tests.
+must name the right seq. The attacker (`tamper.rewrite_derived`) is written with
+hashlib alone (not with the library's Chain), so the test does not share code
+with what it tests; tests/unit/head/test_rewrite_derived.py takes the same
+rewrite through the parallel walk, merge and the witness.
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sqlite3
 from pathlib import Path
@@ -20,16 +21,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spark_slurm.clock import ManualClock
 from spark_slurm.ledger import Checkpoint, Ledger, export_checkpoint, verify_ledger
+from tests.unit.head.tamper import rewrite_derived as rewrite
 from tests.unit.ledger.conftest import needs_shell_tools, shell_verify
 
 N = 300  # more than 2^8 records: the stored subtrees are part of what is rewritten
-
-
-def _mth(leaves: list[bytes]) -> bytes:
-    if len(leaves) == 1:
-        return leaves[0]
-    k = 1 << ((len(leaves) - 1).bit_length() - 1)
-    return hashlib.sha256(b"\x01" + _mth(leaves[:k]) + _mth(leaves[k:])).digest()
 
 
 def _write(path: Path, signing: Ed25519PrivateKey | None) -> list[Checkpoint]:
@@ -44,42 +39,6 @@ def _write(path: Path, signing: Ed25519PrivateKey | None) -> list[Checkpoint]:
             if signing is not None and led.size == 100:
                 kept.append(led.checkpoint())
     return kept
-
-
-def rewrite(path: Path, seq: int, *, relink: bool, drop_checkpoints: bool = False) -> None:
-    """Edit record `seq`'s body and recompute its hash, then (relink) every later
-    prev hash and hash, and always the saved frontier and the stored subtrees."""
-    conn = sqlite3.connect(path)
-    rows = [(int(s), bytes(b), bytes(p), bytes(h)) for s, b, p, h in
-            conn.execute("SELECT seq, body, prev_hash, hash FROM per ORDER BY seq")]
-    body = rows[seq][1].replace(b'"power_mw":', b'"power_mw":9', 1)
-    assert body != rows[seq][1]
-    prev = rows[seq][2]
-    for s in range(seq, len(rows) if relink else seq + 1):
-        data = body if s == seq else rows[s][1]
-        h = hashlib.sha256(prev + data).digest()
-        conn.execute("UPDATE per SET body = ?, prev_hash = ?, hash = ? WHERE seq = ?",
-                     (data, prev, h, s))
-        rows[s] = (s, data, prev, h)
-        prev = h
-    leaves = [hashlib.sha256(b"\x00" + b).digest() for _, b, _, _ in rows]
-    frontier, at = b"", 0
-    for k in range(len(leaves).bit_length() - 1, -1, -1):
-        if len(leaves) >> k & 1:
-            frontier += _mth(leaves[at:at + (1 << k)])
-            at += 1 << k
-    conn.execute("UPDATE state SET value = ? WHERE key = 'frontier'", (frontier,))
-    conn.execute("DELETE FROM tree")
-    level = 8
-    while 1 << level <= len(leaves):
-        for idx in range(len(leaves) >> level):
-            conn.execute("INSERT INTO tree VALUES (?, ?, ?)",
-                         (level, idx, _mth(leaves[idx << level:(idx + 1) << level])))
-        level += 1
-    if drop_checkpoints:
-        conn.execute("DELETE FROM checkpoint")
-    conn.commit()
-    conn.close()
 
 
 def test_a_rewritten_record_fails_at_the_next_link(tmp_path: Path) -> None:
