@@ -112,24 +112,42 @@ class Pol:
 INDEX_OF = {4: 0, 5: 1, 6: 2}
 
 
+def job_gpu(older: int | None = None) -> Trace:
+    """1 kW -> 400 W, a dip to 100 W while settling, then 370 W rising 2 W a reading.
+
+    Over the after window [T + 3 s, T + 6 s] the mean is 400 W only if the
+    reading stamped on T + 3 s itself is counted.
+    """
+    base = step(1_000_000, 100_000, 400_000, older)
+
+    def mw(t: int) -> int | None:
+        settled = base(t)
+        if settled is None or t < T + 3 * S:
+            return settled
+        return settled - 30_000 + (t - T - 3 * S) // (S // 10) * 2_000
+    return mw
+
+
 def job_gpus(older: int | None = None) -> dict[int, Trace]:
-    """Each job GPU 1 kW -> 400 W (a dip to 100 W while settling); GPU 2 steady 300 W."""
-    return {0: step(1_000_000, 100_000, 400_000, older),
-            1: step(1_000_000, 100_000, 400_000, older),
-            2: step(300_000, 300_000, 300_000)}
+    """The job's GPUs 0 and 1 as `job_gpu`; GPU 2 (another job's) steady at 300 W."""
+    return {0: job_gpu(older), 1: job_gpu(older), 2: step(300_000, 300_000, 300_000)}
 
 
 def follow(tmp_path: Path, stream: Meter | None, telemetry: Telemetry,
            settings: FacilitySettings = SETTINGS, changed_ns: int = T,
-           **kw: Any) -> dict[str, Any]:
+           reload: FacilitySettings | None = None, **kw: Any) -> dict[str, Any]:
+    """The one facility PER of a `cap` at changed_ns; `reload`: the policy once scheduled."""
     ledger = Ledger.open(tmp_path / "l.db", node="n1")
     writer = LedgerWriter(ledger)
     writer.start()
-    follower = FacilityFollower(node="n1", writer=writer, policy=lambda: Pol(Settings(settings)),
+    policy = Pol(Settings(settings))
+    follower = FacilityFollower(node="n1", writer=writer, policy=lambda: policy,
                                 stream=stream, telemetry=telemetry, index_of=INDEX_OF.__getitem__,
                                 **kw)
     follower.start()
     follower.schedule("cap", REF, [4, 5], changed_ns, "42")
+    if reload is not None:
+        policy = Pol(Settings(reload))
     deadline = time.monotonic() + 10
     while follower.pending() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -251,6 +269,23 @@ def test_the_follow_up_waits_until_the_whole_after_window_has_arrived(tmp_path: 
     assert body["verdict"] == "correlated"
     assert body["window"]["after"]["samples"] == len(
         [t for t in times if now + S // 5 <= t <= now + 2 * S // 5])
+
+
+def test_a_policy_reloaded_while_the_follow_up_waits_keeps_the_windows_of_the_change(
+        tmp_path: Path) -> None:
+    # SIGHUP with longer windows and a tighter tolerance just after the change: the
+    # follow-up is already due at the change's windows; judged by the new ones, the
+    # after window would lie in the future (no frames: unavailable).
+    now = time.time_ns()
+    times = list(range(now - S, now + S, S // 100))
+    rack = Meter(lambda t: 6_000_000 if t <= now else 4_850_000, times, live=True)
+    gpus: dict[int, Trace] = {i: (lambda t: 1_000_000 if t <= now else 400_000) for i in (0, 1)}
+    body = follow(tmp_path, rack, Telemetry(gpus, times, live=True),
+                  FacilitySettings(before_s=0.2, after_s=0.4, tolerance_w=100),
+                  changed_ns=now, reload=FacilitySettings(before_s=30.0, after_s=30.0,
+                                                          tolerance_w=10, tolerance_pct=1))
+    assert (body["verdict"], body["window_ns"], body["tolerance_mw"]) == (
+        "correlated", {"before": S // 5, "after": 2 * S // 5, "settle": S // 5}, 300_000)
 
 
 def test_stop_writes_every_pending_follow_up_as_unavailable_and_ends_its_thread(
