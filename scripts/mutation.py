@@ -165,11 +165,18 @@ def _write_survivors(names: list[str], group: Group) -> int:
     if code:
         return code
     prefixes = tuple(g.rstrip("*") for g in group.mutant_globs())
-    survivors = [line.strip() for line in text.splitlines()
-                 if line.strip().startswith(prefixes) and not line.strip().endswith("killed")]
+    ours = [line.strip() for line in text.splitlines() if line.strip().startswith(prefixes)]
+    # A --rerun after a change of test selection (another group ran in between)
+    # makes mutmut reset every verdict and run only the listed mutants: the rest
+    # are `not checked`, which is no verdict, so they are neither listed nor counted.
+    unchecked = [s for s in ours if s.endswith(": not checked")]
+    survivors = [s for s in ours if not s.endswith(("killed", ": not checked"))]
     out = _survivor_list(names)
     out.write_text("".join(f"{s}\n" for s in survivors))
     print(f"{len(survivors)} mutants not killed in {', '.join(names)}; listed in {out}")
+    if unchecked:
+        print(f"{len(unchecked)} mutants of {', '.join(names)} not checked in this run; "
+              f"run `scripts/mutation.py {' '.join(names)}` for the group's figures")
     return 0
 
 

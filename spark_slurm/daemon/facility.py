@@ -47,6 +47,9 @@ class _Job:
     gpus: tuple[int, ...]
     changed_ns: int
     job_id: str | None
+    # (before, after, tolerance mW, tolerance %) in force when the change was made: a
+    # policy reloaded while the follow-up waits must not move a window it is waiting for.
+    windows: tuple[int, int, int, int]
 
 
 def _mean_power(samples: Any) -> int | None:
@@ -97,11 +100,12 @@ class FacilityFollower:
                  job_id: str | None = None) -> None:
         """Called after an action's PER is durable; the follow-up comes after its window."""
         changed = changed_ns or self.clock.now_ns()
-        _, after, _, _ = self._windows()
+        windows = self._windows()
+        after = windows[1]
         due = time.monotonic() + max(0.0, (changed + after - self.clock.now_ns()) / _S) + 0.2
         with self._cond:
             heapq.heappush(self._heap, (due, next(self._seq),
-                                        _Job(kind, ref, tuple(gpus), changed, job_id)))
+                                        _Job(kind, ref, tuple(gpus), changed, job_id, windows)))
             self._cond.notify()
 
     def pending(self) -> int:
@@ -157,7 +161,7 @@ class FacilityFollower:
         return total, unseen
 
     def _correlate(self, job: _Job) -> None:
-        before, after, tol_mw, tol_pct = self._windows()
+        before, after, tol_mw, tol_pct = job.windows
         settings = getattr(self.policy().settings, "facility", None)
         if not getattr(settings, "enabled", True):
             self._write(job, "unavailable", "facility correlation is disabled by the policy")
