@@ -104,6 +104,13 @@ class SocketServer:
         batches, and not at all for a moment once users' connections are being turned
         away faster than `refuse_per_s`: the kernel's queue then holds (or refuses)
         them at no cost to the daemon, which keeps its CPU for the prologs."""
+        try:
+            self._accept_loop()
+        except (OSError, ValueError):  # a socket closed under us (fd -1: ValueError)
+            if not self._stopping.is_set():
+                raise  # only `stop()` may close them; anything else is a real fault
+
+    def _accept_loop(self) -> None:
         public = self._sock
         assert public is not None
         private = self._private

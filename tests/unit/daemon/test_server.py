@@ -69,3 +69,27 @@ def test_a_socket_path_too_long_for_af_unix_is_a_config_error_naming_it(tmp_path
         assert fits.is_socket()
     finally:
         ok.stop()
+
+
+def test_stopping_at_once_after_start_leaves_no_thread_error(tmp_path: Path) -> None:
+    """sparkd stops at once when its start-up fails after the socket is up; the accept
+    thread must then end quietly, not die on the closed socket."""
+    class Never:
+        def handle_line(self, line: bytes, peer: Peer) -> dict[str, object]:
+            raise AssertionError("no client connects")
+
+        def handle_oversized(self, peer: Peer, limit: int) -> dict[str, object]:
+            raise AssertionError("no client connects")
+
+    errors: list[BaseException | None] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)
+    try:
+        for i in range(40):
+            server = SocketServer(tmp_path / f"s{i}.sock", Never(), max_connections=1,
+                                  mode=0o600, scheduler_path=tmp_path / f"p{i}.sock")
+            server.start()
+            server.stop()
+    finally:
+        threading.excepthook = previous
+    assert errors == []
