@@ -7,6 +7,7 @@ In-process and on a manual clock, so the energy used over an outage is exact.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +225,8 @@ def test_a_gpu_lost_before_the_first_reading_proves_nothing(rig: Rig) -> None:
 
 def test_start_takes_the_baseline_a_reload_is_judged_against(rig: Rig) -> None:
     fresh = Monitor(rig.monitor.pipeline, rig.monitor.policy, period_s=3600)
+    baseline = {"time_ns": rig.clock.now_ns(), "energy_mj": rig.gpu.energy_mj + 40_000,
+                "energy_epoch": 0}  # start's own reading adds the stand-in's 100 ms step
     fresh.start()
     try:
         rig.gpu.requested_mw = rig.gpu.default_mw  # the driver reloads before the first look
@@ -235,3 +238,53 @@ def test_start_takes_the_baseline_a_reload_is_judged_against(rig: Rig) -> None:
     assert not fresh._thread.is_alive()
     (drift,) = rig.bodies("drift")
     assert (drift["cause"], drift["energy_reset"]) == ("driver-reload", True)
+    assert drift["last_seen"] == baseline
+
+
+def test_a_started_monitor_looks_by_itself_each_period(rig: Rig) -> None:
+    fresh = Monitor(rig.monitor.pipeline, rig.monitor.policy, period_s=0.05)
+    fresh.start()
+    try:
+        rig.gpu.requested_mw = 650_000
+        deadline = time.monotonic() + 3
+        while rig.gpu.requested_mw != 400_000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        fresh.stop()
+    assert rig.gpu.requested_mw == 400_000  # found and reconciled without a hand tick
+    assert fresh._thread.daemon  # a sparkd that dies without its shutdown still exits
+
+
+def test_a_counter_that_did_not_move_is_no_restart(rig: Rig) -> None:
+    """NVML's energy counter updates at its own interval: two close reads can be equal."""
+    rig.gpu.demand_mw = 0  # the stand-in then adds nothing per read
+    rig.gpu.requested_mw = rig.gpu.default_mw
+    rig.clock.advance(1)
+    rig.monitor.tick()
+    (drift,) = rig.bodies("drift")
+    assert (drift["cause"], drift["energy_reset"]) == ("out-of-band", False)
+
+
+def test_an_outage_with_a_counter_that_did_not_move_held_the_ceiling(rig: Rig) -> None:
+    rig.gpu.demand_mw = 0
+    rig.fake.fail["nvmlDeviceGetPowerUsage"] = fn.NVML_ERROR_GPU_IS_LOST
+    rig.monitor.tick()
+    del rig.fake.fail["nvmlDeviceGetPowerUsage"]
+    rig.clock.advance(10)
+    rig.monitor.tick()
+    (body,) = rig.bodies("recovery")
+    assert (body["energy_reset"], body["outage_avg_power_mw"], body["held"]) == (False, 0, True)
+
+
+def test_a_restart_another_reader_saw_first_still_voids_the_proof(rig: Rig) -> None:
+    rig.fake.fail["nvmlDeviceGetPowerUsage"] = fn.NVML_ERROR_GPU_IS_LOST
+    rig.monitor.tick()
+    del rig.fake.fail["nvmlDeviceGetPowerUsage"]
+    rig.gpu.energy_mj = 0
+    rig.monitor.actuator.gpu.sample(1)  # the sampler sees the restart before the monitor
+    rig.gpu.energy_mj = 10_000_000  # and the counter has climbed past where it was
+    rig.clock.advance(10)
+    rig.monitor.tick()
+    (body,) = rig.bodies("recovery")
+    assert (body["energy_reset"], body["held"]) == (True, False)
+    assert "outage_avg_power_mw" not in body

@@ -29,22 +29,25 @@ def test_each_reading_is_handed_to_the_metrics(tmp_path: Path) -> None:
         assert seen[1][1].enforced_mw == rig.fake.devices[0].requested_mw
 
 
-def _validate_only(rig: Rig, tmp_path: Path) -> ExecutorGate:
+def _validate_only(rig: Rig, tmp_path: Path) -> Monitor:
+    """A monitor for a node whose GPU 0 an external executor sets (sparkd validates)."""
     (tmp_path / "executors").mkdir()
-    gate = ExecutorGate(rig.monitor.pipeline, ExecutorSettings(validate_gpus=(0,)),
+    pipeline = rig.monitor.pipeline
+    gate = ExecutorGate(pipeline, ExecutorSettings(validate_gpus=(0,)),
                         PendingIntents(tmp_path / "executors"), clock=rig.clock)
-    rig.monitor.pipeline.executors = gate
-    rig.monitor.executors = gate
-    return gate
+    pipeline.executors = gate
+    monitor = Monitor(pipeline, rig.monitor.policy, executors=gate)
+    monitor.tick()  # its first reading
+    return monitor
 
 
 def test_a_validate_only_gpu_is_watched_and_never_set(tmp_path: Path) -> None:
     with rigged(tmp_path, GUARD) as rig:
-        _validate_only(rig, tmp_path)
+        monitor = _validate_only(rig, tmp_path)
         rig.gpu.temp_c = 95  # hot, and set by the external executor without an intent
         rig.gpu.requested_mw = 650_000
         rig.clock.advance(1)
-        rig.monitor.tick()
+        monitor.tick()
         assert rig.bodies("throttle") == [] and rig.bodies("drift") == []
         assert rig.gpu.requested_mw == 650_000
         (executor,) = rig.bodies("executor")
@@ -55,13 +58,24 @@ def test_a_validate_only_gpu_is_watched_and_never_set(tmp_path: Path) -> None:
 
 def test_a_validate_only_gpu_back_from_an_outage_is_judged_gpu_lost(tmp_path: Path) -> None:
     with rigged(tmp_path) as rig:
-        _validate_only(rig, tmp_path)
+        monitor = _validate_only(rig, tmp_path)
         rig.fake.fail["nvmlDeviceGetPowerUsage"] = fn.NVML_ERROR_GPU_IS_LOST
-        rig.monitor.tick()
+        monitor.tick()
         del rig.fake.fail["nvmlDeviceGetPowerUsage"]
         rig.clock.advance(5)
         rig.gpu.requested_mw = 650_000
-        rig.monitor.tick()
+        monitor.tick()
         (executor,) = rig.bodies("executor")
         assert (executor["cause"], executor["energy_reset"]) == ("gpu-lost", False)
         assert rig.gpu.requested_mw == 650_000
+
+
+def test_a_validate_only_gpu_s_driver_reload_is_named(tmp_path: Path) -> None:
+    with rigged(tmp_path) as rig:
+        monitor = _validate_only(rig, tmp_path)
+        rig.gpu.requested_mw = rig.gpu.default_mw
+        rig.gpu.energy_mj = 0
+        rig.clock.advance(1)
+        monitor.tick()
+        (executor,) = rig.bodies("executor")
+        assert (executor["cause"], executor["energy_reset"]) == ("driver-reload", True)
