@@ -46,7 +46,6 @@ class _Seen:
 
 @dataclass(slots=True)
 class _Fault:
-    since_ns: int
     future: Future[ReceiptLike]
     last: _Seen | None
     expected_mw: int | None
@@ -155,7 +154,7 @@ class Monitor:
         with self.pipeline.lock:
             future = self.pipeline.writer.submit("fault", body)
             self.state.faults[minor] = future
-        self._faults[minor] = _Fault(last.time_ns if last else 0, future, last, expected)
+        self._faults[minor] = _Fault(future, last, expected)
         self.count("fault")
         log.warning("GPU %s: fault recorded: %s", minor, exc)
 
@@ -166,14 +165,18 @@ class Monitor:
         ref = fault.future.result(timeout=60)
         expected = fault.expected_mw
         body = self._body(minor, "automation:fault", ref={"seq": ref.seq, "hash": ref.hash},
-                          enforced_mw=sample.enforced_mw,
-                          outage_ns=max(0, sample.time_ns - fault.since_ns))
+                          enforced_mw=sample.enforced_mw)
         held = expected is not None and self.actuator.agrees(expected, sample.enforced_mw)
         last = fault.last
-        if last is not None:
+        if last is None:
+            # Lost before the monitor's first good reading: the outage's start and the
+            # energy used over it are unknown, so nothing proves the ceiling held.
+            held = False
+        else:
             reset = sample.energy_epoch != last.energy_epoch or sample.energy_mj < last.energy_mj
-            body["energy_reset"] = reset
             span = sample.time_ns - last.time_ns
+            body["outage_ns"] = max(0, span)
+            body["energy_reset"] = reset
             if not reset and span > 0:
                 # Energy used over the outage proves the average power stayed under the
                 # ceiling. The driver regulates power as an average and the counter and
@@ -186,7 +189,8 @@ class Monitor:
                     slack = max(self.actuator.tolerance_mw, expected // 20)
                     body["outage_slack_mw"] = slack
                     held = held and avg <= expected + slack
-            held = held and not reset
+            else:
+                held = False  # a reset counter (or no time between readings) proves nothing
         if expected is not None:
             body["expected_mw"] = expected
         body["held"] = held

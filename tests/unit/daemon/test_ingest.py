@@ -69,3 +69,19 @@ def test_restart_resumes_after_the_newest_line_the_ledger_recorded(tmp_path: Pat
     assert start == Cursor(ino, 14)
     lines = LineFile(path, CursorFile(tmp_path / "no-cursor-file"), start)
     assert [line for *_, line in lines.lines()] == [b"four"]
+
+
+def test_a_batch_of_journal_lines_leaves_the_cursor_after_its_last_line(tmp_path: Path) -> None:
+    """Catch-up after an outage ingests many journal lines in one write: the ledger's
+    pointer must name the newest of them, or a restart would ingest the rest again."""
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(b"one\ntwo\nthree\nfour\n")
+    ino = os.stat(path).st_ino
+    with Ledger.open(tmp_path / "l.db", node="n1") as ledger:
+        ledger.append_many([("cap", {"v": 1, "source": "journal",
+                                     "journal": {"inode": ino, "offset": offset, "end": end}})
+                            for offset, end in ((0, 4), (4, 8), (8, 14))])
+        start = ledger_cursor(ledger, "journal", ["cap", "restore", "reject"])
+    assert start == Cursor(ino, 14)
+    lines = LineFile(path, CursorFile(tmp_path / "no-cursor-file"), start)
+    assert [line for *_, line in lines.lines()] == [b"four"]

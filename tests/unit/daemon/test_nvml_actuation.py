@@ -206,3 +206,33 @@ def test_persistence_is_checked_recorded_and_set_when_asked(
     assert cap["gpus"][0]["before"]["persistence"] is False
     assert act.check_persistence(enable=True) == {0: True, 1: True}
     assert node.driver.gpu(1, "persistence") == 1
+
+
+def test_a_lost_gpu_does_not_stop_the_others_being_looked_at(start: Start) -> None:
+    node = start(h100s(0, 1))
+    node.prolog("6", [1], 400)
+    node.driver.set_gpu(0, lost=1)
+    monitor = Monitor(node.pipeline, node.monitor.policy, period_s=3600)
+    monitor.start()  # GPU 0 gives no baseline; GPU 1 still does
+    monitor.stop()
+    node.driver.set_gpu(1, requested_mw=650_000)
+    monitor.tick()
+    (fault,) = node.bodies("fault")
+    (drift,) = node.bodies("drift")
+    assert fault["gpu"] == 0 and "last_seen_ns" not in fault
+    assert (drift["gpu"], drift["observed_mw"], drift["cause"]) == (1, 650_000, "out-of-band")
+    assert "last_seen" in drift  # start's reading of GPU 1
+    assert node.driver.gpu(1, "requested_mw") == 400_000
+
+
+def test_a_reconcile_the_driver_rounds_away_is_recorded_once(start: Start) -> None:
+    node = start(h100s(0))
+    assert node.prolog("7", [0], 405)["gpus"][0]["ok"]
+    node.monitor.tick()
+    node.driver.set_gpu(0, round_mw=10_000, requested_mw=650_000)  # 10 W steps from now on
+    for _ in range(3):
+        node.monitor.tick()
+    (drift,) = node.bodies("drift")  # what it could do is recorded, not retried each look
+    assert (drift["observed_mw"], drift["readback_mw"], drift["ok"]) == (
+        650_000, 400_000, False)
+    assert node.driver.gpu(0, "requested_mw") == 400_000
