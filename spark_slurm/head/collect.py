@@ -50,8 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from spark_slurm.errors import FetchError, InputError, SparkError
+from spark_slurm.errors import FetchError, InputError, LedgerError, SparkError
 from spark_slurm.head.merge import MergeSummary, merge_ledgers, positions
+from spark_slurm.head.source import open_read_only
 from spark_slurm.head.witness import node_of, witness_file, witness_segment, witnessed
 from spark_slurm.ledger.reader import latest_checkpoint
 from spark_slurm.ledger.segment import SEGMENT_FORMAT
@@ -288,17 +289,17 @@ def _cut(held: int | None, witnessed_size: int | None, *, merging: bool, cosign:
     return None, None
 
 
-def _describe(path: Path) -> tuple[str, int]:
+def _describe(node: str, path: Path) -> tuple[str, int]:
     """What a fetched copy is and how many records it holds (seq bounds: O(log n))."""
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
-    except sqlite3.Error:
-        raise FetchError(path.stem, "what came back is not an SQLite ledger") from None
+        conn = open_read_only(path)  # as merge will read it
+    except LedgerError:
+        raise FetchError(node, "what came back is not an SQLite ledger") from None
     try:
         fmt = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
         lo, hi = conn.execute("SELECT min(seq), max(seq) FROM per").fetchone()
     except sqlite3.DatabaseError as exc:
-        raise FetchError(path.stem, f"what came back is not a ledger ({exc})") from None
+        raise FetchError(node, f"what came back is not a ledger ({exc})") from None
     finally:
         conn.close()
     kind = "segment" if fmt is not None and fmt[0] == SEGMENT_FORMAT else "ledger"
@@ -321,10 +322,7 @@ def _fetch_one(transport: Transport, node: str, dest_dir: Path, held: int | None
         with part.open("rb") as fh:
             if fh.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
                 raise FetchError(node, "what came back is not an SQLite ledger")
-        try:
-            result.kind, result.rows = _describe(part)
-        except FetchError as exc:
-            raise FetchError(node, exc.reason) from None
+        result.kind, result.rows = _describe(node, part)
         result.bytes = part.stat().st_size
         final = dest_dir / f"{node}.db"
         os.replace(part, final)
