@@ -12,6 +12,7 @@ multinode.py; this module holds the others and the registry.
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,7 +91,8 @@ class Scenario:
         `seconds`): a story with timed steps then never outlives its job on a slow host."""
         pinned = ["-w", self.stack.cluster.node] if pin and self.stack.namespaced else []
         wrap = f"sleep {seconds:g}" if until is None else (
-            f"for i in $(seq {int(seconds * 5)}); do [ -e {until} ] && exit 0; sleep 0.2; done")
+            f"for i in $(seq {int(seconds * 5)}); do [ -e {shlex.quote(str(until))} ] && exit 0;"
+            " sleep 0.2; done")
         job = self.stack.cluster.submit(["-J", name, *pinned, *args], wrap=wrap)
         self.result.job_ids.append(job)
         self.say(f"  sbatch {' '.join([*pinned, *args])}  -> job {job}")
