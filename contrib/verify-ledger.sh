@@ -55,6 +55,8 @@ q "SELECT 1 FROM meta LIMIT 1" >/dev/null 2>&1 || unusable "not a ledger (no rea
 [ "$(meta format)" = "spark-slurm-ledger" ] || unusable "not a ledger (format is '$(meta format)')"
 SV=$(meta schema_version)
 case "$SV" in 1|2) ;; *) unusable "unknown ledger schema version '$SV' (this tool reads 1 and 2)" ;; esac
+CUT=$(q "SELECT json_extract(value, '$.seq') FROM meta WHERE key='cut'" 2>/dev/null)
+[ -z "$CUT" ] || unusable "pruned before seq $CUT (sparkctl ledger prune): this script checks whole ledgers; check the kept part with sparkctl verify, the archives by merging them"
 NODE=$(meta node) CLUSTER=$(meta cluster) HMAC_ID=$(meta hmac_key_id)
 ORIGIN="spark/$CLUSTER/$NODE"
 

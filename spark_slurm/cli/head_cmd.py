@@ -113,7 +113,7 @@ def prune(*, db: str, before: str, archive: Path | None, as_json: bool) -> None:
     from spark_slurm.head.replay import parse_time  # noqa: PLC0415 (lazy CLI)
     from spark_slurm.head.retention import prune as run_prune  # noqa: PLC0415
 
-    report = run_prune(db, parse_time(before), archive)
+    report = run_prune(db, parse_time(before, "--before"), archive)
     if as_json:
         echo_json(report.to_json())
         return

@@ -122,6 +122,42 @@ def export(path: str, *, after: int, until: int | None, proof_from: int | None, 
                    f"({seg.checkpoints} checkpoints, {seg.bytes} bytes) of {seg.node}")
 
 
+@ledger.command("prune")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--before", "before", help="Cut before the first record written at or after "
+              "this time: ISO-8601 (UTC if no zone), Unix seconds or Unix ns.")
+@click.option("--before-seq", "before_seq", type=click.IntRange(min=1),
+              help="Cut at or before this seq instead.")
+@click.option("--archive", "archive", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="New segment file the removed records go to first (never overwritten).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+def prune(path: str, *, before: str | None, before_seq: int | None, archive: Path,
+          as_json: bool) -> None:
+    """Archive a node ledger's old records to a segment, then remove them.
+
+    The cut falls on a multiple of 16384 records, before the head and at or below
+    the newest checkpoint. Kept: the genesis, key and policy records, and what sparkd
+    resumes from; the stored Merkle subtrees and an inclusion proof for each kept
+    record anchor the cut, so `sparkctl verify` still checks everything kept. Merge
+    the archive on the head node (`sparkctl merge`) before pruning past what it holds.
+    """
+    from spark_slurm.head.replay import parse_time  # noqa: PLC0415 (lazy CLI)
+    from spark_slurm.ledger.prune import prune_ledger  # noqa: PLC0415
+
+    if (before is None) == (before_seq is None):
+        raise click.UsageError("give one of --before TIME and --before-seq SEQ")
+    done = prune_ledger(path, archive, before_seq=before_seq,
+                        before_ns=None if before is None else parse_time(before, "--before"))
+    if as_json:
+        echo_json(done.to_json())
+    elif done.why:
+        click.echo(f"{done.path}: nothing pruned: {done.why}")
+    else:
+        click.echo(f"{done.path}: cut at seq {done.cut}: removed {done.removed} records "
+                   f"(kept {done.kept}), {done.archived} archived in {done.archive}")
+
+
 @ledger.command("checkpoint")
 @click.argument("path", type=click.Path(dir_okay=False))
 def checkpoint(path: str) -> None:

@@ -384,7 +384,14 @@ def audit_job(db: str | Path, job_id: str, tariff: Tariff | None = None,
             if problem is not None:  # nothing can be trusted: say why, not "no records"
                 raise CheckFailed(f"{db}: job {job_id} cannot be audited: {problem.code} "
                                   f"seq {problem.seq}: {problem.detail}")
-        report = build_report(src, job_id, tariff, source, keys)
+        try:
+            report = build_report(src, job_id, tariff, source, keys)
+        except UnknownJob as exc:
+            if isinstance(src, NodeLedgerView) and src.cut is not None:
+                raise UnknownJob(f"{exc.message} (records before seq {src.cut.seq} were pruned"
+                                 f" into {', '.join(src.cut.archives)}: audit the head node's "
+                                 "store, or merge the archive into one)") from None
+            raise
     if plot is not None:
         from spark_slurm.head.plot import plot_job  # noqa: PLC0415 (matplotlib is lazy)
 

@@ -44,6 +44,7 @@ from spark_slurm.head.store import (
     StoredCheckpoint,
 )
 from spark_slurm.ledger.chain import GENESIS_PREV, Chain, leaf_hash
+from spark_slurm.ledger.cut import cut_of
 from spark_slurm.ledger.keys import public_from_raw, public_raw
 
 SAME_SEQ = "same seq, different record than the one merged earlier (both kept)"
@@ -229,7 +230,18 @@ def _no_genesis(src: Source, name: str) -> Finding:
         return Finding("GAP", name, 0, f"the head node holds nothing of node {name!r} and "
                        f"this segment starts after seq {src.after}: export it from the start "
                        "(--after -1)")
+    if src.after >= 0:
+        return Finding("GAP", name, 0, _pruned(src, f"the head node holds nothing of node "
+                                                    f"{name!r}"))
     return Finding("GAP", name, 0, "ledger does not start with its genesis record")
+
+
+def _pruned(src: Source, held: str) -> str:
+    """A pruned node ledger that starts after what the head node holds."""
+    cut = cut_of(src.meta, src.name)
+    archives = list(cut.archives) if cut is not None and cut.archives else ["its archive"]
+    return (f"{held}, and this node ledger was pruned before seq {src.after + 1}: merge "
+            f"{', '.join(archives)} first (sparkctl ledger prune wrote them)")
 
 
 def _resumed(ident: Identity, held: NodeState) -> Identity:
@@ -268,10 +280,15 @@ class _NodeMerge:
     def run(self) -> None:
         src, held, head, start, size = self.src, self.held, self.head, self.start, \
             self.reader.size
-        if src.kind == "segment" and src.after + 1 > start:
-            self.find("GAP", start, f"the head node holds up to seq {head}, this segment "
-                      f"starts at seq {src.after + 1}: seqs {start}..{src.after} are missing "
-                      f"(export --after {head})")
+        if src.after + 1 > start:
+            if src.kind == "segment":
+                self.find("GAP", start, f"the head node holds up to seq {head}, this segment "
+                          f"starts at seq {src.after + 1}: seqs {start}..{src.after} are "
+                          f"missing (export --after {head})")
+            else:
+                self.find("GAP", start, _pruned(src, f"the head node holds up to seq {head}"
+                                                if head >= 0 else "the head node holds nothing "
+                                                f"of node {self.node!r}"))
             return
         if head >= 0:
             if size <= head:

@@ -27,6 +27,7 @@ from spark_slurm.head.scan import follow_rotation, identify
 from spark_slurm.head.store import Finding, NodeState, StoredCheckpoint, body_of
 from spark_slurm.ledger.chain import continues
 from spark_slurm.ledger.checkpoint import Checkpoint, verify_checkpoint
+from spark_slurm.ledger.cut import cut_of
 from spark_slurm.ledger.merkle import leaf_hash
 from spark_slurm.ledger.records import Record
 from spark_slurm.ledger.schema import open_existing
@@ -59,6 +60,12 @@ class NodeLedgerView:
         self.size = 0 if last is None else int(last[0]) + 1
         self.head = None if last is None else bytes(last[1])
         self.has_tree = "tree" in tables
+        try:
+            self.cut = cut_of(self.meta, str(path))
+        except LedgerError:
+            self.conn.close()
+            raise
+        """A pruned ledger's cut (its records before it are in archives)."""
         self.keys = keys
         self.problems: list[Finding] = []
         self._ranges: set[tuple[int, int]] = set()

@@ -82,8 +82,9 @@ class ReplayReport:
                 "ok": self.ok}
 
 
-def parse_time(text: str) -> int:
-    """ISO-8601 (naive means UTC), Unix seconds (may be fractional) or Unix ns."""
+def parse_time(text: str, option: str = "--at") -> int:
+    """ISO-8601 (naive means UTC), Unix seconds (may be fractional) or Unix ns; a
+    malformed one is an InputError naming `option`."""
     value = text.strip()
     if value.isdigit():
         number = int(value)
@@ -97,7 +98,7 @@ def parse_time(text: str) -> int:
     try:
         when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise InputError(f"--at {text!r}: not ISO-8601, Unix seconds or Unix ns") from None
+        raise InputError(f"{option} {text!r}: not ISO-8601, Unix seconds or Unix ns") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000

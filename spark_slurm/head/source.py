@@ -19,6 +19,7 @@ from pathlib import Path
 
 from spark_slurm.errors import LedgerError, SparkError
 from spark_slurm.head.scan import RawRecord
+from spark_slurm.ledger.cut import cut_of
 from spark_slurm.ledger.schema import check_file, open_existing, read_meta
 from spark_slurm.ledger.segment import SEGMENT_FORMAT, segment_meta
 
@@ -38,7 +39,7 @@ class Source:
     kind: str  # "ledger" or "segment"
     meta: dict[str, str]
     genesis: RawRecord | None
-    after: int  # a segment holds the rows after this seq (-1: from genesis)
+    after: int  # a segment, or a pruned ledger, holds the rows after this seq (-1: all)
 
     @property
     def name(self) -> str:
@@ -105,6 +106,9 @@ def _identify(conn: sqlite3.Connection, arg: str, expected: str | None, path: Pa
         kind = "segment"
     else:
         meta, after, kind = read_meta(conn, path), -1, "ledger"
+        cut = cut_of(meta, str(path))
+        if cut is not None:  # a pruned node ledger holds (but a few) the rows from its cut
+            after = cut.seq - 1
     row = _fetch_one(conn, f"SELECT {COLUMNS} FROM per WHERE seq = 0",  # noqa: S608
                      (), path)
     if row is None and kind == "segment" and _fetch_one(

@@ -59,8 +59,9 @@ _SELECT_CAST = ("SELECT seq, time_ns, kind, job_id, CAST(body AS BLOB), "
 
 Special = tuple[int, str, bytes, bytes, bytes | None, str | None]
 """(seq, kind, stored bytes, hash, mac, key id) of a row that moves verifier state."""
-Task = tuple[str, int, int, str | None, bytes | None, tuple[int, ...]]
-"""(path, lo, hi, hmac id, K[0] or None, tree sizes in (lo, hi] to report)."""
+Task = tuple[str, int, int, str | None, bytes | None, tuple[int, ...], bytes | None]
+"""(path, lo, hi, hmac id, K[0] or None, tree sizes in (lo, hi] to report, the head
+to start from when record lo-1 was pruned: the chunk at a ledger's cut)."""
 Result = tuple[tuple[int, str] | None, list[Special], int, bytes, list[bytes],
                list[tuple[int, list[bytes], bytes]], int, int, dict[str, int]]
 """(first failure as (seq, reason) or None, state-moving rows, next seq, head hash,
@@ -366,14 +367,14 @@ def head_before(conn: sqlite3.Connection, lo: int) -> bytes | None:
 def scan_chunk(task: Task) -> Result | None:
     """A worker's chunk: check records [lo, hi) of the file; None when the chunk
     cannot be judged here (the caller then scans in-process)."""
-    path, lo, hi, hmac_id, k0, need = task
+    path, lo, hi, hmac_id, k0, need, anchor = task
     try:
         conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True,
                                isolation_level=None)
     except sqlite3.Error:
         return None
     try:
-        head = head_before(conn, lo)
+        head = anchor if anchor is not None else head_before(conn, lo)
         if head is None:
             return None
         special: list[Special] = []

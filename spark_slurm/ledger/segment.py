@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from spark_slurm.errors import LedgerError
+from spark_slurm.ledger.cut import cut_of
 
 SEGMENT_FORMAT = "spark-slurm-segment"
 SEGMENT_VERSION = 1
@@ -123,6 +124,12 @@ def export_segment(ledger: str | os.PathLike[str], out: str | os.PathLike[str] |
     target = Path(out) if isinstance(out, (str, os.PathLike)) else None
     folder = target.parent if target is not None else None
     conn, meta = open_existing(ledger)
+    cut = cut_of(meta, str(ledger))
+    if cut is not None and after + 1 < cut.seq:
+        conn.close()
+        raise LedgerError(f"{ledger}: records before seq {cut.seq} were pruned (archived in "
+                          f"{', '.join(cut.archives) or 'an archive'}): export --after "
+                          f"{cut.seq - 1} or later")
     try:
         fd, name = tempfile.mkstemp(prefix=".segment-", suffix=".db", dir=folder)
     except OSError as exc:
@@ -211,7 +218,11 @@ def _witness_part(conn: sqlite3.Connection, size: int, proof_from: int | None, *
     newest = int(row[0])
     if proof_from is None or proof_from > newest:
         return newest, None, rotations
-    proof = ledger_tree(conn, newest, stored=stored).consistency_proof(proof_from)
+    try:
+        proof = ledger_tree(conn, newest, stored=stored).consistency_proof(proof_from)
+    except ValueError:  # it needs leaves a prune removed
+        raise LedgerError(f"--proof-from {proof_from}: the proof needs records the ledger's "
+                          "cut removed (the witness's last size is older than the cut)") from None
     conn.executemany("INSERT INTO seg.proof VALUES (?, ?)", enumerate(proof))
     return newest, proof_from, rotations
 

@@ -30,6 +30,7 @@ from spark_slurm.ledger.checkpoint import (
     parse_checkpoint,
     verify_checkpoint,
 )
+from spark_slurm.ledger.cut import Cut, cut_of
 from spark_slurm.ledger.keys import (
     hmac_key_id,
     load_hmac_key,
@@ -63,11 +64,14 @@ class VerifyReport:
     hmac_checked: bool = False
     checkpoints_checked: int = 0
     signing_keys: tuple[str, ...] = field(default_factory=tuple)
+    first_seq: int = 0
+    """0, or the cut of a pruned ledger: records before it (but the few kept) are gone."""
 
     def summary(self) -> str:
         """One line for people: what was verified, or where and why it failed."""
         if self.ok:
-            return (f"{self.path}: ok, {self.count} records, head {self.head}, "
+            pruned = f" (pruned before seq {self.first_seq})" if self.first_seq else ""
+            return (f"{self.path}: ok, {self.count} records{pruned}, head {self.head}, "
                     f"{self.checkpoints_checked} checkpoints"
                     + (", HMAC verified" if self.hmac_checked else ""))
         where = f"first bad seq {self.first_bad_seq}: " if self.first_bad_seq is not None else ""
@@ -126,9 +130,19 @@ def verify_ledger(path: str | os.PathLike[str], hmac_key: bytes | None = None,
                                   "ORDER BY id").fetchall()
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:  # a damaged table
             stored, unreadable = [], Bad(None, f"SQLite cannot read the checkpoints: {exc}")
+        try:
+            cut = cut_of(dict(conn.execute("SELECT key, value FROM meta WHERE key = 'cut'")),
+                         str(p))
+        except LedgerError as exc:  # an edited cut is a failed check, not unusable input
+            return VerifyReport(path=str(p), ok=False, count=0, head=None,
+                                reason=exc.message.removeprefix(f"{p}: "), node=meta.get("node"))
+        for i, cp in enumerate(kept, 1):
+            if cut is not None and cp.size < cut.seq:
+                raise LedgerError(f"{p}: kept checkpoint {i} (size {cp.size}) is before the "
+                                  f"ledger's cut at seq {cut.seq}: check it against the archive")
         w = Walk(meta, hmac_key, set())
         return _verify(conn, p, w, stored, kept=kept, public_key=public_key,
-                       bad=unreadable)
+                       bad=unreadable, cut=cut)
     except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
         raise LedgerError(f"{p}: unreadable SQLite database: {exc}") from None
     finally:
@@ -137,19 +151,26 @@ def verify_ledger(path: str | os.PathLike[str], hmac_key: bytes | None = None,
 
 def _verify(conn: sqlite3.Connection, p: Path, w: Walk, stored: list[Any], *,
             kept: list[Checkpoint], public_key: Ed25519PublicKey | None,
-            bad: Bad | None = None) -> VerifyReport:
+            bad: Bad | None = None, cut: Cut | None = None) -> VerifyReport:
     parsed: list[tuple[str, Checkpoint]] = []
     columns: list[tuple[str, Any, Any, Any]] = []
     for cid, text, size, time_ns, key_id in stored:
         try:
-            parsed.append((f"stored checkpoint #{cid}", parse_checkpoint(str(text))))
-            columns.append((f"stored checkpoint #{cid}", size, time_ns, key_id))
+            cp = parse_checkpoint(str(text))
         except CheckpointError as exc:
             bad = bad or Bad(None, f"stored checkpoint #{cid}: {exc.message}")
+            continue
+        if cut is not None and cp.size < cut.seq:
+            bad = bad or Bad(None, f"stored checkpoint #{cid} (size {cp.size}) is before the "
+                             f"cut at seq {cut.seq}")
+            continue
+        parsed.append((f"stored checkpoint #{cid}", cp))
+        columns.append((f"stored checkpoint #{cid}", size, time_ns, key_id))
     w.need = {cp.size for _, cp in parsed} | {cp.size for cp in kept}
     try:
-        if not walk_parallel(conn, p, w, w.keys.key(0) if w.keys is not None else None):
-            walk(conn, w)
+        if not walk_parallel(conn, p, w, w.keys.key(0) if w.keys is not None else None,
+                             cut=cut):
+            walk(conn, w, cut)
         if bad is not None:
             raise bad
         origin = origin_for(w.meta["cluster"], w.meta["node"])
@@ -186,7 +207,8 @@ def _verify(conn: sqlite3.Connection, p: Path, w: Walk, stored: list[Any], *,
         head=w.head.hex() if w.count else None,
         first_bad_seq=bad.seq if bad else None, reason=bad.reason if bad else "",
         node=w.node, hmac_checked=w.keys is not None and bad is None,
-        checkpoints_checked=len(parsed) + len(kept) if bad is None else 0, signing_keys=ids)
+        checkpoints_checked=len(parsed) + len(kept) if bad is None else 0, signing_keys=ids,
+        first_seq=0 if cut is None else cut.seq)
 
 
 def _check_columns(w: Walk, cps: list[Checkpoint], columns: list[tuple[str, Any, Any, Any]]

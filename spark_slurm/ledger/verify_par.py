@@ -26,8 +26,9 @@ from pathlib import Path
 
 from spark_slurm.ledger import scan_worker
 from spark_slurm.ledger.chain import Chain, fold
+from spark_slurm.ledger.cut import Cut
 from spark_slurm.ledger.scan_worker import Result, Task
-from spark_slurm.ledger.verify_walk import Bad, Walk, slow_row
+from spark_slurm.ledger.verify_walk import Bad, Walk, slow_row, walk_below
 
 CHUNK_BITS = 14
 """Records per chunk = 2^CHUNK_BITS; ledgers under MIN_CHUNKS chunks go sequential."""
@@ -43,26 +44,36 @@ def workers() -> int:
 
 
 def walk_parallel(conn: sqlite3.Connection, path: Path, w: Walk, k0: bytes | None,
-                  *, procs: int | None = None, chunk_bits: int = CHUNK_BITS) -> bool:
+                  *, procs: int | None = None, chunk_bits: int = CHUNK_BITS,
+                  cut: Cut | None = None) -> bool:
     """Fill `w` as `walk` would and return True (raising Bad where `walk` would),
-    or return False (w untouched) when the ledger is small, there is one CPU, or
-    a worker could not judge its chunk."""
+    or return False (w untouched) when the ledger is small, there is one CPU, a
+    cut is not on a chunk boundary, or a worker could not judge its chunk."""
     procs = workers() if procs is None else procs
     size = 1 << chunk_bits
+    first = 0 if cut is None else cut.seq
     try:  # a damaged file is the sequential walk's to describe
-        lo_hi = conn.execute("SELECT MIN(seq), MAX(seq), COUNT(*) FROM per").fetchone()
+        lo_hi = conn.execute("SELECT MIN(seq), MAX(seq), COUNT(*) FROM per WHERE seq >= ?",
+                             (first,)).fetchone()
     except (sqlite3.DatabaseError, UnicodeDecodeError):
         return False
-    if procs < 2 or lo_hi is None or lo_hi[0] != 0 or lo_hi[2] != lo_hi[1] + 1 \
-            or lo_hi[2] < MIN_CHUNKS * size:
+    if procs < 2 or lo_hi is None or lo_hi[0] != first or first % size \
+            or lo_hi[2] != lo_hi[1] + 1 - first or lo_hi[2] < MIN_CHUNKS * size:
         return False
-    count = int(lo_hi[2])
+    count = int(lo_hi[1]) + 1
     hmac_id = w.meta.get("hmac_key_id") or None  # the genesis must agree (slow_row, seq 0)
+    scratch = Walk(w.meta, k0, w.need)
+    chain = Chain()
+    if cut is not None:  # the rows below the cut move state first, in seq order
+        chain, below, below_sum = walk_below(conn, scratch, cut)
+        scratch.subtrees = (below, below_sum)
+        if cut.seq in w.need:
+            scratch.roots[cut.seq] = (chain.root(), chain.head)
     tasks: list[Task] = [
         (str(path), lo, min(lo + size, count), hmac_id, k0,
-         tuple(sorted(s for s in w.need if lo < s <= lo + size)))
-        for lo in range(0, count, size)]
-    scratch = Walk(w.meta, k0, w.need)
+         tuple(sorted(s for s in w.need if lo < s <= lo + size)),
+         chain.head if cut is not None and lo == first else None)
+        for lo in range(first, count, size)]
     # SQLite's integrity check (needed last) runs meanwhile on this snapshot, in a
     # thread: SQLite releases the GIL, so it overlaps with waiting for the workers.
     check = threading.Thread(target=_integrity, args=(conn, scratch), daemon=True)
@@ -71,7 +82,7 @@ def walk_parallel(conn: sqlite3.Connection, path: Path, w: Walk, k0: bytes | Non
         results = _run_workers(tasks, min(procs, len(tasks)))
         if results is None:
             return False
-        bad = _combine(results, scratch, count)
+        bad = _combine(results, scratch, count, chain)
     finally:
         check.join()
     if bad is not None:
@@ -116,12 +127,13 @@ def _integrity(conn: sqlite3.Connection, w: Walk) -> None:
         w.integrity = exc
 
 
-def _combine(results: Iterable[Result], scratch: Walk, count: int) -> Bad | None:
-    """Feed chunk results, in seq order, into `scratch`; the first failure, if any."""
-    chain = Chain()
+def _combine(results: Iterable[Result], scratch: Walk, count: int, chain: Chain
+             ) -> Bad | None:
+    """Feed chunk results, in seq order, into `scratch` and grow `chain` (empty, or
+    standing at a cut) from them; the first failure, if any."""
     chain.subtrees = []
-    subtree_count, subtree_sum = 0, 0
-    latest: dict[str, int] = {}
+    subtree_count, subtree_sum = scratch.subtrees
+    latest: dict[str, int] = dict(scratch.latest)
     for bad, special, end, head, hashes, marked, n_subs, sum_subs, newest in results:
         try:
             for row in special:

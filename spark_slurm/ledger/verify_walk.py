@@ -21,8 +21,10 @@ from spark_slurm.errors import LedgerKeyError
 from spark_slurm.ledger import hmac_epochs
 from spark_slurm.ledger.chain import GENESIS_PREV, Chain, fold
 from spark_slurm.ledger.checkpoint import origin_for
+from spark_slurm.ledger.cut import MIN_ALIGN, Cut, CutProblem, check_subtrees, kept_rows, root_at
 from spark_slurm.ledger.keys import public_from_raw, signing_key_id
-from spark_slurm.ledger.scan_worker import Scan, Special
+from spark_slurm.ledger.merkle import leaf_hash, verify_inclusion
+from spark_slurm.ledger.scan_worker import Scan, Special, subtree_digest
 from spark_slurm.ledger.schema import FORMAT, SCHEMA_VERSIONS
 from spark_slurm.ledger.store import rotation_message
 
@@ -139,17 +141,30 @@ def _inner(seq: int, body: bytes) -> dict[str, Any]:
     return inner
 
 
-def walk(conn: sqlite3.Connection, w: Walk) -> None:
+def walk(conn: sqlite3.Connection, w: Walk, cut: Cut | None = None) -> None:
     """Check every record in seq order (in this process) and fill `w`; raises Bad
-    naming the first bad seq."""
+    naming the first bad seq. A pruned ledger is checked below its cut first
+    (`walk_below`), then scanned on from the cut."""
     hmac_id = w.meta.get("hmac_key_id") or None  # the genesis must agree (slow_row, seq 0)
 
     def special(rows: list[Special]) -> None:
         for row in rows:
             slow_row(w, row)
 
-    scan = Scan(conn, 0, GENESIS_PREV, hmac_id=hmac_id,
-                k0=w.keys.key(0) if w.keys else None, need=sorted(w.need), on_special=special)
+    below, below_sum = 0, 0
+    if cut is None:
+        scan = Scan(conn, 0, GENESIS_PREV, hmac_id=hmac_id,
+                    k0=w.keys.key(0) if w.keys else None, need=sorted(w.need),
+                    on_special=special)
+    else:
+        at_cut, below, below_sum = walk_below(conn, w, cut)
+        scan = Scan(conn, cut.seq, at_cut.head, hmac_id=hmac_id,
+                    k0=w.keys.key(0) if w.keys else None, need=(), on_special=special)
+        at_cut.marks, at_cut.subtrees = frozenset(w.need), []
+        scan.chain = at_cut
+        if cut.seq in w.need:  # a checkpoint right at the cut
+            w.roots[cut.seq] = (at_cut.root(), at_cut.head)
+    latest = dict(w.latest)
     bad = scan.run(2**62)
     if bad is not None:
         raise Bad(*bad)
@@ -158,8 +173,52 @@ def walk(conn: sqlite3.Connection, w: Walk) -> None:
         raise Bad(0, "record 0 is missing")
     w.count, w.head, w.chain = chain.size, chain.head, chain
     w.roots.update((size, (fold(hashes), h)) for size, (hashes, h) in chain.marked.items())
-    w.subtrees = (scan.subtree_count, scan.subtree_sum % 2**256)
-    w.latest = scan.latest
+    w.subtrees = (scan.subtree_count + below, (scan.subtree_sum + below_sum) % 2**256)
+    w.latest = {**latest, **scan.latest}
+
+
+def walk_below(conn: sqlite3.Connection, w: Walk, cut: Cut) -> tuple[Chain, int, int]:
+    """A pruned ledger below its cut (see ledger/cut.py): the stored subtrees checked
+    top down, and each record kept there scanned as every record is (columns, hash,
+    MAC, and through `slow_row` the genesis and key records, in seq order) and proven
+    in the tree of its cut. Returns the chain standing at the cut (record cut.seq's
+    prev hash as head: the links after it prove it), and the count and digest sum of
+    the subtrees below it. Records w.latest for the kept ingest records."""
+    hmac_id = w.meta.get("hmac_key_id") or None
+
+    def special(rows: list[Special]) -> None:
+        for row in rows:
+            slow_row(w, row)
+
+    try:
+        compact, count, seen = check_subtrees(conn, cut.seq)
+        roots: dict[int, bytes] = {}
+        for seq in kept_rows(conn, cut):
+            size, proof = cut.kept[seq]
+            if size % MIN_ALIGN or not seq < size <= cut.seq:
+                raise Bad(seq, f"record {seq} is proven at tree size {size}, which is no cut")
+            prev, body = conn.execute("SELECT CAST(prev_hash AS BLOB), CAST(body AS BLOB)"
+                                      " FROM per WHERE seq = ?", (seq,)).fetchone()
+            scan = Scan(conn, seq, GENESIS_PREV if seq == 0 or not isinstance(prev, bytes)
+                        else prev, hmac_id=hmac_id, k0=w.keys.key(0) if w.keys else None,
+                        need=(), on_special=special)
+            bad = scan.run(seq + 1)
+            if bad is not None:
+                raise Bad(*bad)
+            w.latest.update(scan.latest)
+            if size not in roots:
+                roots[size] = root_at(conn, size)
+            if not verify_inclusion(leaf_hash(body), seq, size, proof, roots[size]):
+                raise Bad(seq, f"record {seq}, kept below the cut at seq {cut.seq}, is not "
+                          f"in the Merkle tree of its cut (size {size})")
+        first = conn.execute("SELECT CAST(prev_hash AS BLOB) FROM per WHERE seq = ?",
+                             (cut.seq,)).fetchone()
+    except CutProblem as exc:
+        raise Bad(exc.seq, exc.reason) from None
+    if first is None or not isinstance(first[0], bytes):
+        raise Bad(cut.seq, f"record {cut.seq}, the first after the cut, is missing")
+    return (Chain(cut.seq, compact, first[0]), count,
+            sum(subtree_digest(*s) for s in seen) % 2**256)
 
 
 def slow_row(w: Walk, row: tuple[int, str, bytes, bytes, bytes | None, str | None]) -> None:
