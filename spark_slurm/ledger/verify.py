@@ -167,6 +167,9 @@ def _verify(conn: sqlite3.Connection, p: Path, w: Walk, stored: list[Any], *,
         parsed.append((f"stored checkpoint #{cid}", cp))
         columns.append((f"stored checkpoint #{cid}", size, time_ns, key_id))
     w.need = {cp.size for _, cp in parsed} | {cp.size for cp in kept}
+    if cut is not None and not parsed and not kept:  # a prune leaves one at or after the cut
+        bad = bad or Bad(None, f"no checkpoint covers the cut at seq {cut.seq}: nothing "
+                         "anchors the records pruned before it")
     try:
         if not walk_parallel(conn, p, w, w.keys.key(0) if w.keys is not None else None,
                              cut=cut):

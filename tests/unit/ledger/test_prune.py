@@ -281,6 +281,8 @@ TAMPER: dict[str, tuple[Callable[[Path], None], str]] = {
                                            "seq = 768"),
                          "hash does not match prev hash"),
     "old checkpoint put back": (_old_checkpoint_back, "is before the cut at seq 768"),
+    "every checkpoint removed": (lambda p: _set(p, "DELETE FROM checkpoint"),
+                                 "no checkpoint covers the cut at seq 768"),
 }
 
 
