@@ -40,6 +40,7 @@ from spark_slurm.ledger.checkpoint import (
     signatures,
     verify_checkpoint,
 )
+from spark_slurm.ledger.cut import cut_of
 from spark_slurm.ledger.keys import load_signing_key, private_pem, public_pem
 from spark_slurm.ledger.merkle import consistency_proof, verify_consistency
 from spark_slurm.ledger.schema import open_existing
@@ -123,8 +124,11 @@ def proof_from_ledger(ledger: Path, old_size: int, new_size: int) -> list[bytes]
     """Compute the consistency proof between two sizes from a node ledger snapshot."""
     from spark_slurm.ledger.merkle import leaf_hash  # noqa: PLC0415 (only this path needs it)
 
-    conn, _ = open_existing(ledger)
+    conn, meta = open_existing(ledger)
     try:
+        cut = cut_of(meta, str(ledger))
+        if cut is not None:  # pruned: the proof is read from the stored subtrees
+            return _pruned_proof(conn, ledger, cut.seq, old_size, new_size)
         rows = conn.execute("SELECT body FROM per WHERE seq < ? ORDER BY seq",
                             (new_size,)).fetchall()
     finally:
@@ -132,6 +136,22 @@ def proof_from_ledger(ledger: Path, old_size: int, new_size: int) -> list[bytes]
     if len(rows) < new_size:
         raise WitnessError(f"{ledger}: holds {len(rows)} records, checkpoint claims {new_size}")
     return consistency_proof([leaf_hash(bytes(r[0])) for r in rows], old_size)
+
+
+def _pruned_proof(conn: sqlite3.Connection, ledger: Path, cut: int, old_size: int,
+                  new_size: int) -> list[bytes]:
+    """A pruned ledger's proof, from its stored subtrees (which `sparkctl verify` checks
+    against its checkpoints): possible when the old size is not inside a removed block."""
+    from spark_slurm.ledger.tree import ledger_tree  # noqa: PLC0415
+
+    size = conn.execute("SELECT max(seq) + 1 FROM per").fetchone()[0]
+    if size is None or size < new_size:
+        raise WitnessError(f"{ledger}: holds records up to {size}, checkpoint claims {new_size}")
+    try:
+        return ledger_tree(conn, new_size).consistency_proof(old_size)
+    except ValueError:
+        raise WitnessError(f"{ledger}: pruned before seq {cut}: the proof from size "
+                           f"{old_size} needs records it no longer holds") from None
 
 
 def key_records(ledger: Path, size: int) -> list[tuple[int, bytes]]:

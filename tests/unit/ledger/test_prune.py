@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spark_slurm.clock import ManualClock
-from spark_slurm.errors import LedgerError, UnknownJob
+from spark_slurm.errors import LedgerError, UnknownJob, WitnessError
 from spark_slurm.head.audit import audit_job
 from spark_slurm.head.merge import merge_ledgers
+from spark_slurm.head.witness import proof_from_ledger
 from spark_slurm.ledger import Checkpoint, Ledger, verify_ledger
 from spark_slurm.ledger.checkpoint import parse_checkpoint
 from spark_slurm.ledger.cut import cut_of
@@ -190,6 +192,20 @@ def test_audit_of_a_pruned_node_ledger(node: Callable[..., Node]) -> None:
     with pytest.raises(UnknownJob, match=r"job 101: no records in .* \(records before seq 768 "
                        r"were pruned into a1\.seg"):
         audit_job(n.path, "101")
+
+
+def test_the_witness_proof_from_a_pruned_snapshot(node: Callable[..., Node],
+                                                  tmp_path: Path) -> None:
+    n = node()
+    whole = tmp_path / "whole.db"
+    shutil.copy(n.path, whole)
+    size = verify_ledger(n.path).count
+    _prune(n, "a1.seg", before_seq=800)
+    assert proof_from_ledger(n.path, 1000, size) == proof_from_ledger(whole, 1000, size)
+    assert proof_from_ledger(n.path, 512, size) == proof_from_ledger(whole, 512, size)
+    with pytest.raises(WitnessError, match="pruned before seq 768: the proof from size 700 "
+                       "needs records it no longer holds"):
+        proof_from_ledger(n.path, 700, size)
 
 
 def test_export_before_the_cut_is_refused(node: Callable[..., Node]) -> None:
