@@ -131,9 +131,11 @@ def export(path: str, *, after: int, until: int | None, proof_from: int | None, 
 @click.option("--archive", "archive", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="New segment file the removed records go to first (never overwritten).")
+@click.option("--dry-run", "dry_run", is_flag=True,
+              help="Only say where the cut would fall and what would go.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
 def prune(path: str, *, before: str | None, before_seq: int | None, archive: Path,
-          as_json: bool) -> None:
+          dry_run: bool, as_json: bool) -> None:
     """Archive a node ledger's old records to a segment, then remove them.
 
     The cut falls on a multiple of 16384 records, before the head and at or below
@@ -148,9 +150,16 @@ def prune(path: str, *, before: str | None, before_seq: int | None, archive: Pat
     if (before is None) == (before_seq is None):
         raise click.UsageError("give one of --before TIME and --before-seq SEQ")
     done = prune_ledger(path, archive, before_seq=before_seq,
-                        before_ns=None if before is None else parse_time(before, "--before"))
+                        before_ns=None if before is None else parse_time(before, "--before"),
+                        dry_run=dry_run)
     if as_json:
         echo_json(done.to_json())
+    elif dry_run and not done.why.startswith("dry run"):
+        click.echo(f"{done.path}: nothing would be pruned: {done.why}")
+    elif dry_run:
+        click.echo(f"{done.path}: would cut at seq {done.cut}: remove {done.removed} records "
+                   f"(keep {done.kept}) and {done.checkpoints_removed} checkpoints, archiving "
+                   f"{done.cut - done.previous} records in {archive}")
     elif done.why:
         click.echo(f"{done.path}: nothing pruned: {done.why}")
     else:

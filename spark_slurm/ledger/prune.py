@@ -62,10 +62,12 @@ class PruneResult:
 
 def prune_ledger(path: str | os.PathLike[str], archive: str | os.PathLike[str], *,
                  before_seq: int | None = None, before_ns: int | None = None,
-                 align: int = CUT_ALIGN, clock: Clock | None = None) -> PruneResult:
+                 align: int = CUT_ALIGN, clock: Clock | None = None,
+                 dry_run: bool = False) -> PruneResult:
     """Cut the ledger at the last multiple of `align` at or before `before_seq` (or
     the first record written at or after `before_ns`), the head record and the
-    newest checkpoint; archive what goes to `archive` (a new file) first."""
+    newest checkpoint; archive what goes to `archive` (a new file) first. With
+    `dry_run`, only say what would be done (nothing is written)."""
     if (before_seq is None) == (before_ns is None):
         raise LedgerError("prune needs one of a seq or a time to cut before")
     if align <= 0 or align % MIN_ALIGN:
@@ -85,6 +87,12 @@ def prune_ledger(path: str | os.PathLike[str], archive: str | os.PathLike[str], 
             return PruneResult(str(p), previous, previous, 0, 0, None, 0, 0, why)
         if out.exists():
             raise LedgerError(f"{out}: exists; a prune never overwrites an archive")
+        if dry_run:
+            kept = _kept_seqs(conn, previous, cut)
+            checkpoints = conn.execute("SELECT count(*) FROM checkpoint WHERE size < ?",
+                                       (cut,)).fetchone()[0]
+            return PruneResult(str(p), previous, cut, cut - previous - len(kept), len(kept),
+                               None, 0, int(checkpoints), "dry run: nothing written")
         seg = export_segment(p, out, previous - 1, cut - 1)
         anchor = _hash_at(conn, cut - 1, p)
         _check_archive(out, cut - previous, anchor)

@@ -81,8 +81,10 @@ def node(tmp_path: Path, keys: Keys) -> Callable[..., Node]:
     return make
 
 
-def _prune(n: Node, archive: str, **kw: int) -> PruneResult:
-    return prune_ledger(n.path, n.path.parent / archive, align=ALIGN, clock=n.clock, **kw)
+def _prune(n: Node, archive: str, *, before_seq: int | None = None,
+           before_ns: int | None = None) -> PruneResult:
+    return prune_ledger(n.path, n.path.parent / archive, align=ALIGN, clock=n.clock,
+                        before_seq=before_seq, before_ns=before_ns)
 
 
 def _rows(path: Path, sql: str, *args: object) -> list[tuple[Any, ...]]:
@@ -375,7 +377,18 @@ def test_cli_prune_and_verify(node: Callable[..., Node],
     code, out, _ = sparkctl(capsys, "ledger", "prune", str(n.path), "--before-seq", "1000",
                             "--archive", archive)
     assert code == 0 and "nothing pruned: no multiple of 16384" in out
-    _prune(n, "a1.seg", before_seq=800)
+    code, out, _ = sparkctl(capsys, "ledger", "prune", str(n.path), "--before-seq", "1000",
+                            "--archive", archive, "--dry-run")
+    assert (code, out) == (0, f"{n.path}: nothing would be pruned: no multiple of 16384 records"
+                              " lies after the genesis and at or before seq 1000, the head (seq "
+                              f"{verify_ledger(n.path).count - 1}) and the newest checkpoint "
+                              f"(size {verify_ledger(n.path).count})\n")
+    dry = prune_ledger(n.path, archive, before_seq=800, align=ALIGN, dry_run=True)
+    assert (dry.cut, dry.archive, dry.archived) == (768, None, 0)
+    assert not Path(archive).exists() and verify_ledger(n.path).first_seq == 0
+    done = _prune(n, "a1.seg", before_seq=800)
+    assert (done.removed, done.kept, done.checkpoints_removed) == (
+        dry.removed, dry.kept, dry.checkpoints_removed)
     code, out, _ = sparkctl(capsys, "verify", str(n.path))
     assert code == 0 and "(pruned before seq 768)" in out
     code, _, err = sparkctl(capsys, "ledger", "export", str(n.path), "--after", "5", "--out",
