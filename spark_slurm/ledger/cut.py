@@ -11,7 +11,8 @@ the records removed:
   tree from that compact range, so every signed checkpoint at A or later proves it;
 - record A's stored prev hash is the chain's anchor: the links from A to a
   checkpoint's head, or record A's MAC, prove it;
-- each record kept below A (KEPT_KINDS, and the newest of each ingest source)
+- each record kept below A (KEPT_KINDS, the newest of each ingest source and, per
+  GPU, the newest that set its limit)
   carries, in the meta row `cut`, its RFC 6962 inclusion proof at the tree size of
   the cut that kept it (itself a cut: a compact range of stored subtrees).
 """

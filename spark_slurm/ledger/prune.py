@@ -31,7 +31,14 @@ from spark_slurm.ledger.cut import (
     compact_range,
     cut_of,
 )
-from spark_slurm.ledger.schema import INGEST_SOURCES, check_file, connect, read_meta
+from spark_slurm.ledger.schema import (
+    INGEST_SOURCES,
+    PER_COLUMNS,
+    check_file,
+    connect,
+    read_meta,
+    row_to_record,
+)
 from spark_slurm.ledger.segment import export_segment
 from spark_slurm.ledger.tree import ledger_tree
 
@@ -165,9 +172,21 @@ def _check_archive(out: Path, rows: int, anchor: bytes) -> None:
 
 
 def _kept_seqs(conn: sqlite3.Connection, lo: int, hi: int) -> list[int]:
-    """Records of [lo, hi) that stay: KEPT_KINDS and each ingest source's newest."""
+    """Records of [lo, hi) that stay: KEPT_KINDS, each ingest source's newest, and for
+    each GPU the newest record that set its limit (sparkd's start-up reads the limit
+    each GPU is governed at from the newest such record: `daemon.state`)."""
+    from spark_slurm.daemon.state import GOVERNING_KINDS, governing_seqs  # noqa: PLC0415
+
     seqs = {int(r[0]) for r in conn.execute(
         f"SELECT seq FROM per WHERE seq >= ? AND seq < ? AND ({_KEPT})", (lo, hi))}  # noqa: S608
+    marks = ",".join("?" * len(GOVERNING_KINDS))
+    rows = conn.execute(f"SELECT {PER_COLUMNS} FROM per WHERE seq >= ? AND seq < ? AND kind"  # noqa: S608
+                        f" IN ({marks}) ORDER BY seq DESC", (lo, hi, *GOVERNING_KINDS))
+    try:
+        seqs |= governing_seqs(row_to_record(r) for r in rows)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LedgerError(f"a record before seq {hi} cannot be read ({exc}): verify the "
+                          "ledger before pruning it") from None
     for source in INGEST_SOURCES:
         row = conn.execute("SELECT value FROM state WHERE key = ?",
                            (f"latest.{source}",)).fetchone()

@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spark_slurm.clock import ManualClock
+from spark_slurm.daemon.state import GOVERNING_KINDS, governed_latest
 from spark_slurm.errors import LedgerError, UnknownJob, WitnessError
 from spark_slurm.head.audit import audit_job
 from spark_slurm.head.merge import merge_ledgers
@@ -53,10 +54,12 @@ def _write(led: Ledger, clock: ManualClock, n: int, start: int) -> None:
                                "cursor": f"c{i}"})
         elif i % 211 == 7:
             led.append("policy", {"v": 1, "node": led.node, "sha256": f"{i:064x}"})
-        else:
+        else:  # GPUs 0-3 governed all along; GPU 7 last set long before any cut
+            gpu = 7 if i in (300, 301) else i % 4
             led.append("cap" if i % 3 else "restore",
                        {"v": 1, "node": led.node, "job_id": str(100 + i // 50),
-                        "power_mw": 1000 * i})
+                        "power_mw": 1000 * i,
+                        "gpus": [{"index": gpu, "intended_mw": 100_000 + 1000 * i}]})
         clock.advance(7)
 
 
@@ -103,7 +106,9 @@ def test_prune_archives_then_removes_and_what_stays_verifies(node: Callable[...,
     kinds = dict(_rows(n.path, "SELECT seq, kind FROM per WHERE seq < 768"))
     assert held[0] == 0 and kinds[0] == "genesis"
     assert {"key", "policy"} <= set(kinds.values())
-    assert set(kinds.values()) <= {"genesis", "key", "policy", "oob"}
+    assert set(kinds.values()) <= {"genesis", "key", "policy", "oob", "cap", "restore"}
+    # of the limit-setting records, one per GPU at most (the newest that set it)
+    assert 1 <= sum(k in ("cap", "restore") for k in kinds.values()) <= 5
     assert [s for s, k in kinds.items() if k == "oob"] == [journal_newest]  # only the newest
     assert done.kept == len(held) and done.removed == 768 - len(held)
     assert done.archived == 768  # every record before the cut, in the archive
@@ -112,6 +117,23 @@ def test_prune_archives_then_removes_and_what_stays_verifies(node: Callable[...,
     assert after.ok, after.reason
     assert (after.count, after.head, after.first_seq) == (before.count, before.head, 768)
     assert "pruned before seq 768" in after.summary()
+
+
+def _governed(path: Path) -> dict[int, int]:
+    with Ledger.open(path, cluster="c1") as led:
+        return governed_latest(led.records_newest_first(kinds=list(GOVERNING_KINDS)),
+                               [0, 1, 2, 3, 7])
+
+
+def test_sparkd_reads_the_same_governed_limits_after_a_prune(node: Callable[..., Node]) -> None:
+    """Start-up takes each GPU's governed limit from the newest record that set it: the
+    prune keeps that record for a GPU last set before the cut (GPU 7 here)."""
+    n = node()
+    before = _governed(n.path)
+    assert before[7] == 100_000 + 1000 * 301  # last set at i = 301, long before the cut
+    _prune(n, "a1.seg", before_seq=800)
+    assert _governed(n.path) == before
+    assert verify_ledger(n.path, n.hmac).ok
 
 
 def test_a_pruned_ledger_verifies_the_same_on_every_core(node: Callable[..., Node]) -> None:
