@@ -140,8 +140,9 @@ def prune(path: str, *, before: str | None, before_seq: int | None, archive: Pat
 
     The cut falls on a multiple of 16384 records, before the head and at or below
     the newest checkpoint. Kept: the genesis, key and policy records, and what sparkd
-    resumes from (ingest cursors, each GPU's governed limit); the stored Merkle subtrees and an inclusion proof for each kept
-    record anchor the cut, so `sparkctl verify` still checks everything kept. Merge
+    resumes from (ingest cursors, each GPU's governed limit); the stored Merkle
+    subtrees and an inclusion proof for each kept record anchor the cut, so
+    `sparkctl verify` still checks everything kept. Merge
     the archive on the head node (`sparkctl merge`) before pruning past what it holds.
     """
     from spark_slurm.head.replay import parse_time  # noqa: PLC0415 (lazy CLI)
