@@ -175,7 +175,9 @@ class NvmlBackend:
             self._handles, self.unavailable = self._call(None, "device enumeration",
                                                          self._enumerate)
         except GpuError:
-            self._call(None, "shutdown", nvml.nvmlShutdown)
+            # Undo the init; a failure here must not hide why enumeration failed.
+            with contextlib.suppress(GpuError):
+                self._call(None, "shutdown", nvml.nvmlShutdown)
             raise
 
     def _error(self, exc: Any) -> type[GpuError]:

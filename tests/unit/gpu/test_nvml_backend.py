@@ -281,3 +281,22 @@ def test_call_threads_are_daemons_so_a_hung_driver_cannot_block_exit() -> None:
     assert len(started) == 2  # the stuck one and its replacement
     assert all(t.daemon for t in started)
     release.set()
+
+
+def test_mig_slices_after_an_empty_slot_are_found() -> None:
+    """Deleting a GPU instance leaves its slot empty; the slices after it still count."""
+    parent = FakeDevice(minor=0, bus=0x18, mig_slices=[None, "MIG-b", None, "MIG-d"])
+    gpu = NvmlBackend(nvml=FakeNvml([parent]))
+    assert [(d.index, d.uuid) for d in gpu.devices()] == [
+        (0, "GPU-fake-0"), (1, "MIG-b"), (2, "MIG-d")]
+    assert gpu.unavailable == []
+    gpu.close()
+
+
+def test_a_failed_enumeration_is_reported_even_when_its_shutdown_fails() -> None:
+    fake = h100_node(1)
+    fake.fail["nvmlDeviceGetCount"] = fn.NVML_ERROR_UNKNOWN
+    fake.fail["nvmlShutdown"] = fn.NVML_ERROR_UNINITIALIZED
+    with pytest.raises(GpuLost, match=r"^NVML device enumeration: NVML error code 999$"):
+        NvmlBackend(nvml=fake)
+    assert fake.calls == ["nvmlInit", "nvmlDeviceGetCount", "nvmlShutdown"]
