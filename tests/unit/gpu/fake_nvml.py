@@ -171,9 +171,10 @@ class FakeNvml:
 
     def nvmlDeviceGetMigDeviceHandleByIndex(self, h: FakeDevice, j: int) -> str:
         self._enter("nvmlDeviceGetMigDeviceHandleByIndex")
-        if j >= len(h.mig_slices) or h.mig_slices[j] is None:
+        slot = h.mig_slices[j] if j < len(h.mig_slices) else None
+        if slot is None:
             raise NVMLError(NVML_ERROR_NOT_FOUND)
-        return h.mig_slices[j]
+        return slot
 
     def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, h: Any) -> FakeDevice:
         self._enter("nvmlDeviceGetDeviceHandleFromMigDeviceHandle")

@@ -20,12 +20,12 @@ from spark_slurm.gpu.sim import SimFleet
 GRES_CONF = """\
 # GPUs on every node, listed out of order on n2
 NodeName=n1 Name=gpu File=/dev/nvidia[0-3]
+Name=gpupower Count=5600 Flags=CountOnly
 
 NodeName=n2 Name=gpu File=/dev/nvidia[2-3]  # was File=/dev/nvidia[6-7] # moved
-NodeName=n2 Name=gpu File=/dev/nvidia[0,1]
-Name=gpupower Count=5600 Flags=CountOnly
 NodeName=n2 Name=mps Count=100 File=/dev/nvidia4
 NodeName=n2 Name=gpu Type=any Count=1
+NodeName=n2 Name=gpu File=/dev/nvidia[0,1]
 """
 
 
