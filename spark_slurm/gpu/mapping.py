@@ -139,12 +139,12 @@ def slurm_device_map(devices: Sequence[DeviceInfo], gres: Sequence[GresDevice] |
                                "no such MIG device")
             else:
                 out[k] = pool[j].index
-    # Never an index gres.conf names (a GPU missing now must not alias its parent).
-    key = max(max(out, default=-1) + 1, len(gres or ()))
-    for gpu in sorted(whole.values(), key=lambda d: d.minor):
-        if gpu.uuid in slices and gpu.index not in out.values():
-            out[key] = gpu.index
-            key += 1
+        # Never an index gres.conf names (a GPU missing now must not alias its parent).
+        key = len(gres)
+        for gpu in sorted(whole.values(), key=lambda d: d.minor):
+            if gpu.uuid in slices and gpu.index not in out.values():
+                out[key] = gpu.index
+                key += 1
     return out, missing
 
 

@@ -18,7 +18,10 @@ A wedged driver can block an NVML call indefinitely, so every batch of calls
 runs on a worker thread and the caller waits at most `call_timeout_s`; on a
 timeout the stuck worker is abandoned (it is a daemon thread) and the call fails
 as GpuLost. The pynvml module itself is injectable, so the mapping logic is
-tested without a GPU against a fake module with the same names.
+tested without a GPU against a fake module with the same names. NVML's constants
+are read from the module by name, with no fallback value: every nvidia-ml-py
+release has them, and a misspelt one then fails at once instead of silently
+comparing against a guess.
 """
 
 from __future__ import annotations
@@ -88,11 +91,10 @@ class CallGuard:
         self._state_lock = threading.Lock()  # guards `stuck` and each job's flags
         self._max_stuck = max_stuck
         self.stuck = 0
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._start()
 
     def _start(self) -> None:
-        self._jobs = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         threading.Thread(target=self._loop, args=(self._jobs,), name="nvml-call",
                          daemon=True).start()
 
@@ -146,6 +148,8 @@ def _int(value: Any) -> int:
 class NvmlBackend:
     """GpuBackend over NVML. `nvml` is the pynvml module (injected in tests)."""
 
+    unavailable: list[tuple[int, str]]  # NVML index, why it was left out at enumeration
+
     def __init__(self, clock: Clock = SYSTEM_CLOCK, nvml: Any = None,
                  call_timeout_s: float = 5.0, reinit_interval_s: float = 10.0) -> None:
         if nvml is None:
@@ -166,17 +170,19 @@ class NvmlBackend:
         self._stale = False  # a GPU or the driver was lost: initialise NVML again
         self._last_reinit_ns: int | None = None
         self.reinits = 0
-        self.unavailable: list[tuple[int, str]] = []  # NVML index, why it was left out
         self._call(None, "init", nvml.nvmlInit)
         try:
             self._handles, self.unavailable = self._call(None, "device enumeration",
                                                          self._enumerate)
         except GpuError:
-            self._call(None, "shutdown", nvml.nvmlShutdown)
+            # Undo the init; a failure here must not hide why enumeration failed.
+            with contextlib.suppress(GpuError):
+                self._call(None, "shutdown", nvml.nvmlShutdown)
             raise
 
-    def _error(self, exc: Exception) -> type[GpuError]:
-        return self._codes.get(getattr(exc, "value", None), GpuError)
+    def _error(self, exc: Any) -> type[GpuError]:
+        """The typed error for an NVMLError (its `value` is the NVML return code)."""
+        return self._codes.get(exc.value, GpuError)
 
     def _call(self, index: int | None, what: str, fn: Callable[[], T]) -> T:
         """Run fn on the worker with the timeout, mapping NVMLError to typed errors."""
@@ -187,7 +193,7 @@ class NvmlBackend:
         try:
             return self._worker.call(fn, self._timeout, what)
         except GpuLost as exc:  # a call that did not return: never re-initialise into it
-            if exc.index is None and index is not None:
+            if index is not None:  # the guard's errors name no GPU: name the caller's
                 raise GpuLost(exc.message, index) from None
             raise
         except self._nvml.NVMLError as exc:
@@ -238,7 +244,7 @@ class NvmlBackend:
             current, _pending = n.nvmlDeviceGetMigMode(h)
         except n.NVMLError:
             return []  # not MIG-capable
-        if current != getattr(n, "NVML_DEVICE_MIG_ENABLE", 1):
+        if current != n.NVML_DEVICE_MIG_ENABLE:
             return []
         slices = []
         for j in range(n.nvmlDeviceGetMaxMigDeviceCount(h)):
@@ -307,9 +313,8 @@ class NvmlBackend:
             try:
                 return int(getter(h))
             except n.NVMLError as exc:
-                if getattr(exc, "value", None) not in (
-                        getattr(n, "NVML_ERROR_FUNCTION_NOT_FOUND", -1),
-                        getattr(n, "NVML_ERROR_NOT_SUPPORTED", -1)):
+                if exc.value not in (n.NVML_ERROR_FUNCTION_NOT_FOUND,
+                                     n.NVML_ERROR_NOT_SUPPORTED):
                     raise
         return int(n.nvmlDeviceGetCurrentClocksThrottleReasons(h))
 
@@ -319,7 +324,7 @@ class NvmlBackend:
         try:
             return int(n.nvmlDeviceGetUtilizationRates(h).gpu)
         except n.NVMLError as exc:
-            if getattr(exc, "value", None) == getattr(n, "NVML_ERROR_NOT_SUPPORTED", -1):
+            if exc.value == n.NVML_ERROR_NOT_SUPPORTED:
                 return None
             raise
 
@@ -331,7 +336,7 @@ class NvmlBackend:
             power = int(n.nvmlDeviceGetPowerUsage(h))
             energy = int(n.nvmlDeviceGetTotalEnergyConsumption(h))
             # NVML reports whole degrees C; samples carry millidegrees.
-            temp_c = int(n.nvmlDeviceGetTemperature(h, getattr(n, "NVML_TEMPERATURE_GPU", 0)))
+            temp_c = int(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU))
             util = self._util(h)
             reasons = self._reasons(h)
             enforced = int(n.nvmlDeviceGetEnforcedPowerLimit(h))
@@ -367,13 +372,12 @@ class NvmlBackend:
                               lambda: n.nvmlDeviceGetPersistenceMode(dev.power_handle))
         except GpuNotSupported:
             return None
-        return bool(mode == getattr(n, "NVML_FEATURE_ENABLED", 1))
+        return bool(mode == n.NVML_FEATURE_ENABLED)
 
     def set_persistence_mode(self, index: int, enabled: bool) -> None:
         """`nvidia-smi -pm 1`: keeps the driver loaded, so a cap survives an idle GPU."""
         n, dev = self._nvml, self._handle(index)
-        mode = getattr(n, "NVML_FEATURE_ENABLED" if enabled else "NVML_FEATURE_DISABLED",
-                       int(enabled))
+        mode = n.NVML_FEATURE_ENABLED if enabled else n.NVML_FEATURE_DISABLED
         self._call(index, "set persistence mode",
                    lambda: n.nvmlDeviceSetPersistenceMode(dev.power_handle, mode))
 

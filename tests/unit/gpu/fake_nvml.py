@@ -45,7 +45,7 @@ class FakeDevice:
     temp_c: int = 45
     util: int = 60
     persistence: int = 1
-    mig_slices: list[str] = field(default_factory=list)
+    mig_slices: list[str | None] = field(default_factory=list)  # None: an empty slot
     parent: FakeDevice | None = None
     uuid: str = ""
 
@@ -73,6 +73,7 @@ class FakeNvml:
 
     NVMLError = NVMLError
     NVML_TEMPERATURE_GPU = 0
+    NVML_FEATURE_DISABLED = 0
     NVML_FEATURE_ENABLED = 1
     NVML_DEVICE_MIG_ENABLE = 1
 
@@ -84,7 +85,8 @@ class FakeNvml:
         self.slices: dict[str, FakeDevice] = {}
         for d in devices:
             for s in d.mig_slices:
-                self.slices[s] = d
+                if s is not None:
+                    self.slices[s] = d
         self.fail: dict[str, int] = {}  # function name -> NVML error code it raises
         self.hang: set[str] = set()  # function names that block until `release` is set
         self.release = threading.Event()
@@ -169,9 +171,10 @@ class FakeNvml:
 
     def nvmlDeviceGetMigDeviceHandleByIndex(self, h: FakeDevice, j: int) -> str:
         self._enter("nvmlDeviceGetMigDeviceHandleByIndex")
-        if j >= len(h.mig_slices):
+        slot = h.mig_slices[j] if j < len(h.mig_slices) else None
+        if slot is None:
             raise NVMLError(NVML_ERROR_NOT_FOUND)
-        return h.mig_slices[j]
+        return slot
 
     def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, h: Any) -> FakeDevice:
         self._enter("nvmlDeviceGetDeviceHandleFromMigDeviceHandle")

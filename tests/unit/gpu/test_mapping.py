@@ -20,9 +20,12 @@ from spark_slurm.gpu.sim import SimFleet
 GRES_CONF = """\
 # GPUs on every node, listed out of order on n2
 NodeName=n1 Name=gpu File=/dev/nvidia[0-3]
-NodeName=n2 Name=gpu File=/dev/nvidia[2-3]
-NodeName=n2 Name=gpu File=/dev/nvidia[0,1]
 Name=gpupower Count=5600 Flags=CountOnly
+
+NodeName=n2 Name=gpu File=/dev/nvidia[2-3]  # was File=/dev/nvidia[6-7] # moved
+NodeName=n2 Name=mps Count=100 File=/dev/nvidia4
+NodeName=n2 Name=gpu Type=any Count=1
+NodeName=n2 Name=gpu File=/dev/nvidia[0,1]
 """
 
 
@@ -42,6 +45,8 @@ def test_gres_conf_file_order_decides_the_index(fleet: SimFleet) -> None:
     gpu = open_backend("sim", state_dir=fleet.root, clock=fleet.clock)
     files = gres_conf_device_files(GRES_CONF, node="n2")
     assert files == ["/dev/nvidia2", "/dev/nvidia3", "/dev/nvidia0", "/dev/nvidia1"]
+    assert gres_conf_device_files(GRES_CONF, node="n1") == [f"/dev/nvidia{i}" for i in range(4)]
+    assert len(gres_conf_device_files(GRES_CONF)) == 8  # no node: every gpu line
     # Slurm index 0 on n2 is /dev/nvidia2, which is backend device 3.
     assert map_slurm_indices(gpu, [0, 2], device_files=files) == [3, 2]
     with pytest.raises(GpuNotFound, match=r"beyond gres\.conf's 4 device files"):

@@ -36,14 +36,17 @@ def test_mig_slices_are_distinct_devices_on_their_parent(fake_nvml: FakeNvmlFact
     assert [(d.index, d.minor, d.mig_parent) for d in devs] == [
         (0, 0, None), (1, 1, None), (2, 0, parent), (3, 0, parent)]
     assert devs[2].uuid != devs[3].uuid and devs[2].uuid.startswith("MIG-")
-    assert "MIG" in devs[2].name
+    assert devs[0].name == devs[1].name == "NVIDIA H100 80GB HBM3"
+    assert devs[2].name == "NVIDIA H100 80GB HBM3 MIG 1g.10gb"  # each handle's own name
     assert node.calls("nvmlDeviceGetDeviceHandleFromMigDeviceHandle") == 2
     # Slurm numbers whole GPUs by minor and the slices after them: none collide.
     mapping, missing = slurm_device_map(devs)
     assert mapping == {0: 0, 1: 1, 2: 2, 3: 3} and missing == []
     assert gpu.limits(2) == gpu.limits(0)  # a slice reads its parent's power state
-    with pytest.raises(GpuNotSupported, match=r"MIG slice.*shared by every tenant"):
+    with pytest.raises(GpuNotSupported) as err:
         gpu.set_power_limit(2, 300_000)
+    assert str(err.value) == (f"GPU 2: is a MIG slice; its power limit belongs to parent "
+                              f"{parent}, shared by every tenant")
     assert node.gpu(0, "requested_mw") == 700_000
     assert node.calls("nvmlDeviceSetPowerManagementLimit") == 0
 
@@ -90,6 +93,9 @@ def test_a_lost_gpu_fails_only_its_calls_and_nvml_is_initialised_again(
     with pytest.raises(GpuLost, match="GPU is lost") as err:
         gpu.sample(1)
     assert err.value.index == 1
+    with pytest.raises(GpuLost) as err:
+        gpu.limits(1)
+    assert str(err.value) == "GPU 1: NVML power limits: GPU is lost"
     assert gpu.sample(0).power_mw == 450_000  # the other GPU is untouched
     # The GPU comes back (a reset): handles taken before stay lost, exactly as a real
     # driver's do; only a fresh nvmlInit and enumeration reach it again.
@@ -124,7 +130,7 @@ def test_driver_return_codes_become_typed_errors(fake_nvml: FakeNvmlFactory, cod
     with pytest.raises(error) as err:
         gpu.set_power_limit(0, 500_000)
     assert type(err.value) is error and err.value.index == 0
-    assert "set power limit" in str(err.value)
+    assert str(err.value).startswith("GPU 0: NVML set power limit: ")
     assert node.gpu(0, "requested_mw") == 700_000
 
 
@@ -184,3 +190,59 @@ def test_a_wedged_call_times_out_and_later_calls_work(fake_nvml: FakeNvmlFactory
     node.set(delay_ms__nvmlDeviceGetTemperature=0)
     time.sleep(2)  # the stuck call returns; its worker exits
     assert gpu.limits(0).enforced_mw == 700_000
+
+
+@pytest.mark.parametrize("code", [fk.NOT_SUPPORTED, fk.FUNCTION_NOT_FOUND])
+def test_a_driver_without_clock_event_reasons_falls_back_to_throttle_reasons(
+        fake_nvml: FakeNvmlFactory, code: int) -> None:
+    gpus = h100s(0)
+    gpus[0].reasons = 0x24
+    node, gpu = fake_nvml(gpus)
+    assert gpu.sample(0).reasons == 0x24
+    assert node.calls("nvmlDeviceGetCurrentClocksThrottleReasons") == 0  # the new name first
+    node.set(fail__nvmlDeviceGetCurrentClocksEventReasons=code)  # an older driver
+    assert gpu.sample(0).reasons == 0x24
+    assert node.calls("nvmlDeviceGetCurrentClocksThrottleReasons") == 1
+
+
+@pytest.mark.parametrize(("code", "error"), [(fk.GPU_IS_LOST, GpuLost),
+                                             (fk.NO_PERMISSION, GpuNoPermission)])
+def test_any_other_clock_reasons_failure_fails_the_sample(
+        fake_nvml: FakeNvmlFactory, code: int, error: type[GpuError]) -> None:
+    node, gpu = fake_nvml(h100s(0))
+    node.set(fail__nvmlDeviceGetCurrentClocksEventReasons=code)
+    with pytest.raises(error) as err:
+        gpu.sample(0)
+    assert type(err.value) is error and err.value.index == 0
+    assert str(err.value).startswith("GPU 0: NVML sample: ")
+    assert node.calls("nvmlDeviceGetCurrentClocksThrottleReasons") == 0  # no guess
+
+
+def test_persistence_mode_is_switched_both_ways_on_the_parent_of_a_slice(
+        fake_nvml: FakeNvmlFactory) -> None:
+    node, gpu = fake_nvml(_mig_node())
+    assert gpu.persistence_mode(2) is True  # slice 0 of GPU 0: its parent's mode
+    gpu.set_persistence_mode(0, False)
+    assert node.gpu(0, "persistence") == 0
+    assert gpu.persistence_mode(0) is False and gpu.persistence_mode(3) is False
+    gpu.set_persistence_mode(3, True)  # through a slice: the parent's setting
+    assert node.gpu(0, "persistence") == 1 and node.gpu(1, "persistence") == 1
+    assert gpu.persistence_mode(0) is True
+
+
+def test_persistence_calls_on_a_lost_gpu_name_it_and_recover_with_it(
+        fake_nvml: FakeNvmlFactory) -> None:
+    node, gpu = fake_nvml(h100s(0, 1))
+    node.set_gpu(1, lost=1)
+    with pytest.raises(GpuLost) as err:
+        gpu.persistence_mode(1)
+    assert str(err.value) == "GPU 1: NVML persistence mode: GPU is lost"
+    node.set_gpu(1, lost=0, epoch=1)  # back after a reset: only a re-init reaches it
+    assert gpu.persistence_mode(1) is True
+    node.set_gpu(1, lost=1)
+    with pytest.raises(GpuLost) as err:
+        gpu.set_persistence_mode(1, False)
+    assert str(err.value) == "GPU 1: NVML set persistence mode: GPU is lost"
+    node.set_gpu(1, lost=0, epoch=2)
+    gpu.set_persistence_mode(1, False)
+    assert node.gpu(1, "persistence") == 0

@@ -8,6 +8,11 @@ call forwarded to a real `NvmlBackend` over real pynvml ctypes calls in the chil
 Tests drive the hardware through `FakeNode` (limits, temperatures, lost GPUs,
 MIG, injected NVML return codes), which edits the state file under the same
 flock(2) the library takes on every call.
+
+Under mutmut's stats pass the worker also reports, with each answer, the mutated
+functions it ran since its last answer (`worker_hits`), and `RemoteNvml` adds them
+to this process's hits (`record_worker_hits`), so mutmut maps the test that asked
+to the NVML code the worker executed for it (docs/testing.md, "#### nvml").
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ NOT_SUPPORTED = 3
 NO_PERMISSION = 4
 NOT_FOUND = 6
 DRIVER_NOT_LOADED = 9
+FUNCTION_NOT_FOUND = 13
 GPU_IS_LOST = 15
 UNKNOWN = 999
 
@@ -168,6 +174,41 @@ def _receive(stream: IO[bytes]) -> Any:
     return pickle.loads(stream.read(size))
 
 
+# mutmut's stats pass sets this in the environment, which the worker inherits.
+STATS_PASS = ("MUTANT_UNDER_TEST", "stats")
+
+
+def _stats_pass() -> bool:
+    return os.environ.get(STATS_PASS[0]) == STATS_PASS[1]
+
+
+def worker_hits() -> list[str]:
+    """The worker's side: the functions mutmut recorded here since the last call (then
+    forgotten), or [] outside mutmut's stats pass (mutmut is not even imported).
+
+    mutmut's trampolines record each mutated function they run in this process's
+    `mutmut.state.state()._stats` (mutmut 3.8.1, pinned by the `mutation` extra);
+    its stats plugin reads that set only in the test process, at each test's end.
+    """
+    if not _stats_pass():
+        return []
+    from mutmut.state import state  # noqa: PLC0415 (only under mutmut)
+
+    hits = sorted(state()._stats)
+    state()._stats.clear()
+    return hits
+
+
+def record_worker_hits(hits: list[str]) -> None:
+    """The test side: file the worker's hits as if this process had run them, so
+    mutmut's stats plugin assigns them to the running test at its teardown."""
+    if not hits or not _stats_pass():
+        return
+    from mutmut.state import state  # noqa: PLC0415 (only under mutmut)
+
+    state()._stats.update(hits)
+
+
 def rebuild_error(name: str, message: str, index: int | None) -> errors.GpuError:
     """The typed error the worker raised, as the same class with the same index."""
     cls = getattr(errors, name, errors.GpuError)
@@ -197,7 +238,8 @@ class RemoteNvml:
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
             _send(self._in, (method, args, kwargs))
-            status, value = _receive(self._out)
+            status, value, hits = _receive(self._out)
+        record_worker_hits(hits)
         if status == "error":
             raise rebuild_error(*value)
         if status == "crash":

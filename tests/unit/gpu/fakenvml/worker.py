@@ -3,9 +3,10 @@
 Started with LD_LIBRARY_PATH naming the fake library's directory (or without,
 on a machine with a real driver). `open(as_uid=N)` switches to uid N before NVML
 is initialised, for the tests that must see what a non-root caller gets. Reads
-(method, args, kwargs) frames on stdin, answers ("ok", value), ("error", (class
-name, message, index)) for a typed GpuError, or ("crash", text) for anything
-else, which fails the test.
+(method, args, kwargs) frames on stdin, answers ("ok", value, hits), ("error",
+(class name, message, index), hits) for a typed GpuError, or ("crash", text,
+hits) for anything else, which fails the test. `hits` is [] except under
+mutmut's stats pass: the mutated functions this answer ran (`worker_hits`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from spark_slurm.errors import GpuError
 from spark_slurm.gpu.nvml import NvmlBackend
-from tests.unit.gpu.fakenvml import _receive, _send
+from tests.unit.gpu.fakenvml import _receive, _send, worker_hits
 
 
 def main() -> int:
@@ -53,11 +54,11 @@ def main() -> int:
                 value = getattr(backend, args[0])
             else:
                 value = getattr(backend, method)(*args, **kwargs)
-            _send(out, ("ok", value))
+            _send(out, ("ok", value, worker_hits()))
         except GpuError as exc:
-            _send(out, ("error", (type(exc).__name__, exc.message, exc.index)))
+            _send(out, ("error", (type(exc).__name__, exc.message, exc.index), worker_hits()))
         except Exception:
-            _send(out, ("crash", traceback.format_exc()))
+            _send(out, ("crash", traceback.format_exc(), worker_hits()))
     if backend is not None:
         with contextlib.suppress(GpuError):
             backend.close()
