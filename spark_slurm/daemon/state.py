@@ -112,20 +112,6 @@ def governed_latest(newest_first: Iterable[Any], gpus: Iterable[int]) -> dict[in
     return governed
 
 
-def governing_seqs(newest_first: Iterable[Any]) -> set[int]:
-    """The records `governed_latest` could still need: for each GPU, the newest one
-    that sets its limit. A ledger prune keeps these below its cut, so a start-up after
-    it reads the same governed value for every GPU as before."""
-    seen: set[int] = set()
-    keep: set[int] = set()
-    for record in newest_first:
-        new = {gpu for gpu, _ in limits_set_by(record)} - seen
-        if new:
-            keep.add(record.seq)
-            seen |= new
-    return keep
-
-
 def last_action(ledger: Any, job_id: str) -> Any:
     """The job's newest `cap` or `restore` PER on this ledger, or None: a `restore`
     there means the job's end is already recorded (through the job_id index)."""

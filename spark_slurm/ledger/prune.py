@@ -14,6 +14,7 @@ records that never change (a ledger is append-only below its head).
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
@@ -33,7 +34,6 @@ from spark_slurm.ledger.cut import (
 )
 from spark_slurm.ledger.schema import (
     INGEST_SOURCES,
-    PER_COLUMNS,
     check_file,
     connect,
     read_meta,
@@ -175,18 +175,9 @@ def _kept_seqs(conn: sqlite3.Connection, lo: int, hi: int) -> list[int]:
     """Records of [lo, hi) that stay: KEPT_KINDS, each ingest source's newest, and for
     each GPU the newest record that set its limit (sparkd's start-up reads the limit
     each GPU is governed at from the newest such record: `daemon.state`)."""
-    from spark_slurm.daemon.state import GOVERNING_KINDS, governing_seqs  # noqa: PLC0415
-
     seqs = {int(r[0]) for r in conn.execute(
         f"SELECT seq FROM per WHERE seq >= ? AND seq < ? AND ({_KEPT})", (lo, hi))}  # noqa: S608
-    marks = ",".join("?" * len(GOVERNING_KINDS))
-    rows = conn.execute(f"SELECT {PER_COLUMNS} FROM per WHERE seq >= ? AND seq < ? AND kind"  # noqa: S608
-                        f" IN ({marks}) ORDER BY seq DESC", (lo, hi, *GOVERNING_KINDS))
-    try:
-        seqs |= governing_seqs(row_to_record(r) for r in rows)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LedgerError(f"a record before seq {hi} cannot be read ({exc}): verify the "
-                          "ledger before pruning it") from None
+    seqs |= _governing(conn, lo, hi)
     for source in INGEST_SOURCES:
         row = conn.execute("SELECT value FROM state WHERE key = ?",
                            (f"latest.{source}",)).fetchone()
@@ -194,6 +185,36 @@ def _kept_seqs(conn: sqlite3.Connection, lo: int, hi: int) -> list[int]:
                                          else row[0]) < hi:
             seqs.add(int(bytes(row[0]) if isinstance(row[0], bytes) else row[0]))
     return sorted(seqs)
+
+
+_GPU_REF = re.compile(rb'"(?:index|gpu)":"?(-?\d+)')
+"""Every GPU number a limit-setting record's canonical JSON can name: more than it
+sets, never fewer, so a record naming no GPU not yet settled is skipped unparsed."""
+
+
+def _governing(conn: sqlite3.Connection, lo: int, hi: int) -> set[int]:
+    """Newest first, for each GPU the record that last set its limit (sparkd's own
+    rule, `daemon.state.limits_set_by`)."""
+    from spark_slurm.daemon.state import GOVERNING_KINDS, limits_set_by  # noqa: PLC0415
+
+    marks = ",".join("?" * len(GOVERNING_KINDS))
+    rows = conn.execute("SELECT seq, time_ns, kind, job_id, CAST(body AS BLOB), prev_hash, hash,"  # noqa: S608
+                        f" mac, key_id FROM per WHERE seq >= ? AND seq < ? AND kind IN ({marks})"
+                        " ORDER BY seq DESC", (lo, hi, *GOVERNING_KINDS))
+    settled: set[int] = set()
+    keep: set[int] = set()
+    for row in rows:
+        if {int(n) for n in _GPU_REF.findall(row[4])} <= settled:
+            continue
+        try:
+            new = {gpu for gpu, _ in limits_set_by(row_to_record(row))} - settled
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LedgerError(f"record {row[0]} cannot be read ({exc}): verify the ledger "
+                              "before pruning it") from None
+        if new:
+            keep.add(int(row[0]))
+            settled |= new
+    return keep
 
 
 def _delete(conn: sqlite3.Connection, lo: int, hi: int, kept: list[int]) -> int:
