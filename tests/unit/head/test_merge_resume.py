@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from spark_slurm.head.merge import MergeSummary, merge_ledgers, positions
-from spark_slurm.head.store import open_store
+from spark_slurm.head.store import display_url, open_store
 from spark_slurm.head.witness import witness_file
 from spark_slurm.ledger import Ledger
 from spark_slurm.ledger.checkpoint import origin_for
@@ -171,7 +171,15 @@ def test_workers_report_progress_once_per_source(cluster: Cluster,
                             keys_dir=cluster.trust, progress=calls.append, workers=2)
     assert summary.ok and calls == [1, 1]
     assert pools == ([2] if cluster.kind == "postgresql" else [])
+    with closing(open_store(cluster.db)) as store:
+        assert summary.into == display_url(store.url)
     one = merge_ledgers(cluster.another_store("one"), [str(cluster.n1)],
                         keys_dir=cluster.trust, progress=calls.append, workers=2)
     assert one.ok and calls == [1, 1, 1]
     assert pools == ([2] if cluster.kind == "postgresql" else [])  # one source: no pool
+    asked = merge_ledgers(cluster.another_store("asked"), [str(cluster.n1), str(cluster.n2)],
+                          keys_dir=cluster.trust, workers=1)
+    assert asked.ok and pools == ([2] if cluster.kind == "postgresql" else [])  # as asked
+    keyless = merge_ledgers(cluster.another_store("keyless"), [str(cluster.n1), str(cluster.n2)],
+                            workers=2)  # no --keys: each genesis names its own key
+    assert keyless.ok and keyless.appended == summary.appended
