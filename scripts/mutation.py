@@ -67,8 +67,10 @@ GROUPS: dict[str, Group] = {
     "pipeline": Group(("spark_slurm/daemon/pipeline.py", "spark_slurm/daemon/actuation.py"),
                       DAEMON_TESTS),
     "ledger": Group(("spark_slurm/ledger/*",), ("tests/unit/ledger",)),
-    "merge": Group(("spark_slurm/head/merge.py", "spark_slurm/head/scan.py"),
-                   ("tests/unit/head",)),
+    # node_merge.py decides a source's fate (ROLLBACK, FORK, GAP, what is stored,
+    # where the head moves); merge.py only runs it per source.
+    "merge": Group(("spark_slurm/head/merge.py", "spark_slurm/head/node_merge.py",
+                    "spark_slurm/head/scan.py"), ("tests/unit/head",)),
 }
 
 

@@ -58,10 +58,6 @@ class RawRecord(NamedTuple):
     mac: bytes | None
     key_id: str | None
 
-    def ref_seq(self) -> int | None:
-        """The seq a follow-up record points back to (indexed for audit)."""
-        return ref_seq_of(self.body)
-
 
 def ref_seq_of(body: bytes) -> int | None:
     """`body.ref.seq` of a stored envelope when it is an integer SQLite can hold

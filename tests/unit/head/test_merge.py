@@ -236,8 +236,8 @@ def test_foreign_origin_file_and_record(cluster: Cluster, tmp_path: Path) -> Non
                                        "observed_mw": 2, "cause": "out-of-band",
                                        "action": "record"})
     summary = merge(cluster, cluster.n1, cluster.n2)
-    assert ("FOREIGN_ORIGIN", "n1", receipt.seq) in [(f.code, f.node, f.seq)
-                                                    for f in summary.findings]
+    assert [(f.code, f.node, f.seq, f.detail) for f in summary.findings] == [
+        ("FOREIGN_ORIGIN", "n1", receipt.seq, "record names node 'n2'")]
     assert_healthy_n2(summary)
 
 
@@ -256,7 +256,8 @@ def test_missing_epoch_seal_is_an_epoch_gap(cluster: Cluster, tmp_path: Path) ->
     del rows[seals[1]]
     tamper.rewrite(path, rows, k0)  # a key thief rebuilds chain and MACs, minus one seal
     summary = merge_ledgers(cluster.db, [str(path)], keys_dir=trust, clock=clock)
-    assert ("EPOCH_GAP", "n3", seals[1]) in [(f.code, f.node, f.seq) for f in summary.findings]
+    assert [(f.code, f.node, f.seq, f.detail) for f in summary.findings][:1] == [
+        ("EPOCH_GAP", "n3", seals[1], "epochs 0..1 were never sealed")]
 
 
 def test_unusable_source_is_an_error_not_a_crash(cluster: Cluster) -> None:

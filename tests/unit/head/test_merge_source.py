@@ -164,6 +164,10 @@ def test_unmerged_wal_frames_are_read(tmp_path: Path) -> None:
     (b'{"body":{"ref":{"seq":7}}}', 7),
     (b'{"body":{"ref":{"seq":true}}}', True),
     (b'{"body":{"ref":{"seq":99999999999999999999}}}', None),  # does not fit SQLite
+    (b'{"body":{"ref":{"seq":9223372036854775807}}}', 2**63 - 1),  # the largest that does
+    (b'{"body":{"ref":{"seq":9223372036854775808}}}', None),
+    (b'{"body":{"ref":{"seq":-9223372036854775808}}}', -2**63),
+    (b'{"body":{"ref":{"seq":-9223372036854775809}}}', None),
     (b'{"body":{"ref":{"seq":"7"}}}', None),
     (b'{"body":{"ref":7}}', None),
     (b'{"body":{"ref":', None),
