@@ -330,13 +330,15 @@ def _check_mac(rec: RawRecord, epochs: hmac_epochs.EpochKeys, hid: str | None,
     epoch = parsed[1]
     if epoch < last_epoch:
         return "TAMPERED", f"MAC epoch {epoch} goes back from epoch {last_epoch}", last_epoch
-    if epoch > last_epoch + 1:
-        return "EPOCH_GAP", f"epochs {last_epoch}..{epoch - 1} were never sealed", last_epoch
-    if epoch == last_epoch + 1:
-        sealed = last is not None and last.kind == "key" and _body(last).get("event") == "seal" \
-            and _body(last).get("epoch") == last_epoch
-        if not sealed:
-            return "EPOCH_GAP", f"epoch {last_epoch} ends without its seal record", last_epoch
+    sealed = epoch > last_epoch and last is not None and last.kind == "key" \
+        and _body(last).get("event") == "seal" and _body(last).get("epoch") == last_epoch
+    if epoch > last_epoch + 1:  # name the epochs whose seal is missing, not one sealed
+        first = last_epoch + 1 if sealed else last_epoch
+        missing = f"epoch {first} was" if first == epoch - 1 \
+            else f"epochs {first}..{epoch - 1} were"
+        return "EPOCH_GAP", f"{missing} never sealed", last_epoch
+    if epoch == last_epoch + 1 and not sealed:
+        return "EPOCH_GAP", f"epoch {last_epoch} ends without its seal record", last_epoch
     # hmac.digest is the one-shot C path of hmac_epochs.mac (same HMAC-SHA256 over the hash)
     if hmac.digest(epochs.key(epoch), rec.hash, "sha256") != rec.mac:
         return "TAMPERED", f"MAC does not verify with the epoch {epoch} key", last_epoch
