@@ -6,12 +6,16 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spark_slurm.clock import ManualClock
+from spark_slurm.head.merge import MergeSummary, merge_ledgers
 from spark_slurm.ledger import Ledger
 from spark_slurm.ledger.keys import keygen, load_hmac_key, load_signing_key
 from spark_slurm.policy import Policy, PowerRequest
+
+if TYPE_CHECKING:
+    from tests.unit.head.conftest import Cluster
 
 POLICY = Policy.load(Path(__file__).resolve().parents[3] / "etc" / "policy.yaml")
 POLICY_TEXT = POLICY.text
@@ -140,3 +144,24 @@ def build_node(root: Path, node: str, trust: Path, clock: ManualClock,
         if checkpoint:
             led.checkpoint()
     return path
+
+
+def merge(c: Cluster, *sources: Path | str) -> MergeSummary:
+    """Merge sources into the cluster's store with its trust store and clock."""
+    return merge_ledgers(c.db, [str(s) for s in sources], keys_dir=c.trust, clock=c.clock)
+
+
+def found(summary: MergeSummary) -> list[tuple[str, str, int | None]]:
+    return [(f.code, f.node, f.seq) for f in summary.findings]
+
+
+def k0(c: Cluster) -> bytes:
+    return load_hmac_key(c.root / "keys-n1" / "hmac.key")
+
+
+def more(c: Cluster, path: Path, job: str) -> None:
+    """Node n1 writes one more job to the ledger at `path`."""
+    keys = c.root / "keys-n1"
+    with Ledger.open(path, k0(c), load_signing_key(keys / "node.key"), node="n1",
+                     clock=c.clock) as led:
+        write_job(led, c.clock, "n1", job, [0], {0: 42})

@@ -12,36 +12,17 @@ from typing import Any
 
 import pytest
 
-from spark_slurm.head.merge import MergeSummary, merge_ledgers, positions
+from spark_slurm.head.merge import positions
 from spark_slurm.head.store import open_store
 from spark_slurm.ledger import Ledger
-from spark_slurm.ledger.keys import load_hmac_key, load_signing_key
+from spark_slurm.ledger.keys import load_signing_key
 from spark_slurm.ledger.segment import export_segment
 from tests.unit.head import tamper
-from tests.unit.head.builders import write_job
+from tests.unit.head.builders import found, k0, merge, more, write_job
 from tests.unit.head.conftest import Cluster
 from tests.unit.head.stores import query
 
 pytestmark = pytest.mark.both_stores
-
-
-def merge(c: Cluster, source: Path | str) -> MergeSummary:
-    return merge_ledgers(c.db, [str(source)], keys_dir=c.trust, clock=c.clock)
-
-
-def found(summary: MergeSummary) -> list[tuple[str, str, int | None]]:
-    return [(f.code, f.node, f.seq) for f in summary.findings]
-
-
-def k0(c: Cluster) -> bytes:
-    return load_hmac_key(c.root / "keys-n1" / "hmac.key")
-
-
-def more(c: Cluster, path: Path, job: str) -> None:
-    keys = c.root / "keys-n1"
-    with Ledger.open(path, k0(c), load_signing_key(keys / "node.key"), node="n1",
-                     clock=c.clock) as led:
-        write_job(led, c.clock, "n1", job, [0], {0: 42})
 
 
 def head(c: Cluster) -> int:
