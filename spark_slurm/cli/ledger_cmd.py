@@ -155,7 +155,7 @@ def prune(path: str, *, before: str | None, before_seq: int | None, archive: Pat
                         dry_run=dry_run)
     if as_json:
         echo_json(done.to_json())
-    elif dry_run and not done.why.startswith("dry run"):
+    elif dry_run and done.why:
         click.echo(f"{done.path}: nothing would be pruned: {done.why}")
     elif dry_run:
         click.echo(f"{done.path}: would cut at seq {done.cut}: remove {done.removed} records "

@@ -94,20 +94,19 @@ def prune_ledger(path: str | os.PathLike[str], archive: str | os.PathLike[str], 
             return PruneResult(str(p), previous, previous, 0, 0, None, 0, 0, why)
         if out.exists():
             raise LedgerError(f"{out}: exists; a prune never overwrites an archive")
-        if dry_run:
-            kept = _kept_seqs(conn, previous, cut)
-            checkpoints = conn.execute("SELECT count(*) FROM checkpoint WHERE size < ?",
-                                       (cut,)).fetchone()[0]
-            return PruneResult(str(p), previous, cut, cut - previous - len(kept), len(kept),
-                               None, 0, int(checkpoints), "dry run: nothing written")
-        seg = export_segment(p, out, previous - 1, cut - 1)
-        anchor = _hash_at(conn, cut - 1, p)
-        _check_archive(out, cut - previous, anchor)
-        kept = _kept_seqs(conn, previous, cut)
-        try:
+        try:  # before anything is written: the cut must be stored subtrees
             compact_range(conn, cut)
         except CutProblem as exc:
             raise LedgerError(f"{p}: cannot cut at seq {cut}: {exc.reason}") from None
+        kept = _kept_seqs(conn, previous, cut)
+        if dry_run:
+            checkpoints = conn.execute("SELECT count(*) FROM checkpoint WHERE size < ?",
+                                       (cut,)).fetchone()[0]
+            return PruneResult(str(p), previous, cut, cut - previous - len(kept), len(kept),
+                               None, 0, int(checkpoints))
+        seg = export_segment(p, out, previous - 1, cut - 1)
+        anchor = _hash_at(conn, cut - 1, p)
+        _check_archive(out, cut - previous, anchor)
         tree = ledger_tree(conn, cut)
         proofs = {s: (cut, tree.inclusion_proof(s)) for s in kept}
         now = (clock or SystemClock()).now_ns()
@@ -181,9 +180,10 @@ def _kept_seqs(conn: sqlite3.Connection, lo: int, hi: int) -> list[int]:
     for source in INGEST_SOURCES:
         row = conn.execute("SELECT value FROM state WHERE key = ?",
                            (f"latest.{source}",)).fetchone()
-        if row is not None and lo <= int(bytes(row[0]) if isinstance(row[0], bytes)
-                                         else row[0]) < hi:
-            seqs.add(int(bytes(row[0]) if isinstance(row[0], bytes) else row[0]))
+        if row is not None:
+            seq = int(bytes(row[0]) if isinstance(row[0], bytes) else row[0])
+            if lo <= seq < hi:
+                seqs.add(seq)
     return sorted(seqs)
 
 
