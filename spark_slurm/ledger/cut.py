@@ -162,10 +162,3 @@ def kept_rows(conn: sqlite3.Connection, cut: Cut) -> list[Any]:
         raise CutProblem(gone, f"record {gone}, kept at the cut at seq {cut.seq}, is missing")
     return held
 
-
-def describe(cut: Cut | None) -> dict[str, Any] | None:
-    """The cut for reports (`sparkctl verify --json`, audit)."""
-    if cut is None:
-        return None
-    return {"seq": cut.seq, "time_ns": cut.time_ns, "archives": list(cut.archives),
-            "kept": len(cut.kept)}

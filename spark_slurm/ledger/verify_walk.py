@@ -192,7 +192,7 @@ def walk_below(conn: sqlite3.Connection, w: Walk, cut: Cut) -> tuple[Chain, int,
 
     try:
         compact, count, seen = check_subtrees(conn, cut.seq)
-        roots: dict[int, bytes] = {}
+        roots = {cut.seq: fold(compact)}  # older cuts' roots are read when a proof needs one
         for seq in kept_rows(conn, cut):
             size, proof = cut.kept[seq]
             if size % MIN_ALIGN or not seq < size <= cut.seq:
