@@ -17,6 +17,7 @@ import base64
 import binascii
 import fcntl
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spark_slurm.durable import replace_file
-from spark_slurm.errors import CheckpointInvalid, InputError, WitnessError
+from spark_slurm.errors import CheckpointInvalid, InputError, LedgerError, WitnessError
 from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.scan import follow_rotation
 from spark_slurm.ledger.checkpoint import (
@@ -42,7 +43,8 @@ from spark_slurm.ledger.checkpoint import (
 )
 from spark_slurm.ledger.cut import cut_of
 from spark_slurm.ledger.keys import load_signing_key, private_pem, public_pem
-from spark_slurm.ledger.merkle import consistency_proof, verify_consistency
+from spark_slurm.ledger.merkle import verify_consistency
+from spark_slurm.ledger.reader import LedgerReader
 from spark_slurm.ledger.schema import open_existing
 from spark_slurm.ledger.segment import read_witness_part
 
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 KEY_FILE = "witness.key"
 PUB_FILE = "witness.pub"
 NAME_FILE = "witness.name"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,38 +123,50 @@ def read_proof(path: Path) -> list[bytes]:
     return out
 
 
-def proof_from_ledger(ledger: Path, old_size: int, new_size: int) -> list[bytes]:
-    """Compute the consistency proof between two sizes from a node ledger snapshot."""
-    from spark_slurm.ledger.merkle import leaf_hash  # noqa: PLC0415 (only this path needs it)
-
-    conn, meta = open_existing(ledger)
+def proof_from_ledger(ledger: Path, old_size: int, new_size: int, *,
+                      stored: bool = True) -> list[bytes]:
+    """The consistency proof between two sizes from a node ledger snapshot, read from
+    the subtrees the node keeps: O(log n) row reads however long the ledger, where
+    hashing every record's bytes would cost the 15-minute witness a pass over the
+    whole history each time. `stored=False` hashes the bytes instead (a few blocks
+    of leaves in memory at a time): the witness's second opinion before it calls a
+    failing proof a fork. A pruned ledger answers only from its stored subtrees."""
     try:
-        cut = cut_of(meta, str(ledger))
-        if cut is not None:  # pruned: the proof is read from the stored subtrees
-            return _pruned_proof(conn, ledger, cut.seq, old_size, new_size)
-        rows = conn.execute("SELECT body FROM per WHERE seq < ? ORDER BY seq",
-                            (new_size,)).fetchall()
-    finally:
-        conn.close()
-    if len(rows) < new_size:
-        raise WitnessError(f"{ledger}: holds {len(rows)} records, checkpoint claims {new_size}")
-    return consistency_proof([leaf_hash(bytes(r[0])) for r in rows], old_size)
+        with LedgerReader(ledger) as reader:
+            if reader.size < new_size:
+                raise WitnessError(f"{ledger}: holds {reader.size} records, checkpoint "
+                                   f"claims {new_size}")
+            cut = cut_of(reader.meta, str(ledger))
+            try:
+                return reader.tree(new_size, stored=stored or cut is not None
+                                   ).consistency_proof(old_size)
+            except ValueError as exc:
+                if cut is None:
+                    raise WitnessError(f"{ledger}: {exc}") from None
+                raise WitnessError(f"{ledger}: pruned before seq {cut.seq}: the proof from "
+                                   f"size {old_size} needs records it no longer holds"
+                                   ) from None
+    except LedgerError as exc:
+        raise WitnessError(exc.message) from None
 
 
-def _pruned_proof(conn: sqlite3.Connection, ledger: Path, cut: int, old_size: int,
-                  new_size: int) -> list[bytes]:
-    """A pruned ledger's proof, from its stored subtrees (which `sparkctl verify` checks
-    against its checkpoints): possible when the old size is not inside a removed block."""
-    from spark_slurm.ledger.tree import ledger_tree  # noqa: PLC0415
-
-    size = conn.execute("SELECT max(seq) + 1 FROM per").fetchone()[0]
-    if size is None or size < new_size:
-        raise WitnessError(f"{ledger}: holds records up to {size}, checkpoint claims {new_size}")
-    try:
-        return ledger_tree(conn, new_size).consistency_proof(old_size)
-    except ValueError:
-        raise WitnessError(f"{ledger}: pruned before seq {cut}: the proof from size "
-                           f"{old_size} needs records it no longer holds") from None
+def _consistent(ledger: Path | None, old: Checkpoint, cp: Checkpoint, proof: list[bytes],
+                *, from_ledger: bool) -> bool:
+    """Whether `proof` shows `cp` extends `old`; a proof read from the ledger's stored
+    subtrees that fails is computed again from the records' bytes, so a damaged
+    subtree table (which `sparkctl verify` names) is not taken for a rewritten
+    history. A consistency proof proves itself, wherever it came from."""
+    if verify_consistency(old.size, cp.size, old.root, cp.root, proof):
+        return True
+    if not from_ledger or ledger is None:
+        return False
+    again = proof_from_ledger(ledger, old.size, cp.size, stored=False)
+    if again == proof or not verify_consistency(old.size, cp.size, old.root, cp.root, again):
+        return False
+    log.warning("%s: the stored Merkle subtrees disagree with the records (run sparkctl "
+                "verify on it); the checkpoint is consistent by the records' own bytes",
+                ledger)
+    return True
 
 
 def key_records(ledger: Path, size: int) -> list[tuple[int, bytes]]:
@@ -266,7 +281,8 @@ def witness_checkpoint(state: Path, text: str, keys: KeyRing, proof: list[bytes]
                                        "than the witnessed checkpoint")
                 return WitnessResult(cp.origin, cp.size, old.size, "unchanged", old.text)
             stale = proof is not None and proof_from is not None and proof_from != old.size
-            if (proof is None or stale) and ledger is not None:
+            from_ledger = (proof is None or stale) and ledger is not None
+            if from_ledger and ledger is not None:
                 proof = proof_from_ledger(ledger, old.size, cp.size)
             elif stale:
                 raise WitnessError(f"{cp.origin}: the proof shipped runs from size "
@@ -275,7 +291,7 @@ def witness_checkpoint(state: Path, text: str, keys: KeyRing, proof: list[bytes]
             if proof is None:
                 raise WitnessError(f"{cp.origin}: a consistency proof from size {old.size} "
                                    "is needed (--proof or --ledger)")
-            if not verify_consistency(old.size, cp.size, old.root, cp.root, proof):
+            if not _consistent(ledger, old, cp, proof, from_ledger=from_ledger):
                 raise WitnessError(f"FORK: {cp.origin} size {cp.size} is not consistent with "
                                    f"the witnessed size {old.size}")
         signed = cosign(cp, name, key)

@@ -96,10 +96,12 @@ class LedgerReader:
                            "LIMIT 1", (self.size if max_size is None else max_size,))
         return parse_checkpoint(str(rows[0][0])) if rows else None
 
-    def tree(self, size: int | None = None) -> StoredTree:
-        """The Merkle tree over the first `size` records (all by default)."""
+    def tree(self, size: int | None = None, *, stored: bool = True) -> StoredTree:
+        """The Merkle tree over the first `size` records (all by default); with
+        `stored=False` every subtree is hashed from the records' bytes, not read
+        from the subtrees the writer kept (a second opinion on those)."""
         return ledger_tree(self._conn, self.size if size is None else size,
-                           stored=self.version >= 2)
+                           stored=stored and self.version >= 2)
 
     def inclusion_proof(self, seq: int, size: int) -> list[bytes]:
         """Audit path of record `seq` in the tree of the first `size` records."""
