@@ -80,6 +80,14 @@ def _json_str(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _kind_part(kind: str) -> bytes:
+    return b',"kind":%b,"seq":' % _json_str(kind).encode()
+
+
+def _job_part(job_id: str) -> bytes:
+    return b',"job":%b' % _json_str(job_id).encode()
+
+
 def envelope_tail(kind: str, job_id: str | None) -> bytes:
     """records.envelope_suffix up to and including '"seq":'."""
     job = "null" if job_id is None else _json_str(job_id)
@@ -208,13 +216,47 @@ class Scan:
         move state are collected for `on_special` instead of MAC-checked here. A
         page of plain rows (the usual case) is checked with list operations; any
         page where that does not simply pass is walked row by row."""
+        n = len(rows)
         if self._plain_page(rows):
-            return len(rows)
-        return self._row_by_row(rows)
+            return n
+        # a page that does not pass whole usually holds one row that moves state (a
+        # chunk's first row, an epoch's seal): past it, the rest may pass whole
+        taken, moved = self._row_by_row(rows, stop_after_move=True)
+        if not moved or taken == n:
+            return taken
+        rest = rows[taken:]
+        if self._plain_page(rest):
+            return n
+        return taken + self._row_by_row(rest)[0]
+
+    def _cache_parts(self, rows: Sequence[Any]) -> bool:
+        """Put the envelope parts of the page's kinds and job ids in the caches (a
+        node runs a new job every few records, so most pages bring new ones); False
+        when one has the wrong type, which the row-by-row walk then names."""
+        kinds, jobs = self.kinds, self.jobs
+        new_kinds = {r[2] for r in rows}.difference(kinds)
+        new_jobs = {r[3] for r in rows}.difference(jobs)
+        if not all(type(k) is str for k in new_kinds) \
+                or not all(type(j) is str for j in new_jobs):
+            return False
+        if len(kinds) + len(new_kinds) > CACHE:
+            kinds.clear()
+            new_kinds = {r[2] for r in rows}
+        if len(jobs) + len(new_jobs) > CACHE:
+            jobs.clear()
+            jobs[None] = b',"job":null'
+            new_jobs = {r[3] for r in rows} - {None}
+        for kind in new_kinds:
+            kinds[kind] = _kind_part(kind)
+        for job in new_jobs:
+            jobs[job] = _job_part(job)
+        return True
 
     def _plain_page(self, rows: Sequence[Any]) -> bool:
-        """True when every row is plain and passes: types, envelope tail (from the
-        caches only), no state-moving row, every MAC under the current key."""
+        """True when every row is plain and passes: types, envelope tail, no
+        state-moving row, every MAC under the current key."""
+        if not self._cache_parts(rows):
+            return False
         kinds, jobs = self.kinds, self.jobs
         try:
             if set(map(type, [r[1] for r in rows])) != {int}:
@@ -243,8 +285,11 @@ class Scan:
             self._ingested(rows[i][0], bodies[i])
         return True
 
-    def _row_by_row(self, rows: Sequence[Any]) -> int:
-        """`_fast`, one row at a time (it also fills the envelope caches)."""
+    def _row_by_row(self, rows: Sequence[Any], *, stop_after_move: bool = False
+                    ) -> tuple[int, bool]:
+        """`_fast`, one row at a time (it also fills the envelope caches): how many
+        leading rows pass, and whether it stopped just after a row that moves state
+        (`stop_after_move`)."""
         kinds, jobs = self.kinds, self.jobs
         mark_journal, mark_spool = _MARKS[0][1], _MARKS[1][1]
         fast_key_id, fast_mac = self.fast_key_id, self.fast_mac
@@ -260,7 +305,7 @@ class Scan:
                     break
                 if len(kinds) >= CACHE:
                     kinds.clear()
-                kind_part = kinds[kind] = b',"kind":%b,"seq":' % _json_str(kind).encode()
+                kind_part = kinds[kind] = _kind_part(kind)
             job_part = jobs.get(job_id)
             if job_part is None:
                 if not (job_id is None or type(job_id) is str):
@@ -269,7 +314,7 @@ class Scan:
                     jobs.clear()
                     jobs[None] = b',"job":null'
                 job_part = jobs[job_id] = b',"job":null' if job_id is None \
-                    else b',"job":%b' % _json_str(job_id).encode()
+                    else _job_part(job_id)
             if not body.endswith(b'%b%b%d,"time_ns":%d}' % (job_part, kind_part, seq, time_ns)) \
                     or not body.startswith(b'{"body":'):
                 break
@@ -285,9 +330,12 @@ class Scan:
                     break
                 special.append((seq, kind, body, h, mac, key_id))
                 fast_key_id, fast_mac = self._run_key(kind, seq, key_id)
+                if stop_after_move:
+                    self.fast_key_id, self.fast_mac = fast_key_id, fast_mac
+                    return i + 1, True
             i += 1
         self.fast_key_id, self.fast_mac = fast_key_id, fast_mac
-        return i
+        return i, False
 
     def _ingested(self, seq: int, body: bytes) -> None:
         """A record whose bytes name an ingest source: note it if its body says so."""

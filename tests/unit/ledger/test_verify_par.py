@@ -131,6 +131,9 @@ TAMPERS: dict[str, Callable[[Path, int], None]] = {
     "time": _edit("UPDATE per SET time_ns = time_ns + 1 WHERE seq = ?"),
     "kind": _edit("UPDATE per SET kind = 'zzz' WHERE seq = ?"),
     "job": _edit("UPDATE per SET job_id = 'x' WHERE seq = ?"),
+    # a column of another type: no envelope part may be taken for it
+    "job type": _edit("UPDATE per SET job_id = 7 WHERE seq = ?"),
+    "kind type": _edit("UPDATE per SET kind = CAST(kind AS BLOB) WHERE seq = ?"),
     "text body": _edit("UPDATE per SET body = CAST(body AS TEXT) WHERE seq = ?"),
     "deleted": _edit("DELETE FROM per WHERE seq = ?"),
     "rechained": _forge_rechained,
