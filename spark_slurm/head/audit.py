@@ -22,6 +22,7 @@ from spark_slurm.errors import CheckFailed, UnknownJob
 from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.node_view import NodeLedgerView
 from spark_slurm.head.proofs import Verification, verify_records
+from spark_slurm.head.retention import pruned_from_store
 from spark_slurm.head.store import ClusterReads, body_of, is_cluster_store, open_store
 from spark_slurm.head.tariff import MJ_PER_KWH, Cost, Tariff, price_energy
 from spark_slurm.ledger.records import Record
@@ -391,6 +392,9 @@ def audit_job(db: str | Path, job_id: str, tariff: Tariff | None = None,
                 raise UnknownJob(f"{exc.message} (records before seq {src.cut.seq} were pruned"
                                  f" into {', '.join(src.cut.archives)}: audit the head node's "
                                  "store, or merge the archive into one)") from None
+            notes = src.prunes()
+            if notes:
+                raise UnknownJob(f"{exc.message} ({pruned_from_store(notes)})") from None
             raise
     if plot is not None:
         from spark_slurm.head.plot import plot_job  # noqa: PLC0415 (matplotlib is lazy)

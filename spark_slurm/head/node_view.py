@@ -24,7 +24,7 @@ from spark_slurm.errors import CheckpointError, CheckpointInvalid, LedgerError
 from spark_slurm.head.keyring import KeyRing
 from spark_slurm.head.proofs import MerkleProver, Prover
 from spark_slurm.head.scan import follow_rotation, identify
-from spark_slurm.head.store import Finding, NodeState, StoredCheckpoint, body_of
+from spark_slurm.head.store import Finding, NodeState, PruneNote, StoredCheckpoint, body_of
 from spark_slurm.ledger.chain import continues
 from spark_slurm.ledger.checkpoint import Checkpoint, verify_checkpoint
 from spark_slurm.ledger.cut import cut_of
@@ -119,6 +119,10 @@ class NodeLedgerView:
                            "record")
         _, finding, _ = identify(body, self.keys, None, self.path.stem)
         return finding
+
+    def prunes(self) -> list[PruneNote]:
+        """A node ledger's own cut is `cut` (`sparkctl ledger prune`), not a store prune."""
+        return []
 
     def findings(self, node: str | None = None) -> list[Finding]:
         """What is wrong around what was read: a gap in a seq range the audit looked at

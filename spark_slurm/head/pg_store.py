@@ -17,6 +17,7 @@ behind a long one. psycopg (the `postgres` extra) is imported only here.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,9 +34,11 @@ from spark_slurm.head.store import (
     Advance,
     Finding,
     NodeState,
+    PruneNote,
     RowCheck,
     StoredCheckpoint,
     display_url,
+    parse_prunes,
 )
 from spark_slurm.ledger.records import Record
 
@@ -201,6 +204,10 @@ class PgReads:
             rows = self._all("SELECT code, node, seq, detail FROM findings WHERE node=%s"
                              " ORDER BY id", (node,))
         return [Finding(*r) for r in rows]
+
+    def prunes(self) -> list[PruneNote]:
+        row = self._one("SELECT value FROM head_meta WHERE key='prunes'")
+        return parse_prunes(row[0] if row else None)
 
     def latest_checkpoint(self, node_id: int, max_size: int) -> StoredCheckpoint | None:
         row = self._one(_CP + "WHERE c.node_id=%s AND c.size <= %s"
@@ -449,6 +456,11 @@ class PgMaintenance(PgReads):
         """Retention proper: each partition wholly before the cut is dropped."""
         for name in partitions:
             self._exec(f'DROP TABLE "{name}"')
+
+    def note_prune(self, note: PruneNote) -> None:
+        self._exec("INSERT INTO head_meta VALUES ('prunes', %s) ON CONFLICT (key) DO UPDATE"
+                   " SET value = excluded.value",
+                   (json.dumps([n.to_json() for n in [*self.prunes(), note]]),))
 
 
 class PgStore(PgReads):

@@ -18,6 +18,7 @@ checkpoints, subtrees, leaves and findings that prove them: `sparkctl audit JOBI
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 from spark_slurm.errors import HeadDbError
 from spark_slurm.head.proofs import node_tree
 from spark_slurm.head.sqlite_store import SqliteStore, signers_text
-from spark_slurm.head.store import Maintenance, NodeState, display_url, open_store
+from spark_slurm.head.store import Maintenance, NodeState, PruneNote, display_url, open_store
 from spark_slurm.ledger.chain import SUBTREE_LEVEL
 
 BLOCK = 1 << SUBTREE_LEVEL
@@ -65,6 +66,17 @@ class PruneReport:
                 "nodes": [n.to_json() for n in self.nodes]}
 
 
+def pruned_from_store(notes: list[PruneNote]) -> str:
+    """Where an old job's records went: the newest cut, and every archive written."""
+    newest = max(n.before_ns for n in notes)
+    when = dt.datetime.fromtimestamp(newest // 10**9, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    archives = list(dict.fromkeys(n.archive for n in notes if n.archive is not None))
+    if not archives:
+        return f"records before {when} were pruned from this store without an archive"
+    return (f"records before {when} were pruned from this store; archived in "
+            f"{', '.join(archives)}: sparkctl audit JOBID --db ARCHIVE")
+
+
 def prune(db: str | Path, before_ns: int, archive: Path | None = None) -> PruneReport:
     """Remove every node's records before `before_ns` (see the module docstring)."""
     with closing(open_store(db)) as store, store.maintenance() as m:
@@ -86,6 +98,8 @@ def prune(db: str | Path, before_ns: int, archive: Path | None = None) -> PruneR
                 removed = m.set_cut(state, first, anchor, leaves)
                 report.nodes.append(NodeCut(state.name, first, removed, archived))
             m.drop(partitions)
+            if report.removed or partitions:
+                m.note_prune(PruneNote(before_ns, report.archive))
             if out is not None:
                 out.conn.execute("COMMIT")
         except BaseException:

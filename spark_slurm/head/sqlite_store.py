@@ -34,8 +34,10 @@ from spark_slurm.head.store import (
     Advance,
     Finding,
     NodeState,
+    PruneNote,
     RowCheck,
     StoredCheckpoint,
+    parse_prunes,
 )
 from spark_slurm.ledger.records import Record
 
@@ -234,6 +236,10 @@ class SqliteReads:
             sql += " WHERE node=?"
             args = (node,)
         return [Finding(*r) for r in self.conn.execute(sql + " ORDER BY id", args)]
+
+    def prunes(self) -> list[PruneNote]:
+        row = self.conn.execute("SELECT value FROM head_meta WHERE key='prunes'").fetchone()
+        return parse_prunes(row[0] if row else None)
 
     def latest_checkpoint(self, node_id: int, max_size: int) -> StoredCheckpoint | None:
         """The largest checkpoint of a node covering only merged records (witnessed
@@ -570,6 +576,11 @@ class SqliteMaintenance(SqliteReads):
 
     def drop(self, partitions: Sequence[str]) -> None:
         """Nothing to drop in one file (freed pages are reused; VACUUM shrinks it)."""
+
+    def note_prune(self, note: PruneNote) -> None:
+        self.conn.execute("INSERT INTO head_meta VALUES ('prunes', ?) ON CONFLICT (key) DO"
+                          " UPDATE SET value = excluded.value",
+                          (json.dumps([n.to_json() for n in [*self.prunes(), note]]),))
 
 
 def maintenance(store: SqliteStore) -> Any:

@@ -71,6 +71,28 @@ class NodeState:
 
 
 @dataclass(frozen=True, slots=True)
+class PruneNote:
+    """One `sparkctl prune` the store remembers (head_meta `prunes`), so an audit of
+    a job it removed can say so and name the archive instead of "no records"."""
+
+    before_ns: int
+    archive: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"before_ns": self.before_ns, "archive": self.archive}
+
+
+def parse_prunes(text: str | None) -> list[PruneNote]:
+    """head_meta's `prunes` value; a value this release did not write reads as none."""
+    try:
+        items = json.loads(text) if text else []
+        return [PruneNote(int(i["before_ns"]), None if i.get("archive") is None
+                          else str(i["archive"])) for i in items]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return []
+
+
+@dataclass(frozen=True, slots=True)
 class StoredCheckpoint:
     node: str
     size: int
@@ -152,6 +174,10 @@ class ClusterReads(Protocol):
                         ) -> Iterator[Record]: ...
 
     def findings(self, node: str | None = None) -> list[Finding]: ...
+
+    def prunes(self) -> list[PruneNote]:
+        """The prunes this store went through, oldest first."""
+        ...
 
     def latest_checkpoint(self, node_id: int, max_size: int) -> StoredCheckpoint | None: ...
 
@@ -238,6 +264,10 @@ class Maintenance(ClusterReads, Protocol):
         ...
 
     def drop(self, partitions: Sequence[str]) -> None: ...
+
+    def note_prune(self, note: PruneNote) -> None:
+        """Remember a prune (in the same transaction as its removals)."""
+        ...
 
 
 class ClusterStore(ClusterReads, Protocol):

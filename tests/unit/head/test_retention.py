@@ -22,7 +22,7 @@ from spark_slurm.errors import UnknownJob
 from spark_slurm.head.audit import audit_job
 from spark_slurm.head.merge import merge_ledgers
 from spark_slurm.head.retention import prune
-from spark_slurm.head.store import open_store
+from spark_slurm.head.store import PruneNote, open_store
 from spark_slurm.ledger import Ledger
 from tests.unit.head import tamper
 from tests.unit.head.builders import POLICY, NodeKeys, make_keys, write_job
@@ -101,8 +101,10 @@ def test_what_is_kept_still_verifies_and_merges_on(months: Months) -> None:
         assert audit.ok, audit.problems
         assert {e.verification.proof for e in audit.timeline} == {"ok"}
         assert all(e.verification.chain == "ok" for e in audit.timeline)
-    with pytest.raises(UnknownJob, match="no records"):
+    with pytest.raises(UnknownJob, match="no records") as gone:
         audit_job(months.db, "m0")
+    assert "records before 2025-03-01T00:00:00Z were pruned from this store without an " \
+        "archive" in gone.value.message
     # the first kept record links to the anchor: change it and that link fails
     zero = "decode(repeat('00', 32), 'hex')" if months.db.startswith("postgres") \
         else "zeroblob(32)"
@@ -140,6 +142,29 @@ def test_pruned_jobs_are_audited_from_the_archive(months: Months, tmp_path: Path
         assert report.ok, report.problems
         assert {e.node for e in report.timeline} == {"r1", "r2"}
     assert audit_job(months.db, "m3", keys_dir=months.trust).ok
+    # the store names where a pruned job went; a job that never was is only unknown
+    with pytest.raises(UnknownJob) as gone:
+        audit_job(months.db, "m1")
+    assert gone.value.message.endswith(
+        f"(records before 2025-03-01T00:00:00Z were pruned from this store; archived in "
+        f"{archive}: sparkctl audit JOBID --db ARCHIVE)")
+    assert [n.archive for n in _prunes(months.db)] == [str(archive), str(archive)]
+    with pytest.raises(UnknownJob) as never:
+        audit_job(archive, "m9")
+    assert never.value.message == f"job m9: no records in {archive}"
+
+
+def _prunes(db: str) -> list[PruneNote]:
+    with closing(open_store(db)) as store:
+        return store.prunes()
+
+
+def test_a_store_never_pruned_says_only_no_records(months: Months) -> None:
+    with pytest.raises(UnknownJob) as err:
+        audit_job(months.db, "m9")
+    assert err.value.message == f"job m9: no records in {months.db}"
+    assert prune(months.db, START).removed == 0  # nothing that old: no prune to remember
+    assert _prunes(months.db) == []
 
 
 def test_the_head_is_kept_even_when_every_record_is_old(months: Months) -> None:
