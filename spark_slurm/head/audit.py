@@ -390,7 +390,7 @@ def audit_job(db: str | Path, job_id: str, tariff: Tariff | None = None,
         except UnknownJob as exc:
             if isinstance(src, NodeLedgerView) and src.cut is not None:
                 raise UnknownJob(f"{exc.message} (records before seq {src.cut.seq} were pruned"
-                                 f" into {', '.join(src.cut.archives)}: audit the head node's "
+                                 f" into {src.cut.archive_list}: audit the head node's "
                                  "store, or merge the archive into one)") from None
             notes = src.prunes()
             if notes:

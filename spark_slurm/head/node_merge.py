@@ -44,7 +44,7 @@ from spark_slurm.head.store import (
     StoredCheckpoint,
 )
 from spark_slurm.ledger.chain import GENESIS_PREV, Chain, leaf_hash
-from spark_slurm.ledger.cut import cut_of
+from spark_slurm.ledger.cut import NO_ARCHIVE, cut_of
 from spark_slurm.ledger.keys import public_from_raw, public_raw
 
 SAME_SEQ = "same seq, different record than the one merged earlier (both kept)"
@@ -239,9 +239,9 @@ def _no_genesis(src: Source, name: str) -> Finding:
 def _pruned(src: Source, held: str) -> str:
     """A pruned node ledger that starts after what the head node holds."""
     cut = cut_of(src.meta, src.name)
-    archives = list(cut.archives) if cut is not None and cut.archives else ["its archive"]
+    archives = cut.archive_list if cut is not None else NO_ARCHIVE
     return (f"{held}, and this node ledger was pruned before seq {src.after + 1}: merge "
-            f"{', '.join(archives)} first (sparkctl ledger prune wrote them)")
+            f"{archives} first (sparkctl ledger prune wrote them)")
 
 
 def _resumed(ident: Identity, held: NodeState) -> Identity:

@@ -36,6 +36,8 @@ MIN_ALIGN = 1 << SUBTREE_LEVEL
 KEPT_KINDS = ("genesis", "key", "policy", "reconcile")
 """Kept below a cut: who the node is and its keys (signing-key rotations, HMAC
 epoch seals: the verifier follows them), and what sparkd looks up at start-up."""
+NO_ARCHIVE = "its archive (not recorded)"
+"""How a message names the archive of a cut that lists none."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class Cut:
     time_ns: int
     archives: tuple[str, ...] = ()
     kept: dict[int, tuple[int, list[bytes]]] = field(default_factory=dict)
+
+    @property
+    def archive_list(self) -> str:
+        """The archives, as every message that sends a reader to them names them."""
+        return ", ".join(self.archives) or NO_ARCHIVE
 
     def to_text(self) -> str:
         return json.dumps({"seq": self.seq, "time_ns": self.time_ns,

@@ -128,7 +128,7 @@ def export_segment(ledger: str | os.PathLike[str], out: str | os.PathLike[str] |
     if cut is not None and after + 1 < cut.seq:
         conn.close()
         raise LedgerError(f"{ledger}: records before seq {cut.seq} were pruned (archived in "
-                          f"{', '.join(cut.archives) or 'an archive'}): export --after "
+                          f"{cut.archive_list}): export --after "
                           f"{cut.seq - 1} or later")
     try:
         fd, name = tempfile.mkstemp(prefix=".segment-", suffix=".db", dir=folder)
