@@ -64,8 +64,13 @@ GROUPS: dict[str, Group] = {
                          tuple(f"tests/unit/daemon/test_{name}.py" for name in (
                              "monitor_causes", "monitor_drift", "monitor_pass",
                              "monitor_period", "monitor_thermal", "nvml_actuation"))),
+    # The files that build a Pipeline or an Actuator (test_state: energy_between);
+    # the monitor's other files reach the actuator only as test_monitor_causes does.
     "pipeline": Group(("spark_slurm/daemon/pipeline.py", "spark_slurm/daemon/actuation.py"),
-                      DAEMON_TESTS),
+                      tuple(f"tests/unit/daemon/test_{name}.py" for name in (
+                          "pipeline", "pipeline_record", "pipeline_restore", "pipeline_undo",
+                          "actuation", "executors", "nvml_actuation", "state",
+                          "monitor_causes"))),
     "ledger": Group(("spark_slurm/ledger/*",), ("tests/unit/ledger",)),
     # node_merge.py decides a source's fate (ROLLBACK, FORK, GAP, what is stored,
     # where the head moves); merge.py only runs it per source.

@@ -179,17 +179,17 @@ class Actuator:
             self.gpu.set_power_limit(idx, mw)
         except GpuError as exc:
             entry["error"] = error_text(exc)
-        verdict = "mismatch"
         try:
             limits = self.gpu.limits(idx)
         except GpuError as exc:
-            entry.setdefault("error", error_text(exc))
-        else:
-            entry["readback_mw"] = limits.enforced_mw
-            verdict = judge_readback(mw, limits, self.tolerance_mw)
-            if verdict != "exact":
-                entry["readback"] = verdict
-                entry["requested_readback_mw"] = limits.requested_mw
+            entry.setdefault("error", error_text(exc))  # a failed set's error comes first
+            entry["ok"] = False
+            return entry
+        entry["readback_mw"] = limits.enforced_mw
+        verdict = judge_readback(mw, limits, self.tolerance_mw)
+        if verdict != "exact":
+            entry["readback"] = verdict
+            entry["requested_readback_mw"] = limits.requested_mw
         entry["ok"] = "error" not in entry and verdict != "mismatch"
         return entry
 

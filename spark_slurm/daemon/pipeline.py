@@ -27,7 +27,7 @@ from spark_slurm.daemon.requests import Request
 from spark_slurm.daemon.state import IntentStore, JobState, NodeState
 from spark_slurm.daemon.writer import LedgerWriter
 from spark_slurm.errors import GpuError
-from spark_slurm.policy.model import PowerRequest
+from spark_slurm.policy.model import Decision, PowerRequest
 
 if TYPE_CHECKING:
     from spark_slurm.daemon.executors import ExecutorGate
@@ -58,15 +58,10 @@ class Refusal(Exception):
         self.context = context
 
 
-def _settings(policy: PolicyLike, name: str, default: Any) -> Any:
-    return getattr(policy.settings, name, default)
-
-
-def _decision_body(decision: Any, sha: str) -> dict[str, Any]:
-    body = {"action": decision.action, "rule": decision.rule, "reason": decision.reason,
-            "requested_mw": decision.requested_mw, "granted_mw": decision.granted_mw,
-            "policy_sha256": getattr(decision, "policy_sha256", "") or sha}
-    if getattr(decision, "injected", False):
+def _decision_body(decision: Decision) -> dict[str, Any]:
+    """The PER's `decision`; `injected` only when the policy filled in its default."""
+    body = decision.to_body()
+    if decision.injected:
         body["injected"] = True
     return body
 
@@ -185,11 +180,10 @@ class Pipeline:
                 role: str, current: int | None) -> dict[str, Any]:
         policy = self.policy()
         hw_min, hw_max = self.actuator.hw_range(gpus)
-        decision = policy.evaluate(PowerRequest(
+        return _decision_body(policy.evaluate(PowerRequest(
             op=op, gpus=len(gpus), requested_mw_per_gpu=per_gpu, account=facts.account,
             partition=facts.partition, qos=facts.qos, workload_class=facts.workload_class,
-            role=role, current_mw=current, hw_min_mw=hw_min or None, hw_max_mw=hw_max or None))
-        return _decision_body(decision, policy.sha256)
+            role=role, current_mw=current, hw_min_mw=hw_min or None, hw_max_mw=hw_max or None)))
 
     def _commit_action(self, kind: str, body: dict[str, Any], gpus: list[int],
                        submitted: Callable[[Future[ReceiptLike]], None] | None = None
@@ -203,9 +197,8 @@ class Pipeline:
             receipt = future.result(timeout=60)
         finally:
             self.lock.acquire()
-        if self.follow_up is not None:
-            self.follow_up(kind, receipt, gpus, int(body.get("changed_ns", 0)),
-                           body.get("job_id"))
+        if self.follow_up is not None:  # every cap and restore names its job and time
+            self.follow_up(kind, receipt, gpus, body["changed_ns"], body["job_id"])
         return receipt
 
     def _mismatch_faults(self, entries: list[dict[str, Any]], job_id: str) -> None:
@@ -220,20 +213,27 @@ class Pipeline:
                              f"{e['readback_mw']} mW", "expected_mw": e["intended_mw"],
                     "enforced_mw": e["readback_mw"], "source": "automation"})
 
-    def _undo(self, gpus: list[int], governed: dict[int, int | None],
+    def _undo(self, entries: list[dict[str, Any]], governed: dict[int, int | None],
               jobs: dict[str, JobState]) -> None:
         """Put GPUs and jobs back as they were when a change's PER could not be
-        committed (a full disk): an action without its PER would be unprovable."""
-        for g in gpus:
-            mw = governed.get(g)
-            if mw is None or self.external(g):  # an executor's GPU: sparkd set nothing
+        committed (a full disk): an action without its PER would be unprovable. A GPU
+        not governed yet (start-up could not read it) goes back to the limit it had."""
+        for e in entries:
+            g = e["index"]
+            if self.external(g):  # an executor's GPU: sparkd set nothing
                 continue
-            entry = self.actuator.apply(g, self.state.target(g, mw))
-            if "error" in entry:
-                log.error("GPU %s: could not roll back to %s mW: %s", g, mw, entry["error"])
-            self.state.governed[g] = mw
+            was = governed.get(g)
+            mw = was if was is not None else e["before"].get("enforced_mw")
+            if mw is not None:
+                entry = self.actuator.apply(g, self.state.target(g, mw))
+                if "error" in entry:
+                    log.error("GPU %s: could not roll back to %s mW: %s", g, mw, entry["error"])
+            if was is None:
+                self.state.governed.pop(g, None)
+            else:
+                self.state.governed[g] = was
         self.state.jobs = jobs
-        log.warning("GPUs %s put back to %s: the change could not be recorded", gpus, governed)
+        log.warning("GPUs put back to %s: the change could not be recorded", governed)
 
     def _already_restored(self, job_id: str) -> None:
         """Refuse an epilog for a job whose end is recorded: one restore PER per job end."""
@@ -325,7 +325,7 @@ class Pipeline:
             try:
                 receipt = self._commit_action("cap", body, gpus, attach)
             except Exception:
-                self._undo(gpus, governed_before, jobs_before)
+                self._undo(entries, governed_before, jobs_before)
                 if job.job_id not in jobs_before:
                     with contextlib.suppress(OSError):
                         self.intents.end(job.job_id)
@@ -372,8 +372,8 @@ class Pipeline:
         def restore_one(g: int) -> dict[str, Any]:
             before, enforced, err = self.actuator.before(g)
             mw = targets[g] if targets[g] is not None else enforced
-            if mw is None:
-                return {"index": g, "error": err or "no restore target"}
+            if mw is None:  # not governed, and no limit read: `before` failed
+                return {"index": g, "error": err}
             if self.external(g):  # the executor restores it; sparkd expects and checks
                 entry = self._expected(g, mw, enforced)
                 if job is None:
@@ -402,7 +402,7 @@ class Pipeline:
         body.update({"op": "epilog", "context": context, "gpus": entries,
                      "energy_mj": total, "energy_known": job is not None,
                      "changed_ns": changed_ns,
-                     "paths": _paths(_telemetry_status(entries) if entries else "ok",
+                     "paths": _paths(_telemetry_status(entries),  # no GPUs: "ok"
                                      "ok" if job is not None else "partial", "allow")})
         if notes:
             body["notes"] = notes
@@ -411,7 +411,7 @@ class Pipeline:
         receipt = self._commit_action("restore", body, list(targets), attach)
         if job is not None:
             jobs = dict(self.state.jobs)
-            jobs.pop(request.job_id, None)
+            del jobs[request.job_id]  # still there: `ending` keeps other epilogs away
             self.state.jobs = jobs
             try:
                 self.intents.end(request.job_id)  # only once the restore is durable
@@ -480,7 +480,7 @@ class Pipeline:
                 receipt = self._commit_action("cap", body, job.gpus)
             except Exception:
                 job.granted_mw = granted_before
-                self._undo(job.gpus, governed_before, self.state.jobs)
+                self._undo(entries, governed_before, self.state.jobs)
                 raise
         return self.reply(request, receipt, decision, entries)
 

@@ -22,6 +22,7 @@ from spark_slurm.errors import BadRequest, ConfigError
 from spark_slurm.gpu.backend import DeviceInfo, PowerLimits, Sample
 from spark_slurm.ledger import Ledger
 from spark_slurm.policy import Policy
+from tests.unit.daemon.test_pipeline_record import Failing
 
 BASE = "node: n1\nstate_dir: s\ngpu: {backend: sim, state_dir: sim}\npolicy: p.yaml\n"
 POLICY = """\
@@ -259,3 +260,77 @@ def test_an_intent_for_a_gpu_the_named_job_does_not_hold_is_denied(world: World)
         world.intent([1], 400, job="7")
     with pytest.raises(Refusal, match="GPU 0 is held by job 7"):
         world.intent([0], 400, job="8")
+
+
+def test_a_prolog_and_epilog_expect_the_executor_on_its_gpus_and_set_the_rest(
+        world: World) -> None:
+    prolog = request_from({"op": "prolog", "job_id": "7", "uid": 1000, "user": "alice",
+                           "gpus": [0, 3], "watts": 800})
+    reply = world.pipeline.prolog(prolog, ROOT, Origin())
+    (intent,) = world.gate.pending.values()
+    assert (intent.source, intent.job_id, intent.targets) == ("prolog", "7", {0: 400_000})
+    assert intent.decision == reply["decision"]
+    assert reply["gpus"] == [
+        {"index": 0, "expected_mw": 400_000, "enforced_mw": 700_000, "executor": "external",
+         "intent": intent.id},
+        {"index": 3, "intended_mw": 400_000, "readback_mw": 400_000, "ok": True}]
+    assert world.gpus.sets == [(3, 400_000)]  # GPU 0 is the executor's
+    (cap,) = [r.body for r in world.ledger.records(kinds=["cap"])]
+    expected = dict(cap["gpus"][0])
+    assert expected.pop("before")["enforced_mw"] == 700_000
+    assert expected == {"index": 0, "uuid": "GPU-0", "expected_mw": 400_000,
+                        "enforced_mw": 700_000, "previous_mw": 700_000,
+                        "executor": "external", "intent": intent.id}
+    assert cap["expectation"]["gpus"] == [0] and cap["paths"]["telemetry"] == "ok"
+    world.gpus.limit[0] = 400_000
+    world.tick()
+    assert world.verdicts() == [("validated", [0])]
+    epilog = world.pipeline.epilog(request_from({"op": "epilog", "job_id": "7"}), ROOT,
+                                   Origin())
+    (back,) = world.gate.pending.values()
+    assert (back.source, back.job_id, back.targets, back.decision) == (
+        "epilog", "7", {0: 700_000}, {})
+    assert epilog["gpus"][0] == {"index": 0, "expected_mw": 700_000, "enforced_mw": 400_000,
+                                 "executor": "external", "intent": back.id}
+    assert world.gpus.sets == [(3, 400_000), (3, 700_000)]
+    world.gpus.limit[0] = 700_000
+    world.tick()
+    assert world.verdicts() == [("validated", [0]), ("validated", [0])]
+    changes = list(world.ledger.records(kinds=["cap", "restore"]))
+    verdicts = [r.body for r in world.ledger.records(kinds=["executor"])]
+    assert [v["ref"] for v in verdicts] == [{"seq": r.seq, "hash": r.hash} for r in changes]
+
+
+def test_only_gpus_left_to_the_executor_make_an_expectation(world: World) -> None:
+    world.pipeline.prolog(request_from({"op": "prolog", "job_id": "7", "gpus": [3],
+                                        "watts": 400}), ROOT, Origin())
+    (cap,) = [r.body for r in world.ledger.records(kinds=["cap"])]
+    assert "expectation" not in cap and world.gate.pending == {}
+    reply = world.pipeline.epilog(request_from({"op": "epilog", "job_id": "9", "gpus": [1]}),
+                                  ROOT, Origin())
+    assert reply["gpus"] == [{"index": 1, "governed_mw": 700_000, "enforced_mw": 700_000}]
+    assert world.gate.pending == {}  # a job sparkd never capped: checked, not expected
+    assert world.pipeline.cap(request_from({"op": "cap", "job_id": "7", "watts": 300}), ROOT,
+                              Origin())["ok"]  # GPU 3 is sparkd's to set
+    world.pipeline.prolog(request_from({"op": "prolog", "job_id": "8", "gpus": [1, 2],
+                                        "watts": 800}), ROOT, Origin())
+    with pytest.raises(Refusal) as err:
+        world.pipeline.cap(request_from({"op": "cap", "job_id": "8", "watts": 300}), ROOT,
+                           Origin())
+    assert (err.value.code, err.value.reason) == (
+        "denied", "GPU(s) [1, 2] of job 8 are validate-only on node n1: an external executor "
+        "sets their limits (it announces each change with `sparkctl intent`)")
+
+
+def test_a_prolog_that_cannot_be_recorded_never_sets_the_executors_gpu(world: World) -> None:
+    failing = Failing(world.ledger)
+    failing.refuse.add("cap")
+    failing.start()
+    world.writer.stop()
+    world.pipeline.writer = world.writer = failing
+    prolog = request_from({"op": "prolog", "job_id": "7", "gpus": [0, 3], "watts": 800})
+    with pytest.raises(OSError, match="No space left"):
+        world.pipeline.prolog(prolog, ROOT, Origin())
+    assert world.gpus.sets == [(3, 400_000), (3, 700_000)]  # GPU 3 put back, 0 never set
+    assert world.pipeline.state.governed == dict.fromkeys(range(4), 700_000)
+    assert world.pipeline.state.jobs == {}
