@@ -14,6 +14,7 @@ from spark_slurm.head.merge import positions
 from spark_slurm.head.store import open_store
 from spark_slurm.ledger import Ledger
 from spark_slurm.ledger.keys import load_signing_key
+from spark_slurm.ledger.prune import prune_ledger
 from spark_slurm.ledger.segment import export_segment
 from tests.unit.head import tamper
 from tests.unit.head.builders import build_node, k0, merge, more
@@ -131,3 +132,34 @@ def more_job(c: Cluster, job: str) -> None:
     with Ledger.open(c.n1, k0(c), load_signing_key(keys / "node.key"), node="n1",
                      clock=c.clock) as led:
         led.append("cap", {"v": 1, "node": "n1", "job_id": job, "power_mw": 1000})
+
+
+def test_a_source_starting_past_the_held_head_is_a_gap_naming_what_to_merge(
+        cluster: Cluster) -> None:
+    """A segment exported after seq 5 onto a head held at 0; a pruned ledger onto a
+    store holding nothing, then onto the held genesis: each names the missing seqs
+    and what to merge first."""
+    with Ledger.open(cluster.n1, k0(cluster),
+                     load_signing_key(cluster.root / "keys-n1" / "node.key"), node="n1",
+                     clock=cluster.clock) as led:
+        led.append_many([("cap", {"v": 1, "node": "n1", "job_id": str(i)})
+                         for i in range(led.size, 300)])
+    pruned = cluster.root / "pruned.db"
+    shutil.copy(cluster.n1, pruned)
+    cut = prune_ledger(pruned, cluster.root / "a1.seg", before_seq=256, align=256).cut
+    assert cut == 256
+    tail = "and this node ledger was pruned before seq {}: merge {} first (sparkctl ledger " \
+        "prune wrote them)".format(cut, "a1.seg")
+
+    def gap(source: Path | str) -> list[tuple[str, str, int | None, str]]:
+        summary = merge(cluster, source)
+        assert summary.appended == 0
+        return [(f.code, f.node, f.seq, f.detail) for f in summary.findings]
+
+    assert gap(pruned) == [("GAP", "n1", 0, f"the head node holds nothing of node 'n1', {tail}")]
+    genesis_only(cluster)
+    assert gap(pruned) == [("GAP", "n1", 1, f"the head node holds up to seq 0, {tail}")]
+    seg = export_segment(cluster.n1, cluster.root / "n1.seg", 5).path
+    assert gap(seg) == [("GAP", "n1", 1, "the head node holds up to seq 0, this segment starts "
+                         "at seq 6: seqs 1..5 are missing (export --after 0)")]
+    assert head(cluster) == 0

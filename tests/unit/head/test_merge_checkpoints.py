@@ -148,3 +148,16 @@ def test_an_unreadable_checkpoint_does_not_hide_the_next_one(cluster: Cluster) -
     with closing(open_store(cluster.db)) as store:
         kept = query(store, "SELECT text FROM checkpoints ORDER BY size")
     assert [t for (t,) in kept] == texts[1:]
+
+
+def test_a_ledger_cut_back_to_the_held_head_below_its_own_checkpoint_is_a_rollback(
+        cluster: Cluster) -> None:
+    """The head node holds all of n1; n1 then wrote more and checkpointed them, and
+    was cut back to exactly what the head node holds: its own checkpoint says more."""
+    size = len(tamper.rows(cluster.n1))
+    assert merge(cluster, cluster.n1).ok
+    _, second = checkpointed_twice(cluster)
+    tamper.sql(cluster.n1, "DELETE FROM per WHERE seq >= ?", (size,))
+    assert exact(cluster) == ([
+        ("ROLLBACK", "n1", size, f"ledger holds {size} records but its own checkpoint says "
+         f"{second}")], size - 1)
