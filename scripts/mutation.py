@@ -18,6 +18,26 @@ policy is 644 mutants in about 17 minutes.
     python scripts/mutation.py --survivors   the issue's hand-made survivors, each
                                              applied and shown killed
 
+Two options narrow a run of a big group, for a first pass on two cores:
+
+    --only PATTERN   run only the group's mutants whose name matches PATTERN
+                     (fnmatch, repeatable), as `mutmut run PATTERN...` takes them.
+                     Names are `spark_slurm.head.scan.x__check__mutmut_7` and, for
+                     a method, `spark_slurm.head.scan.xǁChainScanǁaccept__mutmut_3`;
+                     end a pattern on a function's name and `*`
+                     ('spark_slurm.head.scan.x?ChainScan?*') so that mutmut's clean-test
+                     run finds that function's tests (`x__check*` would also take
+                     `_check_mac`: there, 'spark_slurm.head.scan.x__check__mutmut_*').
+    --tests ARGS     the pytest arguments that replace the group's test selection
+                     (one string, split as a shell would: 'tests/unit/head/test_scan.py
+                     -k "not postgresql"'). Only the tests it selects are mapped, so a
+                     mutant only another test kills survives: re-run the survivors
+                     against the group's own tests (`--rerun GROUP`) before triage.
+
+Any change of test selection resets every verdict mutmut has cached, so a
+`--rerun` after a `--tests` pass checks only the listed mutants; the script
+prints the status counts of the mutants each run checked.
+
 Results stay in mutants/ (gitignored); `mutmut results` and `mutmut show NAME`
 explain each one. docs/testing.md lists the survivors and why each is equivalent
 or which test kills it. Running another group (or set of groups) changes the test
@@ -26,10 +46,13 @@ selection, which makes mutmut reset every cached verdict and collect stats again
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import fnmatch
 import io
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -94,6 +117,7 @@ def _mutmut(group: Group, args: list[str]) -> tuple[int, str]:
     watched files) both react to. The forked workers inherit the narrowed config.
     """
     # The `mutation` extra; --survivors needs only pytest.
+    import click  # noqa: PLC0415
     from mutmut import configuration  # noqa: PLC0415
     from mutmut.__main__ import cli  # noqa: PLC0415
 
@@ -109,6 +133,9 @@ def _mutmut(group: Group, args: list[str]) -> tuple[int, str]:
             cli.main(args, prog_name="mutmut", standalone_mode=False)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            # stopped (Ctrl-C, `timeout -s INT`): the verdicts so far are saved
+            code = 130
     return code, out.getvalue()
 
 
@@ -175,8 +202,8 @@ def _survivor_list(names: list[str]) -> Path:
     return REPO / "mutants" / f"survivors-{'-'.join(names)}.txt"
 
 
-def _write_survivors(names: list[str], group: Group) -> int:
-    code, text = _mutmut(group, ["results"])
+def _write_survivors(names: list[str], group: Group, only: list[str]) -> int:
+    code, text = _mutmut(group, ["results", "--all", "true"])
     if code:
         return code
     prefixes = tuple(g.rstrip("*") for g in group.mutant_globs())
@@ -189,18 +216,41 @@ def _write_survivors(names: list[str], group: Group) -> int:
     out = _survivor_list(names)
     out.write_text("".join(f"{s}\n" for s in survivors))
     print(f"{len(survivors)} mutants not killed in {', '.join(names)}; listed in {out}")
+    checked = [s for s in ours if not s.endswith(": not checked")]
+    if only:
+        checked = [s for s in checked
+                   if any(fnmatch.fnmatchcase(s.split(":", 1)[0], p) for p in only)]
+    counts: dict[str, int] = {}
+    for s in checked:
+        status = s.rsplit(": ", 1)[1]
+        counts[status] = counts.get(status, 0) + 1
+    print(f"{len(checked)} mutants checked{' (--only)' if only else ''}: "
+          + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     if unchecked:
         print(f"{len(unchecked)} mutants of {', '.join(names)} not checked in this run; "
               f"run `scripts/mutation.py {' '.join(names)}` for the group's figures")
     return 0
 
 
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mutation.py", description="mutmut by module group")
+    p.add_argument("--survivors", action="store_true",
+                   help="apply the issue's hand-made survivors, each shown killed")
+    p.add_argument("--rerun", action="store_true",
+                   help="re-run only mutants/survivors-GROUP.txt's mutants")
+    p.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                   help="run only the mutants whose name matches (fnmatch; repeatable)")
+    p.add_argument("--tests", metavar="ARGS",
+                   help="pytest arguments replacing the group's test selection")
+    p.add_argument("groups", nargs="*", metavar="GROUP")
+    return p
+
+
 def main(argv: list[str]) -> int:
-    if argv == ["--survivors"]:
+    opts = _parser().parse_args(argv)
+    if opts.survivors:
         return check_survivors()
-    rerun = argv[:1] == ["--rerun"]
-    args = argv[1:] if rerun else argv
-    names = list(GROUPS) if args in ([], ["all"]) else args
+    names = list(GROUPS) if opts.groups in ([], ["all"]) else opts.groups
     unknown = [n for n in names if n not in GROUPS]
     if unknown:
         print(f"mutation: unknown group {unknown[0]!r} (choose from {', '.join(GROUPS)}, all)",
@@ -212,20 +262,33 @@ def main(argv: list[str]) -> int:
         print(f"mutation: {stale[0]} in scripts/mutation.py GROUPS matches no file",
               file=sys.stderr)
         return 2
-    if rerun:
+    if opts.tests is not None:
+        group = dataclasses.replace(group, tests=tuple(shlex.split(opts.tests)))
+    prefixes = tuple(g.rstrip("*") for g in group.mutant_globs())
+    outside = [p for p in opts.only if not p.startswith(prefixes)]
+    if outside:
+        print(f"mutation: --only {outside[0]!r} names no mutant of {', '.join(names)} "
+              f"(their names start with {', '.join(prefixes)})", file=sys.stderr)
+        return 2
+    if opts.rerun:
         listed = _survivor_list(names)
         if not listed.exists():
             print(f"mutation: {listed} does not exist; run `scripts/mutation.py "
                   f"{' '.join(names)}` first", file=sys.stderr)
             return 2
         targets = [line.split(":", 1)[0] for line in listed.read_text().splitlines() if line]
+        if opts.only:
+            targets = [t for t in targets if any(fnmatch.fnmatchcase(t, p) for p in opts.only)]
         if not targets:
             print(f"mutation: {listed} lists no survivors")
             return 0
     else:
-        targets = group.mutant_globs()
+        targets = opts.only or group.mutant_globs()
     code, _ = _mutmut(group, ["run", "--max-children", "2", *targets])
-    return code or _write_survivors(names, group)
+    if code == 130:  # interrupted: list what has a verdict, then say so
+        _write_survivors(names, group, opts.only)
+        return code
+    return code or _write_survivors(names, group, opts.only)
 
 
 if __name__ == "__main__":

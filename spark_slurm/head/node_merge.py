@@ -196,10 +196,13 @@ def _nothing_new(reads: ClusterReads, src: Source, reader: SourceReader,
                  held: NodeState) -> bool:
     """The common nightly case, answered without a write transaction: the source ends
     exactly at the stored head, with the stored hash there, and the largest witnessed
-    checkpoint neither exceeds it nor disagrees with it. Anything else (new rows, a
-    rollback, a fork, a segment overlapping the head) takes the full path."""
+    checkpoint neither exceeds it nor disagrees with it, nor does any of its own.
+    Anything else (new rows, a rollback, a fork, a segment overlapping the head) takes
+    the full path."""
     head = held.head_seq
     if head is None or reader.size != held.next_seq or held.head_hash is None:
+        return False
+    if reader.checkpoints(reader.size):  # its own checkpoint says it held more: ROLLBACK
         return False
     if src.kind == "segment" and src.after != head:
         return False
@@ -306,7 +309,8 @@ class _NodeMerge:
             self.find("FORK", None, f"first {wit.size} records held differ from the "
                       "witnessed checkpoint")
             return
-        if size > start:
+        # at the held head, the node's own checkpoints past its end are still judged
+        if size > start or (size == start and self.reader.checkpoints(start)):
             self._append(wit)
 
     def _agrees_with_held(self) -> bool:

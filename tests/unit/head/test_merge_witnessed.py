@@ -249,3 +249,20 @@ def test_with_nothing_new_a_copy_shorter_than_its_witness_is_a_rollback(
     big = parse_checkpoint(text).size
     assert [(f.code, f.seq, f.detail) for f in summary.findings] == [
         ("ROLLBACK", size, f"ledger holds {size} records but a witnessed checkpoint has {big}")]
+
+
+@pytest.mark.parametrize("history", ["same", "other"])
+def test_a_witnessed_checkpoint_at_the_end_of_the_new_records_is_compared(
+        cluster: Cluster, history: str) -> None:
+    """Nothing held yet; the witness cosigned a checkpoint of the ledger's whole size
+    (the node's own checkpoints gone): the new records must have its root."""
+    size = len(tamper.rows(cluster.n1))
+    text = node_checkpoint(cluster, size, keep=False)
+    state = witness(cluster, text if history == "same" else other_history(cluster, size))
+    summary = merge(cluster, state)
+    if history == "same":
+        assert summary.ok and summary.appended == size and head(cluster) == size - 1
+    else:
+        assert [(f.code, f.node, f.seq, f.detail) for f in summary.findings] == [
+            ("FORK", "n1", None, f"first {size} records differ from the witnessed checkpoint")]
+        assert summary.appended == 0 and head(cluster) is None
