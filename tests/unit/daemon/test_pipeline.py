@@ -166,14 +166,6 @@ def test_a_stale_sampler_reading_is_not_passed_off_as_fresh() -> None:
 
 # -- cap: who may, what is recorded (the pipeline of test_pipeline_record) ------------
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    made = Node(tmp_path)
-    yield made
-    made.writer.stop()
-    made.ledger.close()
-
-
 def test_a_cap_records_who_asked_and_leaves_the_restore_target(node: Node) -> None:
     node.prolog("7", [0, 1], 1000)
     node.state.reported[1] = 1  # a drift report of the old limit

@@ -10,7 +10,7 @@ from __future__ import annotations
 import grp
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,14 +111,6 @@ class Node:
 
     def limits(self) -> list[int]:
         return [c.requested for c in self.gpus.cards]
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    made = Node(tmp_path)
-    yield made
-    made.writer.stop()
-    made.ledger.close()
 
 
 def reading(energy: int = 9_000, limit: int = 700_000, epoch: int = 2) -> dict[str, Any]:

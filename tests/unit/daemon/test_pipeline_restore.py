@@ -19,14 +19,6 @@ from spark_slurm.daemon.state import IntentStore, JobState, Throttle
 from tests.unit.daemon.test_pipeline_record import Node, reading
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    made = Node(tmp_path)
-    yield made
-    made.writer.stop()
-    made.ledger.close()
-
-
 def _restored(g: int, energy: int, used: int, reset: bool = False) -> dict[str, Any]:
     return {"index": g, "uuid": f"GPU-{g}", "intended_mw": 700_000, "readback_mw": 700_000,
             "ok": True, "before": reading(energy, 400_000, 3 if reset else 2),

@@ -5,21 +5,11 @@ unprovable; an epilog keeps its job so that it can be retried."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from spark_slurm.daemon.state import IntentStore, Throttle
 from tests.unit.daemon.test_pipeline_record import OWNER, Node
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    made = Node(tmp_path)
-    yield made
-    made.writer.stop()
-    made.ledger.close()
 
 
 def test_a_prolog_that_cannot_be_recorded_puts_everything_back(node: Node) -> None:
