@@ -17,7 +17,6 @@ behind a long one. psycopg (the `postgres` extra) is imported only here.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from spark_slurm.head.store import (
     StoredCheckpoint,
     display_url,
     parse_prunes,
+    prunes_text,
 )
 from spark_slurm.ledger.records import Record
 
@@ -460,7 +460,7 @@ class PgMaintenance(PgReads):
     def note_prune(self, note: PruneNote) -> None:
         self._exec("INSERT INTO head_meta VALUES ('prunes', %s) ON CONFLICT (key) DO UPDATE"
                    " SET value = excluded.value",
-                   (json.dumps([n.to_json() for n in [*self.prunes(), note]]),))
+                   (prunes_text([*self.prunes(), note]),))
 
 
 class PgStore(PgReads):

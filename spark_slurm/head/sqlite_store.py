@@ -38,6 +38,7 @@ from spark_slurm.head.store import (
     RowCheck,
     StoredCheckpoint,
     parse_prunes,
+    prunes_text,
 )
 from spark_slurm.ledger.records import Record
 
@@ -580,7 +581,7 @@ class SqliteMaintenance(SqliteReads):
     def note_prune(self, note: PruneNote) -> None:
         self.conn.execute("INSERT INTO head_meta VALUES ('prunes', ?) ON CONFLICT (key) DO"
                           " UPDATE SET value = excluded.value",
-                          (json.dumps([n.to_json() for n in [*self.prunes(), note]]),))
+                          (prunes_text([*self.prunes(), note]),))
 
 
 def maintenance(store: SqliteStore) -> Any:

@@ -82,6 +82,11 @@ class PruneNote:
         return {"before_ns": self.before_ns, "archive": self.archive}
 
 
+def prunes_text(notes: Sequence[PruneNote]) -> str:
+    """head_meta's `prunes` value for these prunes (`parse_prunes` reads it)."""
+    return json.dumps([n.to_json() for n in notes])
+
+
 def parse_prunes(text: str | None) -> list[PruneNote]:
     """head_meta's `prunes` value; a value this release did not write reads as none."""
     try:

@@ -281,9 +281,9 @@ def witness_checkpoint(state: Path, text: str, keys: KeyRing, proof: list[bytes]
                                        "than the witnessed checkpoint")
                 return WitnessResult(cp.origin, cp.size, old.size, "unchanged", old.text)
             stale = proof is not None and proof_from is not None and proof_from != old.size
-            from_ledger = (proof is None or stale) and ledger is not None
-            if from_ledger and ledger is not None:
-                proof = proof_from_ledger(ledger, old.size, cp.size)
+            from_ledger = False
+            if (proof is None or stale) and ledger is not None:
+                proof, from_ledger = proof_from_ledger(ledger, old.size, cp.size), True
             elif stale:
                 raise WitnessError(f"{cp.origin}: the proof shipped runs from size "
                                    f"{proof_from}, the witness holds size {old.size}: "
