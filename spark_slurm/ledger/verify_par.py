@@ -91,6 +91,13 @@ def walk_parallel(conn: sqlite3.Connection, path: Path, w: Walk, k0: bytes | Non
     return True
 
 
+WORKER_FLAGS: tuple[str, ...] = ("-E", "-s", "-S")
+"""The workers' interpreter flags: no PYTHON* variables, user site or site-packages.
+sparkctl verify may run as root, and the worker needs only the stdlib and its
+sibling modules, so nothing from the environment or an installed package is
+loaded into it (and it starts faster). Mutation runs widen it (tests/unit/ledger)."""
+
+
 def _run_workers(tasks: list[Task], procs: int) -> list[Result] | None:
     """Chunks dealt round-robin to `procs` fresh interpreters; results in chunk
     order, or None when any worker fails or declines a chunk."""
@@ -99,7 +106,7 @@ def _run_workers(tasks: list[Task], procs: int) -> list[Result] | None:
 
     def run(i: int) -> None:
         try:
-            done = subprocess.run([sys.executable, "-E", "-s", "-S", script],
+            done = subprocess.run([sys.executable, *WORKER_FLAGS, script],
                                   input=pickle.dumps(tasks[i::procs]), capture_output=True,
                                   check=True, timeout=3600)
             out[i] = pickle.loads(done.stdout)  # noqa: S301 - our own child's output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -12,10 +13,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from spark_slurm.clock import ManualClock
-from spark_slurm.ledger import Checkpoint, Ledger
+from spark_slurm.ledger import Checkpoint, Ledger, verify_par
 from spark_slurm.ledger.keys import keygen, load_hmac_key, load_public_key, load_signing_key
 
 SCRIPT = Path(__file__).resolve().parents[3] / "contrib" / "verify-ledger.sh"
+
+if "MUTANT_UNDER_TEST" in os.environ:
+    # Under mutmut (make mutation) every mutated module imports mutmut's
+    # trampoline from site-packages, which the parallel verifier's worker does not
+    # load (-S): without it every worker fails and the parallel path is never taken.
+    verify_par.WORKER_FLAGS = ("-E", "-s")
 
 
 @dataclass
