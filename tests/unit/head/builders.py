@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spark_slurm.clock import ManualClock
-from spark_slurm.head.merge import MergeSummary, merge_ledgers
+from spark_slurm.head.merge import MergeSummary, merge_ledgers, positions
 from spark_slurm.ledger import Ledger
 from spark_slurm.ledger.keys import keygen, load_hmac_key, load_signing_key
 from spark_slurm.policy import Policy, PowerRequest
+from tests.unit.head import tamper
 
 if TYPE_CHECKING:
     from tests.unit.head.conftest import Cluster
@@ -165,3 +166,13 @@ def more(c: Cluster, path: Path, job: str) -> None:
     with Ledger.open(path, k0(c), load_signing_key(keys / "node.key"), node="n1",
                      clock=c.clock) as led:
         write_job(led, c.clock, "n1", job, [0], {0: 42})
+
+
+def hold_genesis_only(c: Cluster) -> None:
+    """The head node holds n1's genesis record and nothing else (head seq 0, which
+    is not "nothing held"), merged from a copy of n1's ledger cut back to it."""
+    first = c.root / "n1-genesis.db"
+    shutil.copy(c.n1, first)
+    tamper.sql(first, "DELETE FROM per WHERE seq > 0")
+    tamper.sql(first, "DELETE FROM checkpoint")
+    assert merge(c, first).ok and positions(c.db, ["n1"])[0].head_seq == 0

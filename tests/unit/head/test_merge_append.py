@@ -17,7 +17,7 @@ from spark_slurm.ledger.keys import load_signing_key
 from spark_slurm.ledger.prune import prune_ledger
 from spark_slurm.ledger.segment import export_segment
 from tests.unit.head import tamper
-from tests.unit.head.builders import build_node, k0, merge, more
+from tests.unit.head.builders import build_node, hold_genesis_only, k0, merge, more
 from tests.unit.head.conftest import Cluster
 from tests.unit.head.stores import execute, query
 
@@ -28,20 +28,11 @@ def head(c: Cluster) -> int | None:
     return positions(c.db, ["n1"])[0].head_seq
 
 
-def genesis_only(c: Cluster) -> None:
-    """The head node holds n1's genesis record and nothing else (head seq 0)."""
-    first = c.root / "n1-genesis.db"
-    shutil.copy(c.n1, first)
-    tamper.sql(first, "DELETE FROM per WHERE seq > 0")
-    tamper.sql(first, "DELETE FROM checkpoint")
-    assert merge(c, first).ok and head(c) == 0
-
-
 @pytest.mark.parametrize("kind", ["ledger", "segment"])
 def test_a_node_held_up_to_its_genesis_merges_the_rest(cluster: Cluster, kind: str) -> None:
     """The rest of the ledger, or a segment exported after seq 0, links to the held
     genesis; its signed checkpoint is checked against the held genesis and the new rows."""
-    genesis_only(cluster)
+    hold_genesis_only(cluster)
     size = len(tamper.rows(cluster.n1))
     source: Path = cluster.n1 if kind == "ledger" else Path(
         export_segment(cluster.n1, cluster.root / "n1.seg", 0).path)
@@ -57,7 +48,7 @@ def test_a_held_head_record_lost_from_the_store_is_a_gap_there(cluster: Cluster,
                                                                 held: str) -> None:
     """Nothing is appended without the record the new rows must link to."""
     if held == "genesis":
-        genesis_only(cluster)
+        hold_genesis_only(cluster)
     else:
         assert merge(cluster, cluster.n1).ok
     at = head(cluster)
@@ -84,7 +75,7 @@ def test_a_row_before_the_genesis_record_is_a_gap_at_zero(cluster: Cluster) -> N
 def test_a_segment_not_continuing_the_held_genesis_is_a_fork(cluster: Cluster) -> None:
     """The head node holds n1's genesis; a segment after seq 0 exported from a copy of
     n1 whose history differs from seq 0 on (re-chained, re-MAC'd with n1's K[0])."""
-    genesis_only(cluster)
+    hold_genesis_only(cluster)
     other = cluster.root / "other.db"
     shutil.copy(cluster.n1, other)
     rows = tamper.rows(other)
@@ -157,7 +148,7 @@ def test_a_source_starting_past_the_held_head_is_a_gap_naming_what_to_merge(
         return [(f.code, f.node, f.seq, f.detail) for f in summary.findings]
 
     assert gap(pruned) == [("GAP", "n1", 0, f"the head node holds nothing of node 'n1', {tail}")]
-    genesis_only(cluster)
+    hold_genesis_only(cluster)
     assert gap(pruned) == [("GAP", "n1", 1, f"the head node holds up to seq 0, {tail}")]
     seg = export_segment(cluster.n1, cluster.root / "n1.seg", 5).path
     assert gap(seg) == [("GAP", "n1", 1, "the head node holds up to seq 0, this segment starts "

@@ -18,7 +18,7 @@ from spark_slurm.ledger import Ledger
 from spark_slurm.ledger.keys import load_signing_key
 from spark_slurm.ledger.segment import export_segment
 from tests.unit.head import tamper
-from tests.unit.head.builders import found, k0, merge, more, write_job
+from tests.unit.head.builders import found, hold_genesis_only, k0, merge, more, write_job
 from tests.unit.head.conftest import Cluster
 from tests.unit.head.stores import query
 
@@ -113,11 +113,7 @@ def test_a_fork_past_the_first_page_of_hashes_is_named_at_its_seq(cluster: Clust
 
 def test_a_ledger_recreated_with_the_same_keys_is_a_fork_at_genesis(cluster: Cluster) -> None:
     """The head node holds only n1's genesis; the node's file was wiped and begun again."""
-    first = cluster.root / "n1-genesis.db"
-    shutil.copy(cluster.n1, first)
-    tamper.sql(first, "DELETE FROM per WHERE seq > 0")
-    tamper.sql(first, "DELETE FROM checkpoint")
-    assert merge(cluster, first).ok and head(cluster) == 0
+    hold_genesis_only(cluster)
     again = cluster.root / "again" / "n1.db"
     again.parent.mkdir()
     cluster.clock.advance(10)
