@@ -17,7 +17,7 @@ from spark_slurm.ledger import Ledger
 from spark_slurm.ledger.checkpoint import origin_for, parse_checkpoint, sign_checkpoint
 from spark_slurm.ledger.keys import load_signing_key
 from tests.unit.head import tamper
-from tests.unit.head.builders import k0, merge, write_job
+from tests.unit.head.builders import k0, merge, more, write_job
 from tests.unit.head.conftest import Cluster
 from tests.unit.head.stores import query
 
@@ -161,3 +161,28 @@ def test_a_ledger_cut_back_to_the_held_head_below_its_own_checkpoint_is_a_rollba
     assert exact(cluster) == ([
         ("ROLLBACK", "n1", size, f"ledger holds {size} records but its own checkpoint says "
          f"{second}")], size - 1)
+
+
+@pytest.mark.parametrize("lie", [False, True])
+def test_a_checkpoint_listed_past_the_held_head_is_judged_by_its_signed_size(
+        cluster: Cluster, lie: bool) -> None:
+    """A checkpoint row whose size column was raised past the held head, while its
+    signed note covers exactly what the head node holds: merge picks checkpoints by
+    the column but judges the note, against the held tree and head. The node's own
+    note at the held size that names another root is a FORK; an honest one lets the
+    new records merge."""
+    size = len(tamper.rows(cluster.n1))
+    assert merge(cluster, cluster.n1).ok
+    if lie:
+        assert resign(cluster, root=bytes(32)) == size
+    with closing(sqlite3.connect(cluster.n1)) as conn:
+        (last,) = conn.execute("SELECT max(id) FROM checkpoint").fetchone()
+    more(cluster, cluster.n1, "301")
+    tamper.sql(cluster.n1, "UPDATE checkpoint SET size = ? WHERE id = ?", (size + 1, last))
+    findings, head = exact(cluster)
+    if lie:
+        assert (findings, head) == ([
+            ("FORK", "n1", None, "records differ from the ledger's own signed checkpoint "
+             f"of size {size}")], size - 1)
+    else:
+        assert findings == [] and head == len(tamper.rows(cluster.n1)) - 1 > size - 1
