@@ -37,7 +37,10 @@ else:  # run as a script: the sibling modules, without the package's imports
     import hmac_epochs  # type: ignore[import-not-found,no-redef]
     from chain import GENESIS_PREV, Chain  # type: ignore[import-not-found,no-redef]
 
-PAGE = 4096
+PAGE = 512
+"""Rows per fetch. Each page's bodies are read several times (envelope tail, link
+hash, leaf hash, ingest marks): at ~1 KB a row, 512 rows stay in a core's L2 cache;
+4096 (5 MB) did not, and the scan was ~20 % slower per row."""
 INGEST_SOURCES = ("journal", "spool")
 """= schema.INGEST_SOURCES: the verifier finds each one's newest record (the writer
 keeps `state.latest.<source>`), by its canonical bytes first, then its JSON."""
@@ -280,9 +283,13 @@ class Scan:
                 return False
         except (KeyError, TypeError):
             return False
+        # one search of the page, not two per row: most pages hold no ingest record
+        # (the NUL between bodies is in neither mark, so no match spans two of them)
         mark_journal, mark_spool = _MARKS[0][1], _MARKS[1][1]
-        for i in [i for i, b in enumerate(bodies) if mark_journal in b or mark_spool in b]:
-            self._ingested(rows[i][0], bodies[i])
+        page = b"\0".join(bodies)
+        if mark_journal in page or mark_spool in page:
+            for i in [i for i, b in enumerate(bodies) if mark_journal in b or mark_spool in b]:
+                self._ingested(rows[i][0], bodies[i])
         return True
 
     def _row_by_row(self, rows: Sequence[Any], *, stop_after_move: bool = False

@@ -53,14 +53,18 @@ def walk_parallel(conn: sqlite3.Connection, path: Path, w: Walk, k0: bytes | Non
     size = 1 << chunk_bits
     first = 0 if cut is None else cut.seq
     try:  # a damaged file is the sequential walk's to describe
-        lo_hi = conn.execute("SELECT MIN(seq), MAX(seq), COUNT(*) FROM per WHERE seq >= ?",
-                             (first,)).fetchone()
+        # two rowid lookups, not a COUNT(*) (a pass over the whole table before any
+        # worker starts): a record missing inside a chunk is that chunk's finding; one
+        # missing at a chunk's end leaves the next chunk without the hash it starts
+        # from (head_before), so that worker declines
+        low = conn.execute("SELECT MIN(seq) FROM per WHERE seq >= ?", (first,)).fetchone()[0]
+        high = conn.execute("SELECT MAX(seq) FROM per").fetchone()[0]
     except (sqlite3.DatabaseError, UnicodeDecodeError):
         return False
-    if procs < 2 or lo_hi is None or lo_hi[0] != first or first % size \
-            or lo_hi[2] != lo_hi[1] + 1 - first or lo_hi[2] < MIN_CHUNKS * size:
+    if procs < 2 or low != first or first % size or type(high) is not int \
+            or high + 1 - first < MIN_CHUNKS * size:
         return False
-    count = int(lo_hi[1]) + 1
+    count = high + 1
     hmac_id = w.meta.get("hmac_key_id") or None  # the genesis must agree (slow_row, seq 0)
     scratch = Walk(w.meta, k0, w.need)
     chain = Chain()

@@ -178,6 +178,23 @@ def test_tampering_gets_the_same_verdict(build: Callable[..., Built], what: str,
     assert (report.ok, report.first_bad_seq, report.reason) == (False, *reference)
 
 
+@pytest.mark.parametrize("seq", [7, 23, 12, 33])
+def test_a_missing_record_is_named_whichever_walk_runs(build: Callable[..., Built],
+                                                       seq: int) -> None:
+    """The parallel walk does not count rows before it starts: a record missing inside
+    a chunk is that chunk's finding; one missing at a chunk's end (its last seq, with
+    chunks of 8) leaves the next chunk without the hash it starts from, and the
+    parallel walk declines."""
+    built = build(n=N)
+    TAMPERS["deleted"](built.path, seq)
+    reference = _verdict(built.path, built.keys.hmac, 3, parallel=False)
+    assert reference == (seq, f"record {seq} is missing (next stored is {seq + 1})")
+    parallel = _verdict(built.path, built.keys.hmac, 3, parallel=True)
+    assert parallel == (None if seq % 8 == 7 else reference)
+    report = verify_ledger(built.path, built.keys.hmac)
+    assert (report.ok, report.first_bad_seq, report.reason) == (False, *reference)
+
+
 def _big_ledger(tmp_path: Path) -> tuple[Path, bytes]:
     from spark_slurm.ledger import Ledger  # noqa: PLC0415
     from spark_slurm.ledger.keys import keygen, load_hmac_key  # noqa: PLC0415
