@@ -188,8 +188,24 @@ def test_leaves_without_record_hashes_move_no_head_and_pass_no_mark() -> None:
     chain.add_leaves(leaves)
     assert (chain.size, chain.head, chain.root()) == (600, GENESIS_PREV, mth(leaves))
     chain.marks = frozenset({700})
-    with pytest.raises(ValueError, match="without the records' hashes"):
+    with pytest.raises(ValueError, match=r"^a mark's head is unknown without the records' "
+                                         r"hashes$"):
         chain.add_leaves(leaves[:100])
     with pytest.raises(ValueError, match="3 leaves but 2 record hashes"):
         chain.add_leaves(leaves[:3], [bytes(32)] * 2)
     assert chain.size == 600
+    chain.marks = frozenset({600})  # a mark already passed (at the chain's size) is no bar
+    chain.add_leaves(leaves[:100])
+    assert (chain.size, chain.root()) == (700, mth(leaves + leaves[:100]))
+
+
+def test_a_copy_of_a_worker_chain_keeps_its_base() -> None:
+    """A verifier worker's chain starts at its chunk (base 8 here): a copy stands at
+    the same place and grows the same tree."""
+    data = bodies(12)
+    chain = Chain(8, (), hashlib.sha256(b"record 7").digest(), base=8)
+    assert chain.accept(rows(data[8:10], 8, chain.head)) == 2
+    twin = chain.copy()
+    assert (twin.base, twin.size, twin.head, twin.levels()) == (8, 10, chain.head, [1])
+    assert twin.accept(rows(data[10:12], 10, twin.head)) == 2
+    assert twin.root() == mth([leaf_hash(b) for b in data[8:12]])
