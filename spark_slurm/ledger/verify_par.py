@@ -95,22 +95,24 @@ def walk_parallel(conn: sqlite3.Connection, path: Path, w: Walk, k0: bytes | Non
     return True
 
 
-WORKER_FLAGS: tuple[str, ...] = ("-E", "-s", "-S")
-"""The workers' interpreter flags: no PYTHON* variables, user site or site-packages.
-sparkctl verify may run as root, and the worker needs only the stdlib and its
-sibling modules, so nothing from the environment or an installed package is
-loaded into it (and it starts faster). Mutation runs widen it (tests/unit/ledger)."""
+WORKER_ARGS: tuple[str, ...] = ("-E", "-s", "-S", scan_worker.__file__)
+"""How a worker interpreter starts: no PYTHON* variables, user site or
+site-packages, and scan_worker run as a script (it imports its stdlib-only
+siblings, not the package). sparkctl verify may run as root, and the worker needs
+nothing from the environment or an installed package (and it starts faster).
+Mutation runs replace it (tests/unit/ledger/conftest.py): mutmut's trampolines
+live in site-packages and pick the active mutant by module name, which a sibling
+import (`chain`, not `spark_slurm.ledger.chain`) never matches."""
 
 
 def _run_workers(tasks: list[Task], procs: int) -> list[Result] | None:
     """Chunks dealt round-robin to `procs` fresh interpreters; results in chunk
     order, or None when any worker fails or declines a chunk."""
-    script = scan_worker.__file__
     out: list[list[Result | None] | None] = [None] * procs
 
     def run(i: int) -> None:
         try:
-            done = subprocess.run([sys.executable, *WORKER_FLAGS, script],
+            done = subprocess.run([sys.executable, *WORKER_ARGS],
                                   input=pickle.dumps(tasks[i::procs]), capture_output=True,
                                   check=True, timeout=3600)
             out[i] = pickle.loads(done.stdout)  # noqa: S301 - our own child's output

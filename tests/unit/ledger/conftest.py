@@ -22,7 +22,11 @@ if "MUTANT_UNDER_TEST" in os.environ:
     # Under mutmut (make mutation) every mutated module imports mutmut's
     # trampoline from site-packages, which the parallel verifier's worker does not
     # load (-S): without it every worker fails and the parallel path is never taken.
-    verify_par.WORKER_FLAGS = ("-E", "-s")
+    # And the trampoline picks the mutant by module name, so the worker imports the
+    # mutated package by its own name (a sibling import never runs a mutant).
+    _ROOT = str(Path(verify_par.__file__).resolve().parents[2])
+    verify_par.WORKER_ARGS = ("-E", "-s", "-c", f"import sys; sys.path.insert(0, {_ROOT!r}); "
+                              "from spark_slurm.ledger.scan_worker import main; main()")
 
 
 @dataclass

@@ -209,3 +209,10 @@ def test_a_copy_of_a_worker_chain_keeps_its_base() -> None:
     assert (twin.base, twin.size, twin.head, twin.levels()) == (8, 10, chain.head, [1])
     assert twin.accept(rows(data[10:12], 10, twin.head)) == 2
     assert twin.root() == mth([leaf_hash(b) for b in data[8:12]])
+
+
+def test_a_compact_range_of_the_wrong_length_is_refused_by_its_own_leaves() -> None:
+    """A worker's chain counts leaves from its base: 2 leaves past base 8 need one hash."""
+    with pytest.raises(ValueError, match=r"^a compact range of 2 leaves needs 1 hashes, not 0$"):
+        Chain(10, (), base=8)
+    assert Chain(10, [bytes(32)], base=8).levels() == [1]
