@@ -61,10 +61,9 @@ def walk_parallel(conn: sqlite3.Connection, path: Path, w: Walk, k0: bytes | Non
         high = conn.execute("SELECT MAX(seq) FROM per").fetchone()[0]
     except (sqlite3.DatabaseError, UnicodeDecodeError):
         return False
-    if procs < 2 or low != first or first % size or type(high) is not int \
-            or high + 1 - first < MIN_CHUNKS * size:
-        return False
-    count = high + 1
+    if procs < 2 or low != first or first % size or high + 1 - first < MIN_CHUNKS * size:
+        return False  # (a row at `first` makes MAX(seq) an integer)
+    count = int(high) + 1
     hmac_id = w.meta.get("hmac_key_id") or None  # the genesis must agree (slow_row, seq 0)
     scratch = Walk(w.meta, k0, w.need)
     chain = Chain()
