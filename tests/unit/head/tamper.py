@@ -30,9 +30,11 @@ def rows(path: Path) -> list[list[Any]]:
     return out
 
 
-def rewrite(path: Path, new_rows: list[list[Any]], k0: bytes | None) -> None:
+def rewrite(path: Path, new_rows: list[list[Any]], k0: bytes | None, *,
+            tree: bool = False) -> None:
     """Replace every row with a freshly chained (and, with K[0], re-MACed) version:
-    what an attacker holding the key could do. Envelopes are rebuilt for the new seq."""
+    what an attacker holding the key could do. Envelopes are rebuilt for the new seq;
+    with `tree`, the saved frontier and subtrees too (checkpoints are always dropped)."""
     prev = GENESIS_PREV
     out = []
     keys = hmac_epochs.EpochKeys(k0) if k0 is not None else None
@@ -53,6 +55,8 @@ def rewrite(path: Path, new_rows: list[list[Any]], k0: bytes | None) -> None:
         conn.executemany("INSERT INTO per (seq, time_ns, kind, job_id, body, prev_hash, hash, "
                          "mac, key_id) VALUES (?,?,?,?,?,?,?,?,?)", out)
         conn.execute("DELETE FROM checkpoint")
+        if tree:
+            fix_tree(conn, [r[4] for r in out])
     conn.close()
 
 
@@ -64,6 +68,25 @@ def _mth(leaves: list[bytes]) -> bytes:
         return leaves[0]
     k = 1 << ((len(leaves) - 1).bit_length() - 1)
     return hashlib.sha256(b"\x01" + _mth(leaves[:k]) + _mth(leaves[k:])).digest()
+
+
+def fix_tree(conn: sqlite3.Connection, bodies: list[bytes]) -> None:
+    """Rewrite the saved Merkle frontier and the stored 256-leaf subtrees for these
+    record bodies, as a thorough attacker would."""
+    leaves = [hashlib.sha256(b"\x00" + b).digest() for b in bodies]
+    frontier, at = b"", 0
+    for k in range(len(leaves).bit_length() - 1, -1, -1):
+        if len(leaves) >> k & 1:
+            frontier += _mth(leaves[at:at + (1 << k)])
+            at += 1 << k
+    conn.execute("UPDATE state SET value = ? WHERE key = 'frontier'", (frontier,))
+    conn.execute("DELETE FROM tree")
+    level = 8
+    while 1 << level <= len(leaves):
+        for idx in range(len(leaves) >> level):
+            conn.execute("INSERT INTO tree VALUES (?, ?, ?)",
+                         (level, idx, _mth(leaves[idx << level:(idx + 1) << level])))
+        level += 1
 
 
 def rewrite_derived(path: Path, seq: int, *, relink: bool, k0: bytes | None = None,
@@ -94,20 +117,7 @@ def rewrite_derived(path: Path, seq: int, *, relink: bool, k0: bytes | None = No
                      (data, prev, h, mac, s))
         rows[s] = (s, data, prev, h, rows[s][4])
         prev = h
-    leaves = [hashlib.sha256(b"\x00" + r[1]).digest() for r in rows]
-    frontier, at = b"", 0
-    for k in range(len(leaves).bit_length() - 1, -1, -1):
-        if len(leaves) >> k & 1:
-            frontier += _mth(leaves[at:at + (1 << k)])
-            at += 1 << k
-    conn.execute("UPDATE state SET value = ? WHERE key = 'frontier'", (frontier,))
-    conn.execute("DELETE FROM tree")
-    level = 8
-    while 1 << level <= len(leaves):
-        for idx in range(len(leaves) >> level):
-            conn.execute("INSERT INTO tree VALUES (?, ?, ?)",
-                         (level, idx, _mth(leaves[idx << level:(idx + 1) << level])))
-        level += 1
+    fix_tree(conn, [r[1] for r in rows])
     if drop_checkpoints:
         conn.execute("DELETE FROM checkpoint")
     conn.commit()
