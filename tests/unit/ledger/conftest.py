@@ -45,6 +45,8 @@ class Built:
     keys: Keys
     clock: ManualClock
     kept: list[Checkpoint]
+    rotated: Ed25519PrivateKey | None = None
+    """The signing key rotated to half way (it signs the kept checkpoint)."""
 
 
 @pytest.fixture
@@ -76,13 +78,14 @@ def build(tmp_path: Path, keys: Keys) -> Callable[..., Built]:
         led = Ledger.open(path, keys.hmac if hmac else None, keys.signing, node="n1",
                           cluster="c1", clock=clock, epoch_seconds=60)
         write_records(led, clock, n // 2)
-        if rotate:
-            led.rotate_signing_key(Ed25519PrivateKey.generate())
+        rotated = Ed25519PrivateKey.generate() if rotate else None
+        if rotated is not None:
+            led.rotate_signing_key(rotated)
         led.maintain()
         write_records(led, clock, n - n // 2, start=n // 2)
         kept.append(led.checkpoint())
         led.close()
-        return Built(path, keys, clock, kept)
+        return Built(path, keys, clock, kept, rotated)
 
     return make
 

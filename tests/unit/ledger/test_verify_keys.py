@@ -20,6 +20,7 @@ import pytest
 
 from spark_slurm.clock import ManualClock
 from spark_slurm.ledger import Ledger, VerifyReport, hmac_epochs, verify_ledger
+from spark_slurm.ledger.checkpoint import sign_checkpoint
 from tests.unit.head import tamper
 from tests.unit.ledger.conftest import Built, Keys, write_records
 
@@ -180,3 +181,32 @@ def test_a_seal_with_a_bad_mac_or_key_id_is_named(built: Built, tmp_path: Path, 
     _set_mac(path, 10, built.keys, 0, **change)
     report = _verify(path, built)
     assert (report.ok, report.first_bad_seq, report.reason) == (False, 10, why), name
+
+
+def test_a_kept_checkpoint_for_a_ledger_without_a_signing_key_is_refused(
+        built: Built, keys: Keys, tmp_path: Path) -> None:
+    """Nothing to check its signature with: refused, whoever signed it."""
+    clock = ManualClock()
+    path = tmp_path / "unsigned.db"
+    with Ledger.open(path, keys.hmac, None, node="n1", cluster="c1", clock=clock,
+                     epoch_seconds=3600) as led:
+        write_records(led, clock, 6)
+    cp = built.kept[0]
+    report = verify_ledger(path, keys.hmac, checkpoints=[cp])
+    assert (report.ok, report.first_bad_seq, report.reason) == (
+        False, None, f"kept checkpoint 1 (size {cp.size}): ledger has no signing key to "
+                     "check it with"), report
+
+
+def test_a_kept_checkpoint_naming_another_origin_is_refused(built: Built) -> None:
+    """Signed by the node's own (rotated) key over its own tree, but for another origin:
+    a note for one node is no proof for another."""
+    cp = built.kept[0]
+    ledger = verify_ledger(built.path, built.keys.hmac, built.keys.public, [cp])
+    assert ledger.ok, ledger
+    assert built.rotated is not None
+    other = sign_checkpoint("c1/n2", cp.size, cp.root, cp.head_hash, built.rotated)
+    report = verify_ledger(built.path, built.keys.hmac, built.keys.public, [other])
+    assert (report.ok, report.first_bad_seq, report.reason) == (
+        False, None, f"kept checkpoint 1 (size {cp.size}): checkpoint origin 'c1/n2' is not "
+                     f"{cp.origin!r}"), report

@@ -1,0 +1,101 @@
+"""`verify_ledger` below a cut names the record at fault, not only the reason.
+
+test_prune.py's tamper grid checks the reason of each edit on an unkeyed ledger.
+These check the seq as well, the MACs of the records kept below the cut, a proof
+at a size that is no cut, and a genesis whose link was rewritten: below the cut its
+neighbour is gone, so only the rule that seq 0 links to the zero hash catches it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from spark_slurm.ledger import verify_ledger
+from tests.unit.ledger.test_prune import (
+    Node,
+    _edit_kept_body,
+    _kept_policy,
+    _prune,
+    _rows,
+    _set,
+    node,
+)
+
+__all__ = ["node"]  # the fixture, imported from test_prune
+
+CUT = 768  # where _prune(before_seq=800) cuts with test_prune's 256-record grain
+
+
+def _pruned(make: Callable[..., Node], *, hmac: bool) -> Node:
+    n = make(hmac=hmac)
+    _prune(n, "a1.seg", before_seq=800)
+    report = verify_ledger(n.path, n.hmac)
+    assert report.ok and report.first_seq == CUT, report
+    return n
+
+
+def _set_proof_size(path: Path, seq: int, size: int) -> None:
+    raw = json.loads(str(_rows(path, "SELECT value FROM meta WHERE key = 'cut'")[0][0]))
+    raw["kept"][str(seq)]["size"] = size
+    _set(path, "UPDATE meta SET value = ? WHERE key = 'cut'", json.dumps(raw))
+
+
+def test_a_kept_record_below_the_cut_has_its_mac_checked(node: Callable[..., Node]) -> None:
+    n = _pruned(node, hmac=True)
+    seq = _kept_policy(n.path)
+    _set(n.path, "UPDATE per SET mac = zeroblob(32) WHERE seq = ?", seq)
+    report = verify_ledger(n.path, n.hmac)
+    assert (report.ok, report.first_bad_seq) == (False, seq), report
+    assert report.reason.startswith("MAC does not verify with the epoch "), report
+
+
+@pytest.mark.parametrize("size", [0, 100, CUT + 256])
+def test_a_proof_at_a_size_that_is_no_cut_is_named(node: Callable[..., Node],
+                                                   size: int) -> None:
+    """The genesis proven at tree size 0 (not past itself), at a size off the grain,
+    or past the cut."""
+    n = _pruned(node, hmac=False)
+    _set_proof_size(n.path, 0, size)
+    report = verify_ledger(n.path)
+    assert (report.ok, report.first_bad_seq, report.reason) == (
+        False, 0, f"record 0 is proven at tree size {size}, which is no cut"), report
+
+
+def test_a_kept_record_rewritten_or_deleted_is_named_by_its_seq(
+        node: Callable[..., Node]) -> None:
+    n = _pruned(node, hmac=False)
+    seq = _kept_policy(n.path)
+    _edit_kept_body(n.path)
+    report = verify_ledger(n.path)
+    assert (report.ok, report.first_bad_seq) == (False, seq), report
+    assert "not in the Merkle tree of its cut" in report.reason
+    _set(n.path, "DELETE FROM per WHERE seq = ?", seq)
+    report = verify_ledger(n.path)
+    assert (report.ok, report.first_bad_seq) == (False, seq), report
+    assert report.reason == f"record {seq}, kept at the cut at seq {CUT}, is missing"
+
+
+def test_the_first_record_after_the_cut_missing_is_named(node: Callable[..., Node]) -> None:
+    n = _pruned(node, hmac=False)
+    _set(n.path, "DELETE FROM per WHERE seq = ?", CUT)
+    report = verify_ledger(n.path)
+    assert (report.ok, report.first_bad_seq, report.reason) == (
+        False, CUT, f"record {CUT}, the first after the cut, is missing"), report
+
+
+def test_a_genesis_relinked_below_the_cut_is_caught(node: Callable[..., Node]) -> None:
+    """Record 1 is pruned, so nothing after the genesis checks its hash; its leaf
+    (and so its proof) covers the body alone. Only seq 0's rule, that it links to
+    the zero hash, is left to catch a new prev hash with a hash to match."""
+    n = _pruned(node, hmac=False)
+    assert _rows(n.path, "SELECT count(*) FROM per WHERE seq = 1") == [(0,)]
+    (body,), = _rows(n.path, "SELECT body FROM per WHERE seq = 0")
+    prev = b"\x11" * 32
+    _set(n.path, "UPDATE per SET prev_hash = ?, hash = ? WHERE seq = 0", prev,
+         hashlib.sha256(prev + bytes(body)).digest())
+    report = verify_ledger(n.path)
+    assert (report.ok, report.first_bad_seq) == (False, 0), report
