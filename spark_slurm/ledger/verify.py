@@ -88,14 +88,14 @@ def _key_at(w: Walk, size: int) -> Ed25519PublicKey | None:
 
 def _check_checkpoint(w: Walk, cp: Checkpoint, key: Ed25519PublicKey | None,
                       origin: str, label: str) -> None:
+    if cp.size < 1:  # first: no key signs a tree of size 0 (keys start at record 1)
+        raise Bad(None, f"{label}: covers no records")
     if key is None:
         raise Bad(None, f"{label}: ledger has no signing key to check it with")
     try:
         verify_checkpoint(cp, key, origin=origin)
     except (CheckpointInvalid, CheckpointError) as exc:
         raise Bad(None, f"{label}: {exc.message}") from None
-    if cp.size < 1:
-        raise Bad(None, f"{label}: covers no records")
     if cp.size > w.count:
         raise Bad(w.count, f"ledger truncated: {label} covers {cp.size} records, "
                    f"the ledger holds {w.count}")

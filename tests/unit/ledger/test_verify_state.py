@@ -1,0 +1,110 @@
+"""Records that verify, with saved state or a kept checkpoint that does not agree
+with them: `verify_ledger` names each with its exact reason, and with the seq where
+there is one. sparkd resumes from the saved state and auditors act on the reason,
+so a vaguer or misplaced verdict is a wrong one."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from spark_slurm.ledger import VerifyReport, verify_ledger
+from spark_slurm.ledger.checkpoint import Checkpoint, sign_checkpoint
+from tests.unit.head import tamper
+from tests.unit.ledger.conftest import Built
+
+N = 300  # enough records for one stored 256-leaf subtree; the last epoch is not sealed
+
+
+@pytest.fixture
+def built(build: Callable[..., Built]) -> Built:
+    b = build(N)
+    rows = tamper.rows(b.path)
+    assert rows[-1][2] != "key", "the fixture's last epoch was expected to be open"
+    return b
+
+
+def _epoch(built: Built) -> int:
+    return int(str(tamper.rows(built.path)[-1][8]).rsplit(":", 1)[1])
+
+
+def _damaged(built: Built, tmp_path: Path, statement: str, *args: object) -> VerifyReport:
+    path = tmp_path / "damaged.db"
+    shutil.copy(built.path, path)
+    tamper.sql(path, statement, args)
+    return verify_ledger(path, built.keys.hmac, built.keys.public)
+
+
+FRONTIER = "saved Merkle frontier does not match the records"
+NO_EPOCH = "saved HMAC epoch is missing or malformed"
+SUBTREES = "stored Merkle subtrees do not match the records"
+
+
+@pytest.mark.parametrize(("statement", "why"), [
+    ("UPDATE state SET value = zeroblob(96) WHERE key = 'frontier'", FRONTIER),
+    ("DELETE FROM state WHERE key = 'hmac_epoch'", NO_EPOCH),
+    ("UPDATE state SET value = CAST('x' AS BLOB) WHERE key = 'hmac_epoch'", NO_EPOCH),
+    ("DELETE FROM tree", SUBTREES),
+    ("UPDATE tree SET hash = zeroblob(32)", SUBTREES),
+    ("UPDATE tree SET level = 'x'", SUBTREES),
+    ("UPDATE tree SET idx = 'x'", SUBTREES),
+    ("UPDATE tree SET hash = 'not a blob'", SUBTREES),
+])
+def test_saved_state_that_disagrees_is_named(built: Built, tmp_path: Path, statement: str,
+                                             why: str) -> None:
+    assert verify_ledger(built.path, built.keys.hmac, built.keys.public).ok
+    report = _damaged(built, tmp_path, statement)
+    assert (report.ok, report.first_bad_seq, report.reason) == (False, None, why), statement
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_a_saved_epoch_past_an_open_epoch_is_named(built: Built, tmp_path: Path,
+                                                   ahead: int) -> None:
+    """Only a sealed epoch lets the writer's saved epoch be one ahead of the records."""
+    epoch = _epoch(built)
+    report = _damaged(built, tmp_path, "UPDATE state SET value = CAST(? AS BLOB) WHERE"
+                      " key = 'hmac_epoch'", str(epoch + ahead))
+    assert (report.ok, report.first_bad_seq, report.reason) == (
+        False, None, f"saved HMAC epoch {epoch + ahead} does not follow the records' "
+                     f"epoch {epoch}"), report
+
+
+def test_a_saved_key_of_another_epoch_is_named(built: Built, tmp_path: Path) -> None:
+    report = _damaged(built, tmp_path, "UPDATE state SET value = zeroblob(32) WHERE"
+                      " key = 'hmac_key'")
+    assert (report.ok, report.first_bad_seq, report.reason) == (
+        False, None, f"saved HMAC key is not the epoch {_epoch(built)} key"), report
+
+
+def _kept(built: Built, size: int | None = None, *, root: bytes | None = None,
+          head: str | None = None) -> Checkpoint:
+    cp = built.kept[0]
+    assert built.rotated is not None
+    return sign_checkpoint(cp.origin, cp.size if size is None else size,
+                           cp.root if root is None else root,
+                           cp.head_hash if head is None else head, built.rotated)
+
+
+def test_a_kept_checkpoint_that_differs_from_the_records_is_named(built: Built) -> None:
+    """Signed by the node's key, but with another head or another root: the verdict
+    names the checkpoint's last record."""
+    size = built.kept[0].size
+    label = f"kept checkpoint 1 (size {size})"
+    cases = {
+        f"record {size - 1} differs from {label} (rewritten, forked, or truncated and "
+        "re-appended)": _kept(built, head="00" * 32),
+        f"Merkle root at size {size} differs from {label}": _kept(built, root=bytes(32)),
+    }
+    for why, cp in cases.items():
+        report = verify_ledger(built.path, built.keys.hmac, built.keys.public, [cp])
+        assert (report.ok, report.first_bad_seq, report.reason) == (False, size - 1, why)
+
+
+def test_a_kept_checkpoint_of_no_records_is_named(built: Built) -> None:
+    cp = _kept(built, 0)
+    report = verify_ledger(built.path, built.keys.hmac, built.keys.public, [cp])
+    assert (report.ok, report.first_bad_seq, report.reason) == (
+        False, None, "kept checkpoint 1 (size 0): covers no records"), report
