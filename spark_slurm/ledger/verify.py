@@ -239,7 +239,10 @@ def _integrity(conn: sqlite3.Connection, w: Walk) -> list[str]:
 
 def _check_state(conn: sqlite3.Connection, w: Walk) -> None:
     """The writer's saved tree frontier and epoch must agree with the records."""
-    state = {str(k): bytes(v) for k, v in conn.execute("SELECT key, value FROM state")}
+    # a value of another type (an edit, an older writer) is compared as its text, not
+    # a crash: bytes() of a str raises, and of an int makes that many zero bytes
+    state = {str(k): v if isinstance(v, bytes) else str(v).encode()
+             for k, v in conn.execute("SELECT key, value FROM state")}
     if state.get("frontier") != w.chain.to_bytes():
         raise Bad(None, "saved Merkle frontier does not match the records")
     if w.hmac_id is None:

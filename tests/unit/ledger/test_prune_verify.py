@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from spark_slurm.ledger import verify_ledger
+from spark_slurm.clock import ManualClock
+from spark_slurm.ledger import Ledger, verify_ledger
+from spark_slurm.ledger.prune import prune_ledger
+from tests.unit.ledger.conftest import Keys, write_records
 from tests.unit.ledger.test_prune import (
     Node,
     _edit_kept_body,
@@ -99,3 +102,22 @@ def test_a_genesis_relinked_below_the_cut_is_caught(node: Callable[..., Node]) -
          hashlib.sha256(prev + bytes(body)).digest())
     report = verify_ledger(n.path)
     assert (report.ok, report.first_bad_seq) == (False, 0), report
+
+
+def test_a_stored_checkpoint_exactly_at_the_cut_is_kept_and_checked(keys: Keys,
+                                                                      tmp_path: Path) -> None:
+    """Checkpoints before the cut are refused; the one at the cut anchors it."""
+    clock = ManualClock()
+    path = tmp_path / "at-cut.db"
+    with Ledger.open(path, keys.hmac, keys.signing, node="n1", cluster="c1", clock=clock,
+                     epoch_seconds=900) as led:
+        while led.size < CUT:
+            write_records(led, clock, 1, start=led.size)
+        assert led.checkpoint().size == CUT
+        write_records(led, clock, 100, start=CUT)
+        led.checkpoint()
+    prune_ledger(path, tmp_path / "a1.seg", align=256, clock=clock, before_seq=800)
+    assert _rows(path, "SELECT min(size) FROM checkpoint") == [(CUT,)]
+    report = verify_ledger(path, keys.hmac, keys.public)
+    assert (report.ok, report.first_seq) == (True, CUT), report
+    assert report.checkpoints_checked == 2

@@ -6,15 +6,17 @@ so a vaguer or misplaced verdict is a wrong one."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from spark_slurm.ledger import VerifyReport, verify_ledger
+from spark_slurm.clock import ManualClock
+from spark_slurm.ledger import Ledger, VerifyReport, verify_ledger
 from spark_slurm.ledger.checkpoint import Checkpoint, sign_checkpoint
 from tests.unit.head import tamper
-from tests.unit.ledger.conftest import Built
+from tests.unit.ledger.conftest import Built, Keys, write_records
 
 N = 300  # enough records for one stored 256-leaf subtree; the last epoch is not sealed
 
@@ -45,6 +47,7 @@ SUBTREES = "stored Merkle subtrees do not match the records"
 
 @pytest.mark.parametrize(("statement", "why"), [
     ("UPDATE state SET value = zeroblob(96) WHERE key = 'frontier'", FRONTIER),
+    ("UPDATE state SET value = 'text' WHERE key = 'frontier'", FRONTIER),  # was a TypeError
     ("DELETE FROM state WHERE key = 'hmac_epoch'", NO_EPOCH),
     ("UPDATE state SET value = CAST('x' AS BLOB) WHERE key = 'hmac_epoch'", NO_EPOCH),
     ("DELETE FROM tree", SUBTREES),
@@ -108,3 +111,66 @@ def test_a_kept_checkpoint_of_no_records_is_named(built: Built) -> None:
     report = verify_ledger(built.path, built.keys.hmac, built.keys.public, [cp])
     assert (report.ok, report.first_bad_seq, report.reason) == (
         False, None, "kept checkpoint 1 (size 0): covers no records"), report
+
+
+def _first_checkpoint_id(built: Built) -> int:
+    with sqlite3.connect(built.path) as conn:
+        (cid,), = conn.execute("SELECT min(id) FROM checkpoint")
+    conn.close()
+    return int(cid)
+
+
+COLUMNS = "its size/time/key id columns do not match its signed note"
+
+
+@pytest.mark.parametrize("change", [
+    "size = size + 1", "time_ns = 'noon'", "key_id = '0000000000000000'"])
+def test_a_stored_checkpoint_whose_columns_lie_is_named(built: Built, tmp_path: Path,
+                                                        change: str) -> None:
+    """Readers pick checkpoints by these columns, so each must match the signed note."""
+    cid = _first_checkpoint_id(built)
+    report = _damaged(built, tmp_path, f"UPDATE checkpoint SET {change} WHERE id = ?", cid)
+    assert (report.ok, report.first_bad_seq, report.reason) == (
+        False, None, f"stored checkpoint #{cid}: {COLUMNS}"), change
+
+
+def test_an_unreadable_stored_checkpoint_is_named(built: Built, tmp_path: Path) -> None:
+    cid = _first_checkpoint_id(built)
+    report = _damaged(built, tmp_path, "UPDATE checkpoint SET text = 'junk' WHERE id = ?", cid)
+    assert (report.ok, report.first_bad_seq) == (False, None), report
+    assert report.reason.startswith(f"stored checkpoint #{cid}: "), report
+    assert report.reason != f"stored checkpoint #{cid}: ", report
+
+
+def _with_journal(keys: Keys, tmp_path: Path) -> tuple[Path, int]:
+    """A ledger holding journal ingest records; returns it and the newest one's seq."""
+    clock = ManualClock()
+    path = tmp_path / "ingest.db"
+    with Ledger.open(path, keys.hmac, keys.signing, node="n1", cluster="c1", clock=clock,
+                     epoch_seconds=3600) as led:
+        for i in range(3):
+            write_records(led, clock, 2, start=2 * i)
+            newest = led.append("oob", {"v": 1, "node": "n1", "source": "journal",
+                                        "gpu": 0, "cursor": f"c{i}"})
+        write_records(led, clock, 2, start=6)
+    return path, newest.seq
+
+
+def test_the_saved_newest_ingest_record_is_checked(keys: Keys, tmp_path: Path) -> None:
+    """sparkd resumes journal ingestion from `state.latest.journal`: it must name the
+    newest journal record (as bytes, or as text a hand or an older writer left)."""
+    path, newest = _with_journal(keys, tmp_path)
+    assert verify_ledger(path, keys.hmac).ok
+    cases = [
+        ("UPDATE state SET value = ? WHERE key = 'latest.journal'", str(newest), ""),
+        ("UPDATE state SET value = CAST(? AS BLOB) WHERE key = 'latest.journal'",
+         str(newest - 3), "saved newest journal record does not match the records"),
+        ("INSERT INTO state VALUES ('latest.bogus', CAST('1' AS BLOB))", None,
+         "unknown saved state 'latest.bogus'"),
+    ]
+    for statement, value, why in cases:
+        copy = tmp_path / "case.db"
+        shutil.copy(path, copy)
+        tamper.sql(copy, statement, () if value is None else (value,))
+        report = verify_ledger(copy, keys.hmac)
+        assert (report.ok, report.reason) == (not why, why), statement
