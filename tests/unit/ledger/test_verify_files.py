@@ -101,3 +101,14 @@ def test_signing_keys_of_a_rotated_ledger_are_reported(keys: Keys, tmp_path: Pat
         led.rotate_signing_key(Ed25519PrivateKey.generate())
         write_records(led, clock, 4, start=4)
     assert len(verify_ledger(path, keys.hmac).signing_keys) == 2
+
+
+def test_an_hmac_key_for_a_ledger_written_without_hmac_is_refused(keys: Keys,
+                                                                  tmp_path: Path) -> None:
+    clock = ManualClock()
+    path = tmp_path / "plain.db"
+    with Ledger.open(path, None, keys.signing, node="n1", cluster="c1", clock=clock) as led:
+        write_records(led, clock, 3)
+    with pytest.raises(LedgerKeyError) as err:
+        verify_ledger(path, keys.hmac)
+    assert err.value.message == f"{path}: ledger was written without HMAC; no key applies"
