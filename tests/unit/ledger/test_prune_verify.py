@@ -121,3 +121,12 @@ def test_a_stored_checkpoint_exactly_at_the_cut_is_kept_and_checked(keys: Keys,
     report = verify_ledger(path, keys.hmac, keys.public)
     assert (report.ok, report.first_seq) == (True, CUT), report
     assert report.checkpoints_checked == 2
+
+
+def test_a_pruned_ledger_without_checkpoints_is_named(node: Callable[..., Node]) -> None:
+    n = _pruned(node, hmac=False)
+    _set(n.path, "DELETE FROM checkpoint")
+    report = verify_ledger(n.path)
+    assert (report.ok, report.first_bad_seq, report.reason) == (
+        False, None, f"no checkpoint covers the cut at seq {CUT}: nothing anchors the records "
+                     "pruned before it"), report
