@@ -87,6 +87,13 @@ def test_a_seal_of_another_epoch_or_key_is_named(built: Built, tmp_path: Path, n
     assert report.reason == f"seal record does not seal the current epoch {epoch}", report
 
 
+def test_a_rotation_naming_another_key_id_is_named(built: Built, tmp_path: Path) -> None:
+    path, at = _forged(built, tmp_path, "rotate", lambda body: body.update(key_id="0" * 16))
+    report = _verify(path, built)
+    assert (report.ok, report.first_bad_seq, report.reason) == (
+        False, at, "key rotation names a key id that is not its public key's"), report
+
+
 @pytest.mark.parametrize("field", ["public_key", "endorsement"])
 def test_a_rotation_in_lenient_base64_is_refused(built: Built, tmp_path: Path,
                                                  field: str) -> None:

@@ -75,6 +75,13 @@ def test_a_saved_epoch_past_an_open_epoch_is_named(built: Built, tmp_path: Path,
                      f"epoch {epoch}"), report
 
 
+def test_a_saved_epoch_stored_as_text_still_verifies(built: Built, tmp_path: Path) -> None:
+    """The same number as text (a hand edit, an older writer) is the same epoch."""
+    report = _damaged(built, tmp_path, "UPDATE state SET value = CAST(value AS TEXT) WHERE"
+                      " key = 'hmac_epoch'")
+    assert report.ok, report
+
+
 def test_a_saved_key_of_another_epoch_is_named(built: Built, tmp_path: Path) -> None:
     report = _damaged(built, tmp_path, "UPDATE state SET value = zeroblob(32) WHERE"
                       " key = 'hmac_key'")
