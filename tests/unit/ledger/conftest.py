@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from spark_slurm.clock import ManualClock
-from spark_slurm.ledger import Checkpoint, Ledger, verify_par
+from spark_slurm.ledger import Checkpoint, Ledger, VerifyReport, verify_ledger, verify_par
+from spark_slurm.ledger.checkpoint import sign_checkpoint
 from spark_slurm.ledger.keys import keygen, load_hmac_key, load_public_key, load_signing_key
 
 SCRIPT = Path(__file__).resolve().parents[3] / "contrib" / "verify-ledger.sh"
@@ -63,6 +65,40 @@ def write_records(led: Ledger, clock: ManualClock, n: int, *, step_s: float = 7,
                 "decision": {"action": "allow", "granted_mw": 400_000}}
         led.append("cap" if i % 3 else "restore", body)
         clock.advance(step_s)
+
+
+def small_ledger(path: Path, hmac: bytes | None, signing: Ed25519PrivateKey | None,
+                 n: int = 6) -> Path:
+    """A closed ledger of `n` records with only the keys given (None: written without
+    HMAC, or without a signing key)."""
+    clock = ManualClock()
+    with Ledger.open(path, hmac, signing, node="n1", cluster="c1", clock=clock,
+                     epoch_seconds=3600) as led:
+        write_records(led, clock, n)
+    return path
+
+
+def damaged(built: Built, tmp_path: Path, statement: str, *args: object
+            ) -> tuple[Path, VerifyReport]:
+    """A copy of the built ledger with one SQL statement applied, and its verdict
+    under the built ledger's keys."""
+    path = tmp_path / "damaged.db"
+    shutil.copy(built.path, path)
+    with sqlite3.connect(path) as conn:
+        conn.execute(statement, args)
+    conn.close()
+    return path, verify_ledger(path, built.keys.hmac, built.keys.public)
+
+
+def resign(built: Built, *, origin: str | None = None, size: int | None = None,
+           root: bytes | None = None, head: str | None = None) -> Checkpoint:
+    """The built ledger's kept checkpoint with some fields replaced, signed by the
+    node's current (rotated) key: a note the node could have signed."""
+    cp = built.kept[0]
+    assert built.rotated is not None
+    return sign_checkpoint(cp.origin if origin is None else origin,
+                           cp.size if size is None else size, cp.root if root is None else root,
+                           cp.head_hash if head is None else head, built.rotated)
 
 
 @pytest.fixture

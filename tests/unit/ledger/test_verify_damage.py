@@ -12,13 +12,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from spark_slurm.clock import ManualClock
 from spark_slurm.errors import LedgerKeyError
-from spark_slurm.ledger import Ledger, VerifyReport, verify_ledger
-from spark_slurm.ledger.checkpoint import sign_checkpoint
+from spark_slurm.ledger import verify_ledger
 from spark_slurm.ledger.keys import signing_key_id
-from tests.unit.head import tamper
-from tests.unit.ledger.conftest import Built, Keys, write_records
+from tests.unit.ledger.conftest import Built, Keys, damaged, resign, small_ledger
 
 
 @pytest.fixture
@@ -26,17 +23,9 @@ def built(build: Callable[..., Built]) -> Built:
     return build(40)
 
 
-def _damaged(built: Built, tmp_path: Path, statement: str, *args: object) -> tuple[Path,
-                                                                                    VerifyReport]:
-    path = tmp_path / "damaged.db"
-    shutil.copy(built.path, path)
-    tamper.sql(path, statement, args)
-    return path, verify_ledger(path, built.keys.hmac, built.keys.public)
-
-
 def test_a_checkpoint_table_sqlite_cannot_read_is_a_failed_check(built: Built,
                                                                     tmp_path: Path) -> None:
-    _, report = _damaged(built, tmp_path, "DROP TABLE checkpoint")
+    _, report = damaged(built, tmp_path, "DROP TABLE checkpoint")
     assert (report.ok, report.first_bad_seq, report.reason) == (
         False, None, "SQLite cannot read the checkpoints: no such table: checkpoint"), report
 
@@ -45,7 +34,7 @@ def test_a_column_that_is_not_utf8_is_read_as_the_verifier_reads_it(
         built: Built, tmp_path: Path) -> None:
     """Invalid UTF-8 reads as U+FFFD, so the job column no longer matches the hashed
     envelope: a failed check at that seq, not a decode error."""
-    _, report = _damaged(built, tmp_path,
+    _, report = damaged(built, tmp_path,
                          "UPDATE per SET job_id = CAST(X'FF00' AS TEXT) WHERE seq = 3")
     assert (report.ok, report.first_bad_seq, report.reason) == (
         False, 3, "seq/time/kind/job columns do not match the hashed bytes"), report
@@ -53,20 +42,20 @@ def test_a_column_that_is_not_utf8_is_read_as_the_verifier_reads_it(
 
 def test_a_state_table_sqlite_cannot_read_is_a_failed_check(built: Built,
                                                              tmp_path: Path) -> None:
-    _, report = _damaged(built, tmp_path, "DROP TABLE state")
+    _, report = damaged(built, tmp_path, "DROP TABLE state")
     assert (report.ok, report.first_bad_seq, report.reason) == (
         False, None, "SQLite cannot read the file: no such table: state"), report
 
 
 def test_an_edited_cut_row_is_a_whole_failed_report(built: Built, tmp_path: Path) -> None:
-    path, report = _damaged(built, tmp_path, "INSERT INTO meta VALUES ('cut', '{\"seq\": 7}')")
+    path, report = damaged(built, tmp_path, "INSERT INTO meta VALUES ('cut', '{\"seq\": 7}')")
     assert (report.path, report.ok, report.count, report.head, report.node) == (
         str(path), False, 0, None, "n1"), report
     assert report.reason.startswith("the ledger's cut (meta row 'cut') is malformed: "), report
 
 
 def test_a_table_the_schema_does_not_have_is_named(built: Built, tmp_path: Path) -> None:
-    _, report = _damaged(built, tmp_path, "CREATE TABLE extra (x)")
+    _, report = damaged(built, tmp_path, "CREATE TABLE extra (x)")
     assert (report.ok, report.first_bad_seq) == (False, None), report
     assert report.reason.startswith("table definitions differ from ledger schema version "), \
         report
@@ -76,8 +65,8 @@ def test_a_stored_checkpoint_for_another_origin_is_named(built: Built, tmp_path:
     """Signed by the node's current key over its own tree, stored in its own table,
     but naming another node: refused as the kept one would be."""
     cp = built.kept[0]
+    other = resign(built, origin="spark/c1/n2")
     assert built.rotated is not None
-    other = sign_checkpoint("spark/c1/n2", cp.size, cp.root, cp.head_hash, built.rotated)
     path = tmp_path / "foreign.db"
     shutil.copy(built.path, path)
     with sqlite3.connect(path) as conn:
@@ -100,10 +89,7 @@ def test_a_public_key_not_of_this_ledger_is_refused_naming_its_keys(
         verify_ledger(built.path, built.keys.hmac, outsider)
     assert err.value.message == (f"{built.path}: public key {signing_key_id(outsider)} is not"
                                  f" a signing key of this ledger ({', '.join(ids)})")
-    clock = ManualClock()
-    unsigned = tmp_path / "unsigned.db"
-    with Ledger.open(unsigned, None, None, node="n1", cluster="c1", clock=clock) as led:
-        write_records(led, clock, 3)
+    unsigned = small_ledger(tmp_path / "unsigned.db", None, None, 3)
     with pytest.raises(LedgerKeyError) as err:
         verify_ledger(unsigned, None, outsider)
     assert err.value.message.endswith("is not a signing key of this ledger (none)")

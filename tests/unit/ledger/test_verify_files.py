@@ -4,10 +4,10 @@ apply to every ledger, and the one-line summary says exactly what was checked.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from spark_slurm.clock import ManualClock
 from spark_slurm.errors import LedgerError, LedgerKeyError
@@ -15,7 +15,7 @@ from spark_slurm.ledger import VerifyReport, export_checkpoint, verify_ledger
 from spark_slurm.ledger.keys import keygen
 from spark_slurm.ledger.store import Ledger
 from spark_slurm.ledger.verify import verify_files
-from tests.unit.ledger.conftest import Keys, write_records
+from tests.unit.ledger.conftest import Built, Keys, small_ledger, write_records
 
 
 def _node(tmp_path: Path, keys: Keys, node: str, n: int) -> tuple[Path, Path]:
@@ -92,23 +92,14 @@ def test_the_summary_line_says_what_was_checked(report: VerifyReport, line: str)
     assert report.summary() == line
 
 
-def test_signing_keys_of_a_rotated_ledger_are_reported(keys: Keys, tmp_path: Path) -> None:
-    clock = ManualClock()
-    path = tmp_path / "r.db"
-    with Ledger.open(path, keys.hmac, keys.signing, node="n1", cluster="c1", clock=clock,
-                     epoch_seconds=60) as led:
-        write_records(led, clock, 4)
-        led.rotate_signing_key(Ed25519PrivateKey.generate())
-        write_records(led, clock, 4, start=4)
-    assert len(verify_ledger(path, keys.hmac).signing_keys) == 2
+def test_signing_keys_of_a_rotated_ledger_are_reported(build: Callable[..., Built],
+                                                       keys: Keys) -> None:
+    assert len(verify_ledger(build(8).path, keys.hmac).signing_keys) == 2
 
 
 def test_an_hmac_key_for_a_ledger_written_without_hmac_is_refused(keys: Keys,
                                                                   tmp_path: Path) -> None:
-    clock = ManualClock()
-    path = tmp_path / "plain.db"
-    with Ledger.open(path, None, keys.signing, node="n1", cluster="c1", clock=clock) as led:
-        write_records(led, clock, 3)
+    path = small_ledger(tmp_path / "plain.db", None, keys.signing, 3)
     with pytest.raises(LedgerKeyError) as err:
         verify_ledger(path, keys.hmac)
     assert err.value.message == f"{path}: ledger was written without HMAC; no key applies"

@@ -18,11 +18,9 @@ from typing import Any
 
 import pytest
 
-from spark_slurm.clock import ManualClock
-from spark_slurm.ledger import Ledger, VerifyReport, hmac_epochs, verify_ledger
-from spark_slurm.ledger.checkpoint import sign_checkpoint
+from spark_slurm.ledger import VerifyReport, hmac_epochs, verify_ledger
 from tests.unit.head import tamper
-from tests.unit.ledger.conftest import Built, Keys, write_records
+from tests.unit.ledger.conftest import Built, Keys, resign, small_ledger
 
 Edit = Callable[[dict[str, Any]], None]
 
@@ -108,11 +106,7 @@ def test_a_rotation_in_a_ledger_without_a_signing_key_is_named(keys: Keys,
                                                                tmp_path: Path) -> None:
     """A forged rotate record, copied from a signed ledger into one written without a
     signing key (nothing to endorse it with)."""
-    clock = ManualClock()
-    path = tmp_path / "unsigned.db"
-    with Ledger.open(path, keys.hmac, None, node="n1", cluster="c1", clock=clock,
-                     epoch_seconds=3600) as led:
-        write_records(led, clock, 6)
+    path = small_ledger(tmp_path / "unsigned.db", keys.hmac, None)
     rows = tamper.rows(path)
     rotation = {"v": 1, "node": "n1", "event": "rotate", "public_key": "AAAA",
                 "endorsement": "AAAA", "key_id": "0" * 16}
@@ -193,11 +187,7 @@ def test_a_seal_with_a_bad_mac_or_key_id_is_named(built: Built, tmp_path: Path, 
 def test_a_kept_checkpoint_for_a_ledger_without_a_signing_key_is_refused(
         built: Built, keys: Keys, tmp_path: Path) -> None:
     """Nothing to check its signature with: refused, whoever signed it."""
-    clock = ManualClock()
-    path = tmp_path / "unsigned.db"
-    with Ledger.open(path, keys.hmac, None, node="n1", cluster="c1", clock=clock,
-                     epoch_seconds=3600) as led:
-        write_records(led, clock, 6)
+    path = small_ledger(tmp_path / "unsigned.db", keys.hmac, None)
     cp = built.kept[0]
     report = verify_ledger(path, keys.hmac, checkpoints=[cp])
     assert (report.ok, report.first_bad_seq, report.reason) == (
@@ -211,8 +201,7 @@ def test_a_kept_checkpoint_naming_another_origin_is_refused(built: Built) -> Non
     cp = built.kept[0]
     ledger = verify_ledger(built.path, built.keys.hmac, built.keys.public, [cp])
     assert ledger.ok, ledger
-    assert built.rotated is not None
-    other = sign_checkpoint("c1/n2", cp.size, cp.root, cp.head_hash, built.rotated)
+    other = resign(built, origin="c1/n2")
     report = verify_ledger(built.path, built.keys.hmac, built.keys.public, [other])
     assert (report.ok, report.first_bad_seq, report.reason) == (
         False, None, f"kept checkpoint 1 (size {cp.size}): checkpoint origin 'c1/n2' is not "

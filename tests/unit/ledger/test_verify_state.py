@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from spark_slurm.clock import ManualClock
-from spark_slurm.ledger import Ledger, VerifyReport, verify_ledger
-from spark_slurm.ledger.checkpoint import Checkpoint, sign_checkpoint
+from spark_slurm.ledger import Ledger, verify_ledger
 from tests.unit.head import tamper
-from tests.unit.ledger.conftest import Built, Keys, write_records
+from tests.unit.ledger.conftest import Built, Keys, damaged, resign, write_records
 
 N = 300  # enough records for one stored 256-leaf subtree; the last epoch is not sealed
 
@@ -31,13 +30,6 @@ def built(build: Callable[..., Built]) -> Built:
 
 def _epoch(built: Built) -> int:
     return int(str(tamper.rows(built.path)[-1][8]).rsplit(":", 1)[1])
-
-
-def _damaged(built: Built, tmp_path: Path, statement: str, *args: object) -> VerifyReport:
-    path = tmp_path / "damaged.db"
-    shutil.copy(built.path, path)
-    tamper.sql(path, statement, args)
-    return verify_ledger(path, built.keys.hmac, built.keys.public)
 
 
 FRONTIER = "saved Merkle frontier does not match the records"
@@ -59,7 +51,7 @@ SUBTREES = "stored Merkle subtrees do not match the records"
 def test_saved_state_that_disagrees_is_named(built: Built, tmp_path: Path, statement: str,
                                              why: str) -> None:
     assert verify_ledger(built.path, built.keys.hmac, built.keys.public).ok
-    report = _damaged(built, tmp_path, statement)
+    _, report = damaged(built, tmp_path, statement)
     assert (report.ok, report.first_bad_seq, report.reason) == (False, None, why), statement
 
 
@@ -68,7 +60,7 @@ def test_a_saved_epoch_past_an_open_epoch_is_named(built: Built, tmp_path: Path,
                                                    ahead: int) -> None:
     """Only a sealed epoch lets the writer's saved epoch be one ahead of the records."""
     epoch = _epoch(built)
-    report = _damaged(built, tmp_path, "UPDATE state SET value = CAST(? AS BLOB) WHERE"
+    _, report = damaged(built, tmp_path, "UPDATE state SET value = CAST(? AS BLOB) WHERE"
                       " key = 'hmac_epoch'", str(epoch + ahead))
     assert (report.ok, report.first_bad_seq, report.reason) == (
         False, None, f"saved HMAC epoch {epoch + ahead} does not follow the records' "
@@ -77,25 +69,16 @@ def test_a_saved_epoch_past_an_open_epoch_is_named(built: Built, tmp_path: Path,
 
 def test_a_saved_epoch_stored_as_text_still_verifies(built: Built, tmp_path: Path) -> None:
     """The same number as text (a hand edit, an older writer) is the same epoch."""
-    report = _damaged(built, tmp_path, "UPDATE state SET value = CAST(value AS TEXT) WHERE"
+    _, report = damaged(built, tmp_path, "UPDATE state SET value = CAST(value AS TEXT) WHERE"
                       " key = 'hmac_epoch'")
     assert report.ok, report
 
 
 def test_a_saved_key_of_another_epoch_is_named(built: Built, tmp_path: Path) -> None:
-    report = _damaged(built, tmp_path, "UPDATE state SET value = zeroblob(32) WHERE"
+    _, report = damaged(built, tmp_path, "UPDATE state SET value = zeroblob(32) WHERE"
                       " key = 'hmac_key'")
     assert (report.ok, report.first_bad_seq, report.reason) == (
         False, None, f"saved HMAC key is not the epoch {_epoch(built)} key"), report
-
-
-def _kept(built: Built, size: int | None = None, *, root: bytes | None = None,
-          head: str | None = None) -> Checkpoint:
-    cp = built.kept[0]
-    assert built.rotated is not None
-    return sign_checkpoint(cp.origin, cp.size if size is None else size,
-                           cp.root if root is None else root,
-                           cp.head_hash if head is None else head, built.rotated)
 
 
 def test_a_kept_checkpoint_that_differs_from_the_records_is_named(built: Built) -> None:
@@ -105,8 +88,8 @@ def test_a_kept_checkpoint_that_differs_from_the_records_is_named(built: Built) 
     label = f"kept checkpoint 1 (size {size})"
     cases = {
         f"record {size - 1} differs from {label} (rewritten, forked, or truncated and "
-        "re-appended)": _kept(built, head="00" * 32),
-        f"Merkle root at size {size} differs from {label}": _kept(built, root=bytes(32)),
+        "re-appended)": resign(built, head="00" * 32),
+        f"Merkle root at size {size} differs from {label}": resign(built, root=bytes(32)),
     }
     for why, cp in cases.items():
         report = verify_ledger(built.path, built.keys.hmac, built.keys.public, [cp])
@@ -114,7 +97,7 @@ def test_a_kept_checkpoint_that_differs_from_the_records_is_named(built: Built) 
 
 
 def test_a_kept_checkpoint_of_no_records_is_named(built: Built) -> None:
-    cp = _kept(built, 0)
+    cp = resign(built, size=0)
     report = verify_ledger(built.path, built.keys.hmac, built.keys.public, [cp])
     assert (report.ok, report.first_bad_seq, report.reason) == (
         False, None, "kept checkpoint 1 (size 0): covers no records"), report
@@ -136,14 +119,14 @@ def test_a_stored_checkpoint_whose_columns_lie_is_named(built: Built, tmp_path: 
                                                         change: str) -> None:
     """Readers pick checkpoints by these columns, so each must match the signed note."""
     cid = _first_checkpoint_id(built)
-    report = _damaged(built, tmp_path, f"UPDATE checkpoint SET {change} WHERE id = ?", cid)
+    _, report = damaged(built, tmp_path, f"UPDATE checkpoint SET {change} WHERE id = ?", cid)
     assert (report.ok, report.first_bad_seq, report.reason) == (
         False, None, f"stored checkpoint #{cid}: {COLUMNS}"), change
 
 
 def test_an_unreadable_stored_checkpoint_is_named(built: Built, tmp_path: Path) -> None:
     cid = _first_checkpoint_id(built)
-    report = _damaged(built, tmp_path, "UPDATE checkpoint SET text = 'junk' WHERE id = ?", cid)
+    _, report = damaged(built, tmp_path, "UPDATE checkpoint SET text = 'junk' WHERE id = ?", cid)
     assert (report.ok, report.first_bad_seq) == (False, None), report
     assert report.reason.startswith(f"stored checkpoint #{cid}: "), report
     assert report.reason != f"stored checkpoint #{cid}: ", report
