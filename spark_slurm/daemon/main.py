@@ -462,15 +462,27 @@ def run_daemon(config_path: Path) -> int:
         if hup.is_set():
             hup.clear()
             daemon.reload_policy()
-        try:
-            daemon.maintain()
-        except Exception:  # the loop must outlive one bad turn (it is logged)
-            log.exception("maintenance turn failed")
-        if time.monotonic() - flushed >= config.maintain_period_s:
+        flush = time.monotonic() - flushed >= config.maintain_period_s
+        if flush:
             flushed = time.monotonic()
-            daemon.flush_refusals()
+        turn(daemon, flush)
     daemon.shutdown()
     return EXIT_OK
+
+
+def turn(daemon: Daemon, flush: bool) -> None:
+    """One turn of the main loop. It must outlive a bad turn: an error escaping here
+    would end sparkd (and its metrics endpoint) while jobs run; it is logged instead,
+    and the counts a failed flush held are tried again at the next one."""
+    try:
+        daemon.maintain()
+    except Exception:
+        log.exception("maintenance turn failed")
+    if flush:
+        try:
+            daemon.flush_refusals()
+        except Exception:
+            log.exception("recording counted requests failed")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,21 @@ class Sparkd:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
         self.proc = None
+
+    def scrape(self, port: int | None = None) -> str:
+        """The /metrics text. A failed scrape says whether sparkd is still running and
+        shows its log, so a failure under a loaded CI machine can be read afterwards."""
+        if port is None:
+            port = int(self.request({"op": "status"})["metrics_port"])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as res:
+                text: str = res.read().decode()
+        except OSError as exc:
+            code = None if self.proc is None else self.proc.poll()
+            state = "running" if self.proc is not None and code is None else f"exited {code}"
+            raise AssertionError(f"scrape of 127.0.0.1:{port} failed: {exc}; sparkd {state}; "
+                                 f"log: {self.log_text()[-4000:]}") from exc
+        return text
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -10,7 +10,6 @@ import socket
 import stat
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,7 @@ from tests.integration.daemon.test_hook import _hook
 HOOK = str(Path(sys.executable).parent / "spark-hook")
 
 def metrics(sparkd: Sparkd) -> str:
-    port = sparkd.request({"op": "status"})["metrics_port"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as res:
-        text: str = res.read().decode()
-    return text
+    return sparkd.scrape()
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -9,7 +9,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 from tests.integration.daemon.conftest import VENV_BIN, Sparkd, _free_port
@@ -104,10 +103,9 @@ def test_unloadable_karman_bindings_leave_the_node_governed(root: Path) -> None:
             "facility follow-up")
         assert follow["body"]["verdict"] == "unavailable"
         assert "bindings missing" in follow["body"]["reason"]
-        port = status["metrics_port"]
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        text = sparkd.scrape(status["metrics_port"])
         # a broken stream reads as a blind one, so the SparkKarmanStreamBlind alert fires
-        assert b'spark_karman_stream{node="n1",stat="decoded"} 0.0' in text
+        assert 'spark_karman_stream{node="n1",stat="decoded"} 0.0' in text
         assert "running without the facility path" in sparkd.log_text()
         assert sparkd.stop() == 0
     finally:

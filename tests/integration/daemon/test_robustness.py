@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -93,7 +92,7 @@ def test_a_user_flooding_refused_requests_is_rate_limited_and_still_accounted(
     assert len(own) == 10 + 1  # every request accounted for: 10 one by one, 30 counted
     port = json.loads(CliRunner().invoke(
         cli, ["status", "--json", "--socket", str(sparkd.socket)]).output)["metrics_port"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = sparkd.scrape(port)
     assert 'spark_requests_rate_limited_total{node="n1"} 30.0' in text
     assert sparkd.stop() == 0
 
@@ -224,7 +223,7 @@ def test_status_cli_cap_cli_and_metrics(sparkd: Sparkd) -> None:
     assert run(["status", "--socket", str(sparkd.root / "missing.sock")]) == 1
     port = status["metrics_port"]
     time.sleep(0.6)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = sparkd.scrape(port)
     assert 'spark_gpu_power_limit_watts{gpu="3",node="n1"} 450.0' in text
     assert 'spark_pers_total{decision="allow",kind="cap",node="n1"}' in text
     assert "spark_validation_seconds_bucket" in text
