@@ -238,8 +238,9 @@ class Daemon:
                                    max_request_bytes=cfg.max_request_bytes, gate=self.gate,
                                    scheduler_path=cfg.scheduler_socket,
                                    scheduler_owner=self._slurm_uid)
-        self.server.start()
+        # /metrics first: the socket answering means ready, and its status names the port
         self.metrics_port = self.metrics.serve(cfg.metrics_address, cfg.metrics_port)
+        self.server.start()
         log.info("sparkd ready on %s (node %s, %d GPUs, ledger head %s, metrics port %s)",
                  cfg.socket_path, cfg.node, len(self.actuator.devices),
                  self.head.seq if self.head else None, self.metrics_port or "off")

@@ -9,8 +9,10 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from spark_slurm.errors import DaemonUnavailable
 from tests.integration.daemon.conftest import VENV_BIN, Sparkd, _free_port
 
 SPARKD = str(VENV_BIN / "sparkd")
@@ -107,6 +109,33 @@ def test_unloadable_karman_bindings_leave_the_node_governed(root: Path) -> None:
         # a broken stream reads as a blind one, so the SparkKarmanStreamBlind alert fires
         assert 'spark_karman_stream{node="n1",stat="decoded"} 0.0' in text
         assert "running without the facility path" in sparkd.log_text()
+        assert sparkd.stop() == 0
+    finally:
+        sparkd.stop()
+
+
+def test_the_first_status_answer_already_names_the_metrics_port(root: Path) -> None:
+    # the socket appearing means ready: whatever answers on it must already serve
+    # /metrics, or a scrape (or `sparkctl status`) right after start sees "off"
+    sparkd = Sparkd(root / "d").start(wait=False)
+    try:
+        first: dict[str, object] = {}
+
+        def answered() -> bool:
+            assert sparkd.proc is not None and sparkd.proc.poll() is None, sparkd.log_text()
+            try:
+                first.update(sparkd.request({"op": "status"}))
+            except (OSError, DaemonUnavailable):
+                time.sleep(0.002)
+                return False
+            return True
+
+        deadline = time.monotonic() + 30
+        while not answered():
+            assert time.monotonic() < deadline, f"sparkd never answered: {sparkd.log_text()}"
+        port = first["metrics_port"]
+        assert isinstance(port, int) and port > 0, first
+        assert "spark_pers_total" in sparkd.scrape(port)
         assert sparkd.stop() == 0
     finally:
         sparkd.stop()
