@@ -66,6 +66,9 @@ class VerifyReport:
     signing_keys: tuple[str, ...] = field(default_factory=tuple)
     first_seq: int = 0
     """0, or the cut of a pruned ledger: records before it (but the few kept) are gone."""
+    parallel: bool = False
+    """Worker processes walked the chain (a ledger of at least two chunks, more than one
+    CPU, a cut on the chunk grid); False on a big ledger is why a verify is slow."""
 
     def summary(self) -> str:
         """One line for people: what was verified, or where and why it failed."""
@@ -170,9 +173,15 @@ def _verify(conn: sqlite3.Connection, p: Path, w: Walk, stored: list[Any], *,
     if cut is not None and not parsed and not kept:  # a prune leaves one at or after the cut
         bad = bad or Bad(None, f"no checkpoint covers the cut at seq {cut.seq}: nothing "
                          "anchors the records pruned before it")
+    parallel = False
     try:
-        if not walk_parallel(conn, p, w, w.keys.key(0) if w.keys is not None else None,
-                             cut=cut):
+        try:
+            parallel = walk_parallel(conn, p, w,
+                                     w.keys.key(0) if w.keys is not None else None, cut=cut)
+        except Bad:
+            parallel = True  # the workers (or the rows below the cut) named the fault
+            raise
+        if not parallel:
             walk(conn, w, cut)
         if bad is not None:
             raise bad
@@ -211,7 +220,7 @@ def _verify(conn: sqlite3.Connection, p: Path, w: Walk, stored: list[Any], *,
         first_bad_seq=bad.seq if bad else None, reason=bad.reason if bad else "",
         node=w.node, hmac_checked=w.keys is not None and bad is None,
         checkpoints_checked=len(parsed) + len(kept) if bad is None else 0, signing_keys=ids,
-        first_seq=0 if cut is None else cut.seq)
+        first_seq=0 if cut is None else cut.seq, parallel=parallel)
 
 
 def _check_columns(w: Walk, cps: list[Checkpoint], columns: list[tuple[str, Any, Any, Any]]

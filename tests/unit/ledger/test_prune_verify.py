@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import pytest
 
 from spark_slurm.clock import ManualClock
 from spark_slurm.ledger import Ledger, verify_ledger
+from spark_slurm.ledger.cut import CUT_ALIGN
 from spark_slurm.ledger.prune import prune_ledger
+from spark_slurm.ledger.verify_par import CHUNK_BITS, workers
 from tests.unit.ledger.conftest import Keys, write_records
 from tests.unit.ledger.test_prune import (
     Node,
@@ -30,6 +33,8 @@ from tests.unit.ledger.test_prune import (
 
 __all__ = ["node"]  # the fixture, imported from test_prune
 
+CHUNK = 1 << CHUNK_BITS
+assert CHUNK == CUT_ALIGN  # a prune cut falls on the parallel walk's chunk grid
 CUT = 768  # where _prune(before_seq=800) cuts with test_prune's 256-record grain
 
 
@@ -130,3 +135,30 @@ def test_a_pruned_ledger_without_checkpoints_is_named(node: Callable[..., Node])
     assert (report.ok, report.first_bad_seq, report.reason) == (
         False, None, f"no checkpoint covers the cut at seq {CUT}: nothing anchors the records "
                      "pruned before it"), report
+
+
+def test_a_big_pruned_ledger_is_walked_by_workers_and_judged_the_same(
+        tmp_path: Path, keys: Keys) -> None:
+    # two chunks of 2^14 records kept after a cut on the chunk grid: sparkctl verify
+    # splits the walk over worker processes from the cut, and names a fault the same
+    path = tmp_path / "big.db"
+    clock = ManualClock()
+    with Ledger.open(path, keys.hmac, keys.signing, node="n1", cluster="c1", clock=clock,
+                     epoch_seconds=3600) as led:
+        batch = [("cap", {"v": 1, "job_id": str(i % 7), "power_mw": i}) for i in range(4096)]
+        while led.size < 3 * CHUNK:
+            led.append_many(batch)
+        led.checkpoint()
+        size = led.size
+    assert prune_ledger(path, tmp_path / "a.seg", before_seq=CHUNK + 5).cut == CHUNK
+    many = workers() >= 2
+    good = verify_ledger(path, keys.hmac, keys.public)
+    assert (good.ok, good.first_seq, good.count, good.parallel) == (True, CHUNK, size, many), good
+    seq = 2 * CHUNK + 11  # in the second chunk after the cut
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE per SET body = replace(body, '\"power_mw\"', '\"power_mW\"') "
+                     "WHERE seq = ?", (seq,))
+    conn.close()
+    bad = verify_ledger(path, keys.hmac, keys.public)
+    assert (bad.ok, bad.first_bad_seq, bad.parallel) == (False, seq, many), bad
+    assert "hash" in bad.reason, bad.reason

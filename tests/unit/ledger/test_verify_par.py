@@ -17,7 +17,7 @@ from spark_slurm.ledger import verify_ledger
 from spark_slurm.ledger.records import envelope_suffix
 from spark_slurm.ledger.scan_worker import envelope_tail
 from spark_slurm.ledger.schema import open_existing
-from spark_slurm.ledger.verify_par import CHUNK_BITS, MIN_CHUNKS, walk_parallel
+from spark_slurm.ledger.verify_par import CHUNK_BITS, MIN_CHUNKS, walk_parallel, workers
 from spark_slurm.ledger.verify_walk import Bad, Walk, walk
 from tests.unit.ledger.conftest import Built
 
@@ -217,6 +217,7 @@ def test_verify_ledger_takes_the_parallel_path_with_the_same_verdicts(tmp_path: 
     conn.close()
     good = verify_ledger(path, k0)
     assert good.ok and good.count == par.count and good.head == par.head.hex()
+    assert good.parallel == (workers() >= 2)  # what `sparkctl verify --json` reports
     seq = (1 << CHUNK_BITS) + 3  # in the second chunk
     key = he.EpochKeys(k0).key(0)
     conn = sqlite3.connect(path)
