@@ -124,6 +124,8 @@ TAMPERS: dict[str, Callable[[Path, int], None]] = {
     "prev": _edit("UPDATE per SET prev_hash = zeroblob(32) WHERE seq = ?"),
     "mac": _edit("UPDATE per SET mac = zeroblob(32) WHERE seq = ?"),
     "no mac": _edit("UPDATE per SET mac = NULL WHERE seq = ?"),
+    # stripped as if written without HMAC: only the ledger's own key id says a MAC is due
+    "stripped": _edit("UPDATE per SET mac = NULL, key_id = NULL WHERE seq = ?"),
     "key id": _edit("UPDATE per SET key_id = key_id || '0' WHERE seq = ?"),
     # the key id is outside the hash: an epoch no key can be derived for in time
     "far epoch": _edit("UPDATE per SET key_id = substr(key_id, 1, instr(key_id, ':'))"
