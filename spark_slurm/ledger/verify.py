@@ -173,15 +173,9 @@ def _verify(conn: sqlite3.Connection, p: Path, w: Walk, stored: list[Any], *,
     if cut is not None and not parsed and not kept:  # a prune leaves one at or after the cut
         bad = bad or Bad(None, f"no checkpoint covers the cut at seq {cut.seq}: nothing "
                          "anchors the records pruned before it")
-    parallel = False
     try:
-        try:
-            parallel = walk_parallel(conn, p, w,
-                                     w.keys.key(0) if w.keys is not None else None, cut=cut)
-        except Bad:
-            parallel = True  # the workers (or the rows below the cut) named the fault
-            raise
-        if not parallel:
+        if not walk_parallel(conn, p, w, w.keys.key(0) if w.keys is not None else None,
+                             cut=cut):
             walk(conn, w, cut)
         if bad is not None:
             raise bad
@@ -220,7 +214,7 @@ def _verify(conn: sqlite3.Connection, p: Path, w: Walk, stored: list[Any], *,
         first_bad_seq=bad.seq if bad else None, reason=bad.reason if bad else "",
         node=w.node, hmac_checked=w.keys is not None and bad is None,
         checkpoints_checked=len(parsed) + len(kept) if bad is None else 0, signing_keys=ids,
-        first_seq=0 if cut is None else cut.seq, parallel=parallel)
+        first_seq=0 if cut is None else cut.seq, parallel=w.parallel)
 
 
 def _check_columns(w: Walk, cps: list[Checkpoint], columns: list[tuple[str, Any, Any, Any]]

@@ -88,6 +88,7 @@ def walk_parallel(conn: sqlite3.Connection, path: Path, w: Walk, k0: bytes | Non
         bad = _combine(results, scratch, count, chain)
     finally:
         check.join()
+    w.parallel = True  # the workers judged it, whichever way
     if bad is not None:
         raise bad
     _adopt(w, scratch)

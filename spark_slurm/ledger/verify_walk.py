@@ -58,6 +58,7 @@ class Walk:
         self.node: str | None = None
         # PRAGMA integrity_check rows (or its error) when already run alongside the walk
         self.integrity: list[str] | Exception | None = None
+        self.parallel = False  # worker processes judged the chain (walk_parallel)
 
 
 def _genesis(w: Walk, body: dict[str, Any]) -> None:

@@ -31,16 +31,17 @@ def rows(path: Path) -> list[list[Any]]:
 
 
 def rewrite(path: Path, new_rows: list[list[Any]], k0: bytes | None, *,
-            tree: bool = False) -> None:
+            tree: bool = False, raw: frozenset[int] = frozenset()) -> None:
     """Replace every row with a freshly chained (and, with K[0], re-MACed) version:
-    what an attacker holding the key could do. Envelopes are rebuilt for the new seq;
-    with `tree`, the saved frontier and subtrees too (checkpoints are always dropped)."""
+    what an attacker holding the key could do. Envelopes are rebuilt for the new seq
+    (the rows at `raw` seqs keep their stored bytes as given, JSON or not); with
+    `tree`, the saved frontier and subtrees too (checkpoints are always dropped)."""
     prev = GENESIS_PREV
     out = []
     keys = hmac_epochs.EpochKeys(k0) if k0 is not None else None
     for seq, r in enumerate(new_rows):
-        body = json.loads(r[4])["body"]
-        stored = envelope_bytes(seq, r[1], r[2], body)
+        stored = bytes(r[4]) if seq in raw \
+            else envelope_bytes(seq, r[1], r[2], json.loads(r[4])["body"])
         h = link_hash(prev, stored)
         mac = r[7]
         if keys is not None and r[8]:

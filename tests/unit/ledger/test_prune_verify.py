@@ -162,3 +162,20 @@ def test_a_big_pruned_ledger_is_walked_by_workers_and_judged_the_same(
     bad = verify_ledger(path, keys.hmac, keys.public)
     assert (bad.ok, bad.first_bad_seq, bad.parallel) == (False, seq, many), bad
     assert "hash" in bad.reason, bad.reason
+
+
+def test_a_stored_checkpoint_from_before_the_cut_is_named(node: Callable[..., Node]) -> None:
+    # a prune removes them (what they sign is archived); one put back is refused by id
+    n = node()
+    size, time_ns, key_id, text = _rows(
+        n.path, "SELECT size, time_ns, key_id, text FROM checkpoint WHERE size < ? "
+        "ORDER BY size DESC LIMIT 1", CUT)[0]
+    _prune(n, "a1.seg", before_seq=800)
+    assert not _rows(n.path, "SELECT id FROM checkpoint WHERE size < ?", CUT)
+    with sqlite3.connect(n.path) as conn:
+        cid = conn.execute("INSERT INTO checkpoint (size, time_ns, key_id, text) VALUES "
+                           "(?, ?, ?, ?)", (size, time_ns, key_id, text)).lastrowid
+    conn.close()
+    report = verify_ledger(n.path, n.hmac)
+    assert (report.ok, report.first_bad_seq, report.reason) == (
+        False, None, f"stored checkpoint #{cid} (size {size}) is before the cut at seq {CUT}")
