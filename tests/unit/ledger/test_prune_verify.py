@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -179,3 +180,23 @@ def test_a_stored_checkpoint_from_before_the_cut_is_named(node: Callable[..., No
     report = verify_ledger(n.path, n.hmac)
     assert (report.ok, report.first_bad_seq, report.reason) == (
         False, None, f"stored checkpoint #{cid} (size {size}) is before the cut at seq {CUT}")
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    ("UPDATE per SET mac = zeroblob(32) WHERE seq = ?", "MAC does not verify with the epoch"),
+    # stripped as if written without HMAC: only the ledger's key id says a MAC is due
+    ("UPDATE per SET mac = NULL, key_id = NULL WHERE seq = ?", "MAC"),
+    ("UPDATE per SET prev_hash = zeroblob(32) WHERE seq = ?", "prev"),
+])
+def test_a_record_after_the_cut_is_judged_with_the_ledgers_keys_and_link(
+        node: Callable[..., Node], edit: str, why: str) -> None:
+    """The walk from the cut keeps the keys and the head the rows below it left: the
+    first record after the cut links to the kept anchor, and a MAC is due on each."""
+    n = _pruned(node, hmac=True)
+    for seq in (CUT, CUT + 101):
+        edited = n.path.with_name(f"edit-{seq}.db")
+        shutil.copy(n.path, edited)
+        _set(edited, edit, seq)
+        report = verify_ledger(edited, n.hmac)
+        assert (report.ok, report.first_bad_seq) == (False, seq), report
+        assert why in report.reason, report.reason
