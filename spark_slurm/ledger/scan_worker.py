@@ -53,6 +53,9 @@ MAX_SPECIAL_TOTAL = 65536
 """A worker holding more state-moving rows than these, in one chunk or in all of
 its chunks, gives up (the caller then scans in-process, where they are consumed
 page by page): an honest ledger has a couple per HMAC epoch."""
+_CAREFUL = ("key", "genesis")
+"""Kinds that always take the careful path (slow_row): they move state, and a
+genesis anywhere but seq 0 is refused there."""
 _SELECT = ("SELECT seq, time_ns, kind, job_id, body, prev_hash, hash, mac, key_id FROM per "
            "WHERE seq >= ? AND seq < ? ORDER BY seq")
 # the bytes the format hashes, whichever storage class (TEXT or BLOB) a row uses
@@ -277,7 +280,7 @@ class Scan:
                     return False
             elif self.fast_key_id is None or key_ids.count(self.fast_key_id) != len(rows):
                 return False
-            if rows[0][0] == 0 or any(r[2] in ("key", "genesis") for r in rows):
+            if rows[0][0] == 0 or any(r[2] in _CAREFUL for r in rows):
                 return False
             if self.fast_mac is not None and [self.fast_mac(r[6]) for r in rows] != macs:
                 return False
@@ -327,11 +330,11 @@ class Scan:
                 break
             if mark_journal in body or mark_spool in body:
                 self._ingested(seq, body)
-            if key_id is not None and key_id == fast_key_id and kind != "key" \
+            if key_id is not None and key_id == fast_key_id and kind not in _CAREFUL \
                     and mac is not None:
                 if fast_mac is not None and fast_mac(h) != mac:
                     break
-            elif seq == 0 or kind in ("key", "genesis") or mac is not None \
+            elif seq == 0 or kind in _CAREFUL or mac is not None \
                     or key_id is not None or hmac_id is not None:
                 if not (mac is None or type(mac) is bytes):
                     break
@@ -392,14 +395,14 @@ class Scan:
             return (seq, "hash does not match prev hash + stored bytes (body or hash edited)")
         if any(mark in body for _, mark in _MARKS):
             self._ingested(seq, body)
-        plain = key_id is not None and key_id == self.fast_key_id and kind != "key" \
+        plain = key_id is not None and key_id == self.fast_key_id and kind not in _CAREFUL \
             and mac is not None
         if plain:
             if self.fast_mac is not None and self.fast_mac(h) != mac:
                 parsed = hmac_epochs.parse_key_id(key_id)
                 epoch = parsed[1] if parsed is not None else "?"
                 return (seq, f"MAC does not verify with the epoch {epoch} key")
-        elif seq == 0 or kind in ("key", "genesis") or mac is not None \
+        elif seq == 0 or kind in _CAREFUL or mac is not None \
                 or key_id is not None or self.hmac_id is not None:
             self.special.append((seq, kind, body, h, mac, key_id))
             self.fast_key_id, self.fast_mac = self._run_key(kind, seq, key_id)

@@ -200,3 +200,25 @@ def test_a_record_after_the_cut_is_judged_with_the_ledgers_keys_and_link(
         report = verify_ledger(edited, n.hmac)
         assert (report.ok, report.first_bad_seq) == (False, seq), report
         assert why in report.reason, report.reason
+
+
+def test_a_chain_after_the_cut_that_starts_elsewhere_is_named_by_the_next_checkpoint(
+        node: Callable[..., Node]) -> None:
+    """Every record from the cut on re-chained from another start: each hash and link
+    holds and the bodies (so the Merkle leaves) are the same. The prune kept no hash of
+    the record before the cut, so the first checkpoint after it is what names this."""
+    n = _pruned(node, hmac=False)
+    prev = bytes(32)
+    with sqlite3.connect(n.path) as conn:
+        for seq, body in conn.execute("SELECT seq, body FROM per WHERE seq >= ? ORDER BY seq",
+                                      (CUT,)).fetchall():
+            h = hashlib.sha256(prev + bytes(body)).digest()
+            conn.execute("UPDATE per SET prev_hash = ?, hash = ? WHERE seq = ?", (prev, h, seq))
+            prev = h
+    conn.close()
+    cid, size = _rows(n.path, "SELECT id, size FROM checkpoint WHERE size > ? ORDER BY size "
+                      "LIMIT 1", CUT)[0]
+    report = verify_ledger(n.path)
+    assert (report.ok, report.first_bad_seq, report.reason) == (
+        False, size - 1, f"record {size - 1} differs from stored checkpoint #{cid} "
+        "(rewritten, forked, or truncated and re-appended)"), report

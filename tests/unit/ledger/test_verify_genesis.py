@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from spark_slurm.ledger import VerifyReport, verify_ledger
+from spark_slurm.clock import ManualClock
+from spark_slurm.ledger import Ledger, VerifyReport, verify_ledger
 from tests.unit.head.tamper import rewrite, rows, sql
-from tests.unit.ledger.conftest import Built, small_ledger
+from tests.unit.ledger.conftest import Built, Keys, small_ledger
 
 FORMAT_REASON = "genesis record does not name this ledger format and schema version"
 TIMES_REASON = "genesis created_ns/epoch_seconds differ from the file's meta table"
@@ -139,3 +140,47 @@ def test_a_genesis_whose_stored_bytes_are_no_envelope_is_named(
     rewrite(path, new, built.keys.hmac, tree=True, raw=frozenset({0}))
     report = verify_ledger(path, built.keys.hmac)
     assert _verdict(report) == (False, 0, reason, None, 0, None, False), report
+
+
+def test_a_ledger_with_no_records_is_missing_record_0(built: Built, tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    shutil.copy(built.path, path)
+    sql(path, "DELETE FROM per")
+    report = verify_ledger(path, built.keys.hmac)
+    assert _verdict(report) == (False, 0, "record 0 is missing", None, 0, None, False), report
+
+
+def test_a_ledger_of_its_genesis_alone_verifies(tmp_path: Path, keys: Keys) -> None:
+    path = small_ledger(tmp_path / "genesis-only.db", keys.hmac, keys.signing, 0)
+    report = verify_ledger(path, keys.hmac)
+    assert (report.ok, report.count, report.node, report.reason) == (True, 1, "n1", ""), report
+
+
+@pytest.mark.parametrize(("seq", "kind", "reason"), [
+    (0, "cap", "seq 0 is not a genesis record"),
+    (5, "genesis", "a second genesis record"),
+])
+def test_a_genesis_kind_anywhere_but_seq_0_is_named(
+        built: Built, tmp_path: Path, seq: int, kind: str, reason: str) -> None:
+    """Re-chained with the kind in the hashed envelope, so only the kind rule sees it."""
+    path = tmp_path / "kind.db"
+    shutil.copy(built.path, path)
+    new = rows(path)
+    new[seq][2] = kind
+    rewrite(path, new, built.keys.hmac, tree=True)
+    report = verify_ledger(path, built.keys.hmac)
+    assert (report.ok, report.first_bad_seq, report.reason) == (False, seq, reason), report
+
+
+@pytest.mark.parametrize("event", ["seal", "rotate"])
+def test_a_record_body_that_says_event_is_no_key_record(
+        tmp_path: Path, keys: Keys, event: str) -> None:
+    """Only kind "key" records seal or rotate: a PER whose body happens to carry an
+    `event` field (the first after the genesis, so the careful path reads it) is data."""
+    path = tmp_path / "event.db"
+    with Ledger.open(path, keys.hmac, keys.signing, node="n1", cluster="c1",
+                     clock=ManualClock(), epoch_seconds=3600) as led:
+        led.append("cap", {"v": 1, "node": "n1", "event": event, "key_id": "k", "epoch": 0})
+        led.append("cap", {"v": 1, "node": "n1", "event": event})
+    report = verify_ledger(path, keys.hmac)
+    assert (report.ok, report.count, report.reason) == (True, 3, ""), report
