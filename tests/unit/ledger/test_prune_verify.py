@@ -12,13 +12,16 @@ import json
 import shutil
 import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from spark_slurm.clock import ManualClock
+from spark_slurm.errors import LedgerError
 from spark_slurm.ledger import Ledger, verify_ledger
-from spark_slurm.ledger.cut import CUT_ALIGN
+from spark_slurm.ledger.checkpoint import parse_checkpoint, sign_checkpoint
+from spark_slurm.ledger.cut import CUT_ALIGN, root_at
 from spark_slurm.ledger.prune import prune_ledger
 from spark_slurm.ledger.verify_par import CHUNK_BITS, workers
 from tests.unit.ledger.conftest import Keys, write_records
@@ -222,3 +225,25 @@ def test_a_chain_after_the_cut_that_starts_elsewhere_is_named_by_the_next_checkp
     assert (report.ok, report.first_bad_seq, report.reason) == (
         False, size - 1, f"record {size - 1} differs from stored checkpoint #{cid} "
         "(rewritten, forked, or truncated and re-appended)"), report
+
+
+def test_kept_checkpoints_are_judged_against_the_cut_by_their_place_in_the_list(
+        node: Callable[..., Node]) -> None:
+    """A kept note from before the cut cannot be checked here (what it signs is in the
+    archive): refused naming which one; a note signed exactly at the cut still is."""
+    n = node()
+    with closing(sqlite3.connect(n.path)) as conn:
+        at_cut = sign_checkpoint(n.kept.origin, CUT, root_at(conn, CUT),
+                                 bytes(conn.execute("SELECT hash FROM per WHERE seq = ?",
+                                                    (CUT - 1,)).fetchone()[0]).hex(),
+                                 n.signing)
+    early = _rows(n.path, "SELECT text FROM checkpoint WHERE size < ? ORDER BY size DESC "
+                  "LIMIT 1", CUT)[0][0]
+    _prune(n, "a1.seg", before_seq=800)
+    report = verify_ledger(n.path, n.hmac, checkpoints=[n.kept, at_cut])
+    assert report.ok and report.checkpoints_checked >= 2, report
+    size = parse_checkpoint(early).size
+    with pytest.raises(LedgerError) as err:
+        verify_ledger(n.path, n.hmac, checkpoints=[n.kept, early])
+    assert err.value.message == (f"{n.path}: kept checkpoint 2 (size {size}) is before the "
+                                 f"ledger's cut at seq {CUT}: check it against the archive")

@@ -154,3 +154,21 @@ def test_an_index_out_of_step_with_its_table_fails_the_integrity_check(
     report = verify_ledger(path, built.keys.hmac, built.keys.public)
     assert (report.ok, report.first_bad_seq, report.reason) == (
         False, None, f"SQLite integrity check failed: {first}"), report
+
+
+def test_a_records_table_sqlite_cannot_read_is_a_failed_check_at_the_first_record(
+        tmp_path: Path, keys: Keys) -> None:
+    """The meta table reads, the records' b-tree root page is garbage: the walk names
+    the first record it could not read (a report, not a traceback)."""
+    path = small_ledger(tmp_path / "pages.db", keys.hmac, keys.signing, 300)
+    with sqlite3.connect(path) as conn:
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'per'"
+                               ).fetchone()
+        (page,) = conn.execute("PRAGMA page_size").fetchone()
+    conn.close()
+    with path.open("r+b") as f:
+        f.seek((root - 1) * page)
+        f.write(b"\xff" * page)
+    report = verify_ledger(path, keys.hmac)
+    assert (report.ok, report.first_bad_seq, report.reason) == (
+        False, 0, "SQLite cannot read the record: database disk image is malformed"), report
